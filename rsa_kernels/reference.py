@@ -1,0 +1,89 @@
+"""The definition: SPEC section 1 written as plainly as PyTorch allows.
+
+Everything here materialises full (tokens x vocabulary) tensors and differentiates with
+autograd, exactly as a naive implementation (or the published Ra-DPO code) would. The
+kernels are tested against it, and the benchmarks use it as the baseline. Do not optimise.
+"""
+from __future__ import annotations
+
+import torch
+
+from .risk import Risk, parse_risk
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def interpolated_quantile(x: torch.Tensor, level: float) -> torch.Tensor:
+    """torch.quantile(x, level, dim=-1) with linear interpolation, without its size limit.
+
+    -inf entries are allowed: a quantile that interpolates from -inf is -inf.
+    """
+    v = x.shape[-1]
+    xs = x.sort(dim=-1).values
+    pos = level * (v - 1)
+    lo = int(pos)
+    hi = min(lo + 1, v - 1)
+    frac = pos - lo
+    a, b = xs[..., lo], xs[..., hi]
+    if frac == 0.0:
+        return a
+    return torch.where(a == b, a, a + frac * (b - a))
+
+
+def deviation(s: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """D = r - s, and -inf where the reference puts no mass (those items never count)."""
+    q = r.exp()
+    return torch.where(q > 0, r - s, torch.full_like(s, float("-inf")))
+
+
+def token_risk(s: torch.Tensor, r: torch.Tensor, risk: Risk) -> torch.Tensor:
+    """risk of D = r - s under q = exp(r), one value per row; s, r are log-probabilities."""
+    q = r.exp()
+    support = q > 0
+    d = deviation(s, r)
+    qd = torch.where(support, q * d, torch.zeros_like(q))
+    kl = qd.sum(-1)
+    if risk.kind == "kl":
+        return kl
+    if risk.kind == "erm":
+        mu = risk.param
+        # (1/mu) log sum q exp(mu D), the log-sum taken over the reference's support
+        t = torch.where(support, r + mu * d, torch.full_like(d, float("-inf")))
+        return torch.logsumexp(t, -1) / mu
+    if risk.kind == "cvar":
+        alpha = risk.param
+        # tau* = the smallest D (over q > 0) whose cumulative q-mass reaches alpha
+        ds, order = d.detach().sort(dim=-1)
+        qs = q.detach().gather(-1, order)
+        hit = (qs.cumsum(-1) >= alpha) & (qs > 0)
+        last_support = (qs > 0).long().cumsum(-1).argmax(-1, keepdim=True)
+        first_hit = torch.where(hit.any(-1, keepdim=True), hit.long().argmax(-1, keepdim=True), last_support)
+        # tau is taken from D itself (not detached): its gradient carries the quantile atom
+        tau = d.gather(-1, order.gather(-1, first_hit)).squeeze(-1)
+        excess = torch.where(support, q * torch.relu(d - tau[..., None]), torch.zeros_like(q))
+        return tau + excess.sum(-1) / (1 - alpha)
+    if risk.kind == "ra_dpo_cvar":
+        level = 1 - risk.param
+        quantile = interpolated_quantile(d.detach(), level)
+        above = d.detach() > quantile[..., None]
+        return torch.where(above & support, q * d, torch.zeros_like(q)).sum(-1)
+    raise ValueError(f"risk: unknown kind {risk.kind!r}")
+
+
+def token_stats(logits, ref_logits, labels, *, risk="kl", ignore_index: int = -100):
+    """(logp, ref_logp, kl, risk) per position, with autograd to ``logits``; 0 where masked."""
+    risk = parse_risk(risk)
+    acc = accumulation_dtype(logits.dtype)
+    s = torch.log_softmax(logits.to(acc), dim=-1)
+    r = torch.log_softmax(ref_logits.detach().to(acc), dim=-1)
+    mask = labels != ignore_index
+    safe = torch.where(mask, labels, torch.zeros_like(labels)).unsqueeze(-1)
+    zero = torch.zeros((), dtype=acc, device=logits.device)
+    logp = torch.where(mask, s.gather(-1, safe).squeeze(-1), zero)
+    ref_logp = torch.where(mask, r.gather(-1, safe).squeeze(-1), zero)
+    # masked rows are computed, then replaced: torch.where gives them no gradient
+    kl = torch.where(mask, token_risk(s, r, Risk("kl")), zero)
+    value = torch.where(mask, token_risk(s, r, risk), zero)
+    return logp, ref_logp, kl, value

@@ -1,0 +1,74 @@
+"""token_stats: the one autograd boundary. A backend computes the per-token statistics in
+one pass over the vocabulary and their gradient in one more; everything above is tiny."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .backends import get_backend
+from .reference import accumulation_dtype
+from .risk import Risk, parse_risk
+from .validation import check_logits
+
+
+class TokenStats(NamedTuple):
+    """Per-position statistics, each of the labels' shape, in the accumulation dtype."""
+    logp: torch.Tensor
+    ref_logp: torch.Tensor
+    kl: torch.Tensor
+    risk: torch.Tensor
+
+
+class TokenStatsFunction(torch.autograd.Function):
+    """Rows (N, V) -> (logp, ref_logp, kl, risk), each (N,); gradient to the policy rows only."""
+
+    @staticmethod
+    def forward(ctx, z, zr, labels, risk: Risk, ignore_index: int, backend, chunk_size, inplace: bool):
+        stats, saved = backend.forward(z, zr, labels, risk, ignore_index, chunk_size=chunk_size)
+        ctx.save_for_backward(z, zr, labels, saved)
+        ctx.args = (risk, ignore_index, backend, chunk_size, inplace)
+        logp, ref_logp, kl, value = (c.clone() for c in stats.unbind(1))
+        ctx.mark_non_differentiable(ref_logp)
+        return logp, ref_logp, kl, value
+
+    @staticmethod
+    def backward(ctx, g_logp, _g_ref, g_kl, g_risk):
+        z, zr, labels, saved = ctx.saved_tensors
+        risk, ignore_index, backend, chunk_size, inplace = ctx.args
+        zero = torch.zeros(z.shape[0], dtype=saved.dtype, device=z.device)
+        grads = torch.stack([zero if g is None else g.to(saved.dtype) for g in (g_logp, g_kl, g_risk)], 1)
+        grad = backend.backward(z, zr, labels, saved, grads, risk, ignore_index,
+                                inplace=inplace, chunk_size=chunk_size)
+        return grad, None, None, None, None, None, None, None
+
+
+def rows_token_stats(z, zr, labels, risk: Risk, ignore_index: int, backend, chunk_size=None, inplace=False):
+    """token_stats on validated 2-D rows with a resolved backend (shared by the fused paths)."""
+    if z.stride(-1) != 1:
+        z = z.contiguous()
+    if zr.stride(-1) != 1:
+        zr = zr.contiguous()
+    return TokenStatsFunction.apply(z, zr.detach(), labels, risk, ignore_index, backend, chunk_size, inplace)
+
+
+def token_stats(logits, ref_logits, labels, *, risk="kl", ignore_index: int = -100,
+                backend: str = "auto", chunk_size: int | None = None,
+                inplace_backward: bool = False) -> TokenStats:
+    """Per-token (logp, ref_logp, kl, risk) of SPEC section 1, for logits (..., V).
+
+    Gradients flow to ``logits`` only. ``chunk_size`` bounds the rows processed at once (the
+    torch and cpu backends); ``inplace_backward=True`` writes the gradient into ``logits``'
+    storage, so use it only when nothing else reads those logits after the backward.
+    """
+    risk = parse_risk(risk)
+    check_logits(logits, ref_logits, labels, ignore_index=ignore_index)
+    impl = get_backend(backend, logits)
+    v = logits.shape[-1]
+    lead = labels.shape
+    out = rows_token_stats(logits.reshape(-1, v), ref_logits.reshape(-1, v), labels.reshape(-1),
+                           risk, ignore_index, impl, chunk_size, inplace_backward)
+    return TokenStats(*(t.view(lead) for t in out))
+
+
+__all__ = ["TokenStats", "token_stats", "rows_token_stats", "accumulation_dtype"]
