@@ -60,15 +60,20 @@ def token_risk(s: torch.Tensor, r: torch.Tensor, risk: Risk) -> torch.Tensor:
         hit = (qs.cumsum(-1) >= alpha) & (qs > 0)
         last_support = (qs > 0).long().cumsum(-1).argmax(-1, keepdim=True)
         first_hit = torch.where(hit.any(-1, keepdim=True), hit.long().argmax(-1, keepdim=True), last_support)
-        # tau is taken from D itself (not detached): its gradient carries the quantile atom
-        tau = d.gather(-1, order.gather(-1, first_hit)).squeeze(-1)
-        excess = torch.where(support, q * torch.relu(d - tau[..., None]), torch.zeros_like(q))
-        return tau + excess.sum(-1) / (1 - alpha)
+        tau_value = ds.gather(-1, first_hit)
+        # tau as the q-weighted mean of D over the atom D_v = tau*: the same value, and its
+        # gradient shares the atom's weight among the tied items in proportion to q_v (SPEC)
+        atom = support & (d.detach() == tau_value)
+        tau = torch.where(atom, q * d, 0.0).sum(-1) / torch.where(atom, q, 0.0).sum(-1)
+        above = support & (d.detach() > tau_value)
+        excess = torch.where(above, q * (d - tau[..., None]), 0.0).sum(-1)
+        return tau + excess / (1 - alpha)
     if risk.kind == "ra_dpo_cvar":
         level = 1 - risk.param
         quantile = interpolated_quantile(d.detach(), level)
         above = d.detach() > quantile[..., None]
-        return torch.where(above & support, q * d, torch.zeros_like(q)).sum(-1)
+        value = torch.where(above & support, q * d, torch.zeros_like(q)).sum(-1)
+        return torch.where(torch.isnan(kl), kl, value)  # NaN in, NaN out
     raise ValueError(f"risk: unknown kind {risk.kind!r}")
 
 

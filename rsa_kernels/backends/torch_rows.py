@@ -34,19 +34,24 @@ def _deviation(z, zr, a, ar):
 
 
 def _cvar_threshold(d, q, alpha):
-    """tau* (smallest D with q-mass F(D) >= alpha), and the weights above and at tau*."""
+    """tau* (smallest D with q-mass F(D) >= alpha), and the weights above and at tau*.
+
+    The masses are summed in float64 whatever the input: a float32 running sum over a large
+    vocabulary drifts by ~V * 1e-7, enough to move the atom split visibly.
+    """
     ds, order = d.sort(dim=-1)
-    qs = q.gather(-1, order)
+    qs = q.gather(-1, order).double()
     positive = qs > 0
     hit = (qs.cumsum(-1) >= alpha) & positive
     fallback = positive.long().cumsum(-1).argmax(-1)  # last support item, if rounding misses alpha
     idx = torch.where(hit.any(-1), hit.long().argmax(-1), fallback)
     tau = ds.gather(-1, idx[:, None]).squeeze(-1)
     del ds, order, qs, hit
-    f_le = torch.where(d <= tau[:, None], q, 0.0).sum(-1)
-    f_lt = torch.where(d < tau[:, None], q, 0.0).sum(-1)
+    q64 = q.double()
+    f_le = torch.where(d <= tau[:, None], q64, 0.0).sum(-1)
+    f_lt = torch.where(d < tau[:, None], q64, 0.0).sum(-1)
     c_above = torch.full_like(tau, 1.0 / (1.0 - alpha))
-    c_atom = (f_le - alpha).clamp_min(0.0) / ((1.0 - alpha) * (f_le - f_lt))
+    c_atom = ((f_le - alpha).clamp_min(0.0) / ((1.0 - alpha) * (f_le - f_lt))).to(tau.dtype)
     return tau, c_above, c_atom
 
 
@@ -81,6 +86,7 @@ def _forward_chunk(z, zr, risk: Risk):
         saved[:, 2], saved[:, 3] = quantile, torch.where(above, q, 0.0).sum(-1)
     else:
         raise ValueError(f"risk: unknown kind {risk.kind!r}")
+    value = torch.where(torch.isnan(kl), kl, value)  # a NaN in D must not vanish in a selection
     return a, ar, s, r, kl, value, saved
 
 

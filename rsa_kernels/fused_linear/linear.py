@@ -1,0 +1,75 @@
+"""The lm-head pieces shared by both schedules: a chunk's logits, and its gradient products.
+
+Only rows with a label (not ignore_index) are ever multiplied out: masked positions have
+statistics 0 and no gradient by definition, so prompt tokens cost nothing.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..reference import accumulation_dtype
+
+# Bytes the live logit chunks (policy and reference) may take when chunk_size is None.
+MEMORY_BUDGET = 128 * 2**20
+
+
+def budget_rows(vocab: int, dtype: torch.dtype, memory_budget: int | None) -> int:
+    """Rows of (policy + reference) logits that fit the budget; the row kernel bounds its own temporaries."""
+    per_row = 2 * vocab * torch.finfo(dtype).bits // 8
+    return max(1, (memory_budget or MEMORY_BUDGET) // per_row)
+
+
+def chunk_logits(hidden, rows, weight, bias, dtype=None):
+    """hidden[rows] @ weight.T + bias as a fresh contiguous (len(rows), V) tensor."""
+    h = hidden.index_select(0, rows)
+    z = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
+    return (z if dtype is None or z.dtype == dtype else z.to(dtype)), h
+
+
+def _mm_accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b with out in the accumulation dtype (float32 for half types)."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+        return
+    if a.is_cuda:
+        try:  # one rounding less: the product lands in float32 directly
+            out.add_(torch.mm(a, b, out_dtype=out.dtype))
+            return
+        except (TypeError, RuntimeError):
+            pass
+    out.addmm_(a.to(out.dtype), b.to(out.dtype))
+
+
+class LinearGrads:
+    """Gradients of hidden (rows written once), weight and bias (summed over chunks)."""
+
+    def __init__(self, hidden, weight, bias, needs):
+        acc = accumulation_dtype(weight.dtype)
+        self.hidden = torch.zeros_like(hidden) if needs[0] else None
+        self.weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
+        self.bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if needs[2] and bias is not None else None
+
+    @property
+    def wanted(self) -> bool:
+        return self.hidden is not None or self.weight is not None or self.bias is not None
+
+    def add(self, rows, h, grad_z, weight) -> None:
+        """Fold in the logits' gradient grad_z of hidden rows ``rows`` (values ``h``)."""
+        if self.hidden is not None:
+            self.hidden.index_copy_(0, rows, (grad_z @ weight).to(self.hidden.dtype))
+        if self.weight is not None:
+            _mm_accumulate(self.weight, grad_z.t(), h)
+        if self.bias is not None:
+            self.bias += grad_z.sum(0, dtype=self.bias.dtype)
+
+    def result(self, weight, bias, scale=None):
+        """(grad_hidden, grad_weight, grad_bias) in the inputs' dtypes, times ``scale`` if given."""
+        out = []
+        for g, like in ((self.hidden, None), (self.weight, weight), (self.bias, bias)):
+            if g is not None:
+                if scale is not None:
+                    g = g * scale.to(g.dtype)
+                if like is not None:
+                    g = g.to(like.dtype)
+            out.append(g)
+        return tuple(out)

@@ -1,0 +1,226 @@
+"""torch backend and reference against the naive formulas of tests/naive.py (SPEC section 1)."""
+import math
+
+import pytest
+import torch
+
+import rsa_kernels as rk
+from rsa_kernels import reference
+from naive import naive_token_stats
+
+RISKS = ["kl", "erm:0.5", "erm:2", "cvar:0", "cvar:0.5", "cvar:0.9", "ra_dpo_cvar:0.95", "ra_dpo_cvar:0.5"]
+
+
+def inputs(shape, v, seed, dtype=torch.float64, scale=2.0, masked=0.2):
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(*shape, v, generator=g, dtype=torch.float64) * scale).to(dtype)
+    zr = (torch.randn(*shape, v, generator=g, dtype=torch.float64) * scale).to(dtype)
+    y = torch.randint(0, v, shape, generator=g)
+    y[torch.rand(shape, generator=g) < masked] = -100
+    return z.requires_grad_(), zr, y
+
+
+def weighted_sum(stats, seed):
+    """A random linear functional of (logp, ref_logp, kl, risk): exercises every upstream grad."""
+    g = torch.Generator().manual_seed(seed + 1)
+    return sum((t * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)).sum() for t in stats)
+
+
+@pytest.mark.parametrize("risk", RISKS)
+@pytest.mark.parametrize("shape,v", [((7,), 33), ((2, 5), 64), ((3, 4), 101)])
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_float64_values_and_grads_match_naive(risk, shape, v, impl):
+    z, zr, y = inputs(shape, v, seed=hash((risk, shape, v)) % 10_000)
+    if impl == "torch":
+        got = rk.token_stats(z, zr, y, risk=risk, backend="torch", chunk_size=3)
+    else:
+        got = reference.token_stats(z, zr, y, risk=risk)
+    want = naive_token_stats(z, zr, y, risk)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    ga = torch.autograd.grad(weighted_sum(got, 0), z)[0]
+    gb = torch.autograd.grad(weighted_sum(want, 0), z)[0]
+    torch.testing.assert_close(ga, gb, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("risk", RISKS)
+def test_gradcheck(risk):
+    z, zr, y = inputs((4,), 9, seed=3, masked=0.0)
+    z = z.detach().requires_grad_()
+
+    def f(z):
+        st = rk.token_stats(z, zr, y, risk=risk, backend="torch")
+        return st.logp, st.kl, st.risk
+
+    assert torch.autograd.gradcheck(f, (z,), eps=1e-6, atol=1e-7)
+
+
+def test_float32_matches_naive():
+    z, zr, y = inputs((16,), 500, seed=5, dtype=torch.float32)
+    for risk in RISKS:
+        got = rk.token_stats(z, zr, y, risk=risk, backend="torch")
+        want = naive_token_stats(z.double(), zr.double(), y, risk)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+        ga = torch.autograd.grad(weighted_sum(got, 1), z)[0]
+        gb = torch.autograd.grad(weighted_sum(want, 1), z)[0]
+        torch.testing.assert_close(ga.double(), gb.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_properties():
+    z, zr, y = inputs((64,), 200, seed=7, masked=0.0)
+    st = lambda r: rk.token_stats(z, zr, y, risk=r, backend="torch")
+    kl = st("kl").kl
+    assert (kl >= 0).all()
+    erm = [st(f"erm:{mu}").risk for mu in (0.1, 0.5, 1, 4)]
+    cvar = [st(f"cvar:{a}").risk for a in (0.1, 0.5, 0.9, 0.99)]
+    assert (erm[0] >= kl - 1e-12).all() and (cvar[0] >= kl - 1e-12).all()
+    for lo, hi in zip(erm, erm[1:]):
+        assert (hi >= lo - 1e-12).all()
+    for lo, hi in zip(cvar, cvar[1:]):
+        assert (hi >= lo - 1e-12).all()
+    d = torch.log_softmax(zr, -1) - torch.log_softmax(z, -1)
+    assert (cvar[-1] <= d.max(-1).values + 1e-12).all()
+
+
+def test_limits_equal_kl():
+    z, zr, y = inputs((32,), 100, seed=8, masked=0.0)
+    kl = rk.token_stats(z, zr, y, risk="kl", backend="torch").risk
+    torch.testing.assert_close(rk.token_stats(z, zr, y, risk="cvar:0", backend="torch").risk, kl, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rk.token_stats(z, zr, y, risk="erm:1e-7", backend="torch").risk, kl, rtol=1e-5, atol=1e-6)
+
+
+def test_cvar_ties_split_the_atom():
+    # items repeating the same (z, zr) pair have bitwise equal D in any implementation:
+    # tau* is then a tied atom of many items, whose weight is shared in proportion to q
+    g = torch.Generator().manual_seed(11)
+    pick = torch.randint(0, 4, (5, 60), generator=g)
+    zr = torch.randn(5, 4, generator=g, dtype=torch.float64).gather(1, pick)
+    z = torch.randn(5, 4, generator=g, dtype=torch.float64).gather(1, pick).requires_grad_()
+    y = torch.randint(0, 60, (5,), generator=g)
+    for risk in ("cvar:0.3", "cvar:0.7", "cvar:0.95", "ra_dpo_cvar:0.4"):
+        got = rk.token_stats(z, zr, y, risk=risk, backend="torch")
+        want = reference.token_stats(z, zr, y, risk=risk)
+        torch.testing.assert_close(got.risk, want[3], rtol=1e-10, atol=1e-12)
+        ga = torch.autograd.grad(got.risk.sum(), z)[0]
+        gb = torch.autograd.grad(want[3].sum(), z)[0]
+        torch.testing.assert_close(ga, gb, rtol=1e-9, atol=1e-12)
+        if risk.startswith("cvar"):  # the adversarial w sums to 1: the gradient sums to 0
+            torch.testing.assert_close(ga.sum(-1), torch.zeros(5, dtype=ga.dtype), rtol=0, atol=1e-12)
+
+
+def test_masked_rows_are_zero_with_zero_grad():
+    z, zr, y = inputs((10,), 40, seed=9, masked=0.0)
+    y[::2] = -100
+    for risk in RISKS:
+        st = rk.token_stats(z, zr, y, risk=risk, backend="torch")
+        for t in st:
+            assert (t[::2] == 0).all()
+        grad = torch.autograd.grad(weighted_sum(st, 2), z)[0]
+        assert (grad[::2] == 0).all() and (grad[1::2] != 0).any()
+
+
+def test_custom_ignore_index():
+    z, zr, y = inputs((6,), 20, seed=10, masked=0.0)
+    y[1] = 7
+    a = rk.token_stats(z, zr, y, risk="kl", ignore_index=7, backend="torch")
+    assert a.kl[1] == 0 and (a.kl[0] > 0)
+
+
+@pytest.mark.parametrize("risk", RISKS)
+def test_chunking_does_not_change_results(risk):
+    z, zr, y = inputs((13,), 50, seed=12)
+    full = rk.token_stats(z, zr, y, risk=risk, backend="torch")
+    gfull = torch.autograd.grad(weighted_sum(full, 3), z)[0]
+    for chunk in (1, 4, 5):
+        part = rk.token_stats(z, zr, y, risk=risk, backend="torch", chunk_size=chunk)
+        for a, b in zip(part, full):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+        torch.testing.assert_close(torch.autograd.grad(weighted_sum(part, 3), z)[0], gfull, rtol=0, atol=1e-13)
+
+
+def test_inplace_backward_writes_into_logits():
+    z, zr, y = inputs((8,), 30, seed=13, masked=0.0)
+    want = torch.autograd.grad(rk.token_stats(z, zr, y, risk="cvar:0.8", backend="torch").risk.sum(), z)[0]
+    leaf = z.detach().clone().requires_grad_()
+    work = leaf * 1.0  # a non-leaf whose storage the backward may reuse
+    st = rk.token_stats(work, zr, y, risk="cvar:0.8", backend="torch", inplace_backward=True)
+    st.risk.sum().backward()
+    torch.testing.assert_close(leaf.grad, want)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_low_precision_agrees_with_float32(dtype, tol):
+    z32, zr32, y = inputs((32,), 300, seed=14, dtype=torch.float32)
+    z16 = z32.detach().to(dtype).requires_grad_()
+    zr16 = zr32.to(dtype)
+    for risk in RISKS:
+        lo = rk.token_stats(z16, zr16, y, risk=risk, backend="torch")
+        hi = rk.token_stats(z16.detach().float().requires_grad_(), zr16.float(), y, risk=risk, backend="torch")
+        assert lo.risk.dtype == torch.float32
+        # same rounded inputs: only the float32 accumulation may differ
+        for a, b in zip(lo, hi):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        # against the unrounded float32 inputs: the input rounding, at a stated tolerance
+        ref32 = rk.token_stats(z32, zr32, y, risk=risk, backend="torch")
+        torch.testing.assert_close(lo.kl, ref32.kl, rtol=tol, atol=tol)
+        grad = torch.autograd.grad(lo.risk.sum(), z16)[0]
+        assert grad.dtype == dtype and torch.isfinite(grad).all()
+
+
+def test_minus_inf_and_extreme_logits():
+    z, zr, y = inputs((8,), 40, seed=15, masked=0.0)
+    z, zr = z.detach().clone(), zr.clone()
+    zr[:, :5] = float("-inf")       # items the reference never emits: contribute nothing
+    z[:, :8] = float("-inf")        # overlap with the above, and 3 items with p = 0 < q
+    y[:] = 20
+    z[4:] = z[4:].sign() * 1e4
+    zr[4:, 5:] = zr[4:, 5:].sign() * 1e4
+    z.requires_grad_()
+    for risk in RISKS:
+        st = rk.token_stats(z, zr, y, risk=risk, backend="torch")
+        ref = reference.token_stats(z, zr, y, risk=risk)
+        for a, b in zip(st, ref):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, equal_nan=False)
+    # p = 0 < q makes kl and risk +inf: the true value
+    assert torch.isinf(rk.token_stats(z, zr, y, risk="kl", backend="torch").kl[:4]).all()
+    # drop the p = 0 < q items: everything finite again, gradients too
+    z2 = z.detach().clone()
+    z2[:, 5:8] = 0.0
+    z2.requires_grad_()
+    for risk in RISKS:
+        st = rk.token_stats(z2, zr, y, risk=risk, backend="torch")
+        assert all(torch.isfinite(t).all() for t in st), risk
+        grad = torch.autograd.grad(st.risk.sum() + st.logp.sum(), z2)[0]
+        assert torch.isfinite(grad).all(), risk
+        ref = reference.token_stats(z2, zr, y, risk=risk)
+        torch.testing.assert_close(grad, torch.autograd.grad(ref[3].sum() + ref[0].sum(), z2)[0], rtol=1e-9, atol=1e-9)
+
+
+def test_nan_in_gives_nan_out():
+    z, zr, y = inputs((4,), 10, seed=16, masked=0.0)
+    z = z.detach().clone()
+    z[1, 3] = float("nan")
+    for risk in RISKS:
+        st = rk.token_stats(z, zr, y, risk=risk, backend="torch")
+        assert torch.isnan(st.risk[1]) and torch.isfinite(st.risk[0])
+
+
+def test_quantile_matches_torch_quantile():
+    x = torch.randn(5, 37, dtype=torch.float64)
+    for level in (0.0, 0.05, 0.5, 0.93, 1.0):
+        torch.testing.assert_close(reference.interpolated_quantile(x, level), torch.quantile(x, level, dim=-1))
+
+
+def test_vocab_of_one():
+    z, zr, y = inputs((3,), 1, seed=17, masked=0.0)
+    for risk in RISKS:
+        st = rk.token_stats(z, zr, y, risk=risk, backend="torch")
+        assert (st.logp == 0).all() and (st.kl == 0).all() and (st.risk == 0).all()
+
+
+def test_accumulation_dtype():
+    z, zr, y = inputs((3,), 5, seed=18, dtype=torch.float32)
+    assert rk.token_stats(z, zr, y, backend="torch").logp.dtype == torch.float32
+    z, zr, y = inputs((3,), 5, seed=18)
+    assert rk.token_stats(z, zr, y, backend="torch").logp.dtype == torch.float64
