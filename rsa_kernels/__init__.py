@@ -9,4 +9,5 @@ from .risk import Risk, parse_risk
 from .token_stats import TokenStats, token_stats
 
 __version__ = "0.1.0"
-__all__ = ["token_stats", "preference_loss", "fused_linear_token_stats", "fused_linear_preference_loss", "available_backends", "TokenStats", "Risk", "parse_risk"]
+__all__ = ["token_stats", "preference_loss", "fused_linear_token_stats", "fused_linear_preference_loss",
+           "available_backends", "TokenStats", "Risk", "parse_risk"]
