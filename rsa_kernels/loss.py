@@ -41,11 +41,13 @@ def make_layout(labels, *, ignore_index: int, shift: bool, sequence_ids=None, nu
         n_seq = int(sequence_ids.max().item()) + 1 if num_sequences is None and labels.numel() else int(num_sequences or 0)
         if labels.numel() and (int(sequence_ids.min()) < 0 or int(sequence_ids.max()) >= n_seq):
             raise ValueError(f"sequence_ids must lie in [0, num_sequences={n_seq})")
-        if shift:
-            same = torch.zeros_like(labels, dtype=torch.bool)
-            same[:-1] = sequence_ids[1:] == sequence_ids[:-1]
-            nxt = torch.cat([labels[1:], labels[:1]])
-            labels = torch.where(same, nxt, torch.full_like(labels, ignore_index))
+        if shift:  # the next token of the same sequence, in array order
+            order = torch.sort(sequence_ids, stable=True).indices
+            ys, ids = labels[order], sequence_ids[order]
+            nxt = torch.full_like(ys, ignore_index)
+            nxt[:-1] = torch.where(ids[1:] == ids[:-1], ys[1:], ignore_index)
+            labels = torch.empty_like(labels)
+            labels[order] = nxt
     if n_seq == 0:
         raise ValueError("labels: a pair loss needs at least one pair of sequences")
     check_pairs(n_seq)
