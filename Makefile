@@ -20,5 +20,8 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 test: install
 	$(PY) -m pytest -q tests
 
+demo: install
+	$(VENV)/bin/rsa demo --out out/demo
+
 clean:
 	rm -rf build rsa_kernels/*.so $(STAMP)

@@ -3,7 +3,8 @@
 Each record is {prompt, response_0, response_1, better_response_id, safer_response_id,
 is_response_0_safe, is_response_1_safe}, written one per line to a JSONL file which the
 trainer reads back with ``preference: helpful`` or ``preference: safe``. A file keeps only
-the pairs its preference orders strictly (no ties), as a labeller asked to choose would.
+the pairs its preference orders strictly (no ties), as a labeller asked to choose would, and
+drops the rare pair with an empty response (the schema needs text).
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ def sample_records(model, n_per_prompt: int, seed: int) -> list[dict]:
         rows = seq[k * 2 * n_per_prompt:(k + 1) * 2 * n_per_prompt]
         for a, b in zip(rows[0::2], rows[1::2]):
             w0, w1 = task.decode_response(a), task.decode_response(b)
+            if not w0 or not w1:
+                continue  # an immediate EOS: the schema (and the trainer) need non-empty text
             r0, r1 = task.reward(intent, w0), task.reward(intent, w1)
             c0, c1 = task.cost(intent, w0), task.cost(intent, w1)
             records.append({

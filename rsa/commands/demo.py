@@ -1,0 +1,36 @@
+"""`rsa demo`: the embedded safety task, SFT vs DPO vs SACPO vs RSA on one CPU."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="number of seeds (default 3, or 1 with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one seed, fewer steps and samples (about 2 minutes; what the tests run)")
+    parser.add_argument("--risk", default=None, help="risk of the rsa run (default cvar:0.9)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    from rsa.demo.report import table
+    from rsa.demo.runs import Settings, run_demo
+
+    if args.seeds is not None and args.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    kw = {}
+    if args.seeds is not None:
+        kw["seeds"] = args.seeds
+    if args.risk is not None:
+        from rsa_kernels.risk import parse_risk
+        kw["rsa_risk"] = str(parse_risk(args.risk, "--risk"))
+    settings = Settings.quick(**kw) if args.quick else Settings(**kw)
+    result = run_demo(args.out, settings, progress=not args.no_progress)
+    print()
+    print(table(result["methods"]))
+    print()
+    print(result["verdict"])
+    print(f"\n{args.out}/report.json, tail.png, training.png written in {result['elapsed_s']:.0f} s")
+    return 0

@@ -1,0 +1,143 @@
+"""The demo pipeline: per seed, SFT -> preference files -> the stepwise runs -> evaluation.
+
+Runs (same data, steps, batch size, learning rate, beta and seed):
+  sft    the SFT model, no alignment
+  dpo    the helpfulness step only, objective dpo
+  sacpo  helpfulness then safety step, objective dpo (SACPO)
+  rsa    helpfulness then safety step, objective rsa2 with a cvar risk (RSA)
+
+``dpo`` is the first stage of ``sacpo``: the same config up to that point, so it is the
+same model, and training it twice would only cost time.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import data, evaluate, report, sft
+
+
+@dataclass
+class Settings:
+    seeds: int = 3
+    sft_steps: int = 300
+    pairs_per_prompt: int = 96       # sampled pairs per prompt, per preference file, before ties are dropped
+    max_steps: int = 60              # per alignment stage
+    batch_size: int = 16             # pairs per step
+    learning_rate: float = 1e-3
+    beta: float = 0.1
+    safety_lambda: float = 1.0       # the safety step's temperature is beta / lambda
+    rsa_risk: str = "cvar:0.9"
+    rsa_alpha: float = 0.5
+    eval_per_prompt: int = 512
+    extra: dict = field(default_factory=dict)   # more trainer settings for every stage
+
+    @classmethod
+    def quick(cls, **kw):
+        base = dict(seeds=1, sft_steps=200, pairs_per_prompt=48, max_steps=30, eval_per_prompt=128)
+        return cls(**{**base, **kw})
+
+
+def stage_defaults(s: Settings, seed: int, objective: str) -> dict:
+    d = {"objective": objective, "beta": s.beta, "learning_rate": s.learning_rate,
+         "per_device_train_batch_size": s.batch_size, "max_steps": s.max_steps, "seed": seed,
+         "max_length": sft.MAX_LEN, "max_prompt_length": 1 + 4, "logging_steps": 1,
+         "lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0,
+         "save_strategy": "no", "report_to": "none", "use_cpu": True, "dataloader_num_workers": 0}
+    if objective != "dpo":
+        d.update(risk=s.rsa_risk, alpha=s.rsa_alpha)
+    d.update(s.extra)
+    return d
+
+
+def run_config(s: Settings, seed: int, sft_dir: Path, files: dict, out: Path, objective: str) -> dict:
+    return {
+        "model": str(sft_dir), "output_dir": str(out), "defaults": stage_defaults(s, seed, objective),
+        "stages": [
+            {"name": "helpful", "data": {"path": str(files["helpful"]), "preference": "helpful"}},
+            {"name": "safe", "data": {"path": str(files["safe"]), "preference": "safe"},
+             "lambda": s.safety_lambda},
+        ],
+    }
+
+
+def write_yaml(cfg: dict, path: Path) -> Path:
+    import yaml
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def stage_log(stage_dir: Path) -> list[dict]:
+    """The trainer's per-step metrics log of a finished stage (empty if none is found)."""
+    for name in ("metrics.jsonl", "log.jsonl", "logs.jsonl", "train_log.jsonl"):
+        p = Path(stage_dir) / name
+        if p.is_file():
+            return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return []
+
+
+def run_seed(s: Settings, seed: int, out: Path, progress: bool = True) -> tuple[dict, dict, dict, dict]:
+    """One seed end to end: (summaries per method, costs per method, data stats, training logs)."""
+    from rsa.config import load_config
+    from rsa.stepwise import run_stages
+
+    root = Path(out) / f"seed{seed}"
+    model, sft_loss = sft.train_sft(seed, steps=s.sft_steps, progress=progress)
+    sft_dir = sft.save_sft(model, root / "sft")
+
+    # Two independent samples, one per preference: the helpfulness and safety data sets.
+    files, stats = {}, {"sft_loss": sft_loss}
+    for k, pref in enumerate(("helpful", "safe")):
+        recs = data.preference_subset(data.sample_records(model, s.pairs_per_prompt, seed * 1000 + k + 1), pref)
+        files[pref] = data.write_jsonl(recs, root / "data" / f"{pref}.jsonl")
+        stats[pref] = data.data_stats(recs)
+
+    stage_dirs = {}
+    for name, objective in (("sacpo", "dpo"), ("rsa", "rsa2")):
+        cfg_path = write_yaml(run_config(s, seed, sft_dir, files, root / name, objective), root / f"{name}.yaml")
+        dirs = run_stages(load_config(cfg_path), progress=progress)
+        stage_dirs[name] = [Path(d) for d in dirs]
+
+    models = {"sft": sft_dir, "dpo": stage_dirs["sacpo"][0], "sacpo": stage_dirs["sacpo"][1],
+              "rsa": stage_dirs["rsa"][1]}
+    summaries, costs = {}, {}
+    for name, path in tqdm(models.items(), desc=f"evaluate seed {seed}", disable=not progress, leave=False):
+        policy = model if name == "sft" else sft.load_model(path)
+        # The same sampling seed for every method: differences are the models', not the dice's.
+        samples = evaluate.score(policy, model, s.eval_per_prompt, seed=10_000 + seed)
+        summaries[name] = {"seed": seed, **evaluate.summarize(samples)}
+        costs[name] = samples.cost
+    logs = {"dpo / sacpo": {d.name: stage_log(d) for d in stage_dirs["sacpo"]},
+            "rsa": {d.name: stage_log(d) for d in stage_dirs["rsa"]}}
+    return summaries, costs, stats, logs
+
+
+def run_demo(out: Path, s: Settings, progress: bool = True) -> dict:
+    """All seeds, then the table, report.json and the two plots. Returns the report dict."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    per_seed = {m: [] for m in report.METHODS}
+    costs = {m: [] for m in report.METHODS}
+    data_stats, first_logs = [], None
+    for seed in tqdm(range(s.seeds), desc="rsa demo: seeds", disable=not progress):
+        summaries, c, stats, logs = run_seed(s, seed, out, progress)
+        for m in report.METHODS:
+            per_seed[m].append(summaries[m])
+            costs[m].append(c[m])
+        data_stats.append({"seed": seed, **stats})
+        first_logs = first_logs or logs
+    methods = report.aggregate(per_seed)
+    pooled = {m: np.concatenate(v) for m, v in costs.items()}
+    report.plot_tail(out, pooled)
+    report.plot_training(out, first_logs or {})
+    text = report.verdict(methods)
+    extra = {"verdict": text, "settings": asdict(s), "data": data_stats, "elapsed_s": round(time.time() - start, 1)}
+    report.write_json(out, methods, extra)
+    return {"methods": methods, **extra}
