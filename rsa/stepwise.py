@@ -1,0 +1,162 @@
+"""Stepwise alignment (SPEC section 4): run a config's stages in order, each from the previous.
+
+Stage k's reference (and its starting point) is stage k-1's result (the SFT model for the
+first stage, unless the stage names another `reference`). Its model is saved to
+OUTPUT/STAGE_NAME (safetensors + tokenizer), with stage.json (written last: its presence
+marks the stage finished) and metrics.jsonl (one JSON object per logged step).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from .config import RSAConfig, load_config
+from .data import PairDataset, load_pairs, split_pairs
+
+STAGE_FILE = "stage.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog(TrainerCallback):
+    """Appends every log (train steps, evaluations, the final summary) to a JSONL file."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def last_checkpoint(stage_dir: Path) -> Path | None:
+    """The newest checkpoint-N whose trainer_state.json exists (it is written last, so a
+    checkpoint cut short by a kill is skipped)."""
+    done = [p for p in stage_dir.glob("checkpoint-*")
+            if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _trim_metrics(path: Path, upto_step: int | None):
+    """Drop log lines a resumed run will write again (or all of them on a fresh start)."""
+    if not path.exists():
+        return
+    if upto_step is None:
+        path.unlink()
+        return
+    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
+            if ln.strip() and json.loads(ln).get("step", 0) <= upto_step]
+    path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+
+
+def _reference_path(stage: dict, config: dict, previous: Path) -> Path:
+    ref = stage["reference"]
+    if ref == "previous":
+        return previous
+    if ref == "model":
+        return Path(config["model"])
+    if ref in {s["name"] for s in config["stages"]}:
+        return Path(config["output_dir"]) / ref
+    return Path(ref)
+
+
+def _load_stage_data(stage: dict, seed: int):
+    d = stage["data"]
+    train = load_pairs(d["path"], d["preference"], d["max_samples"])
+    held = load_pairs(d["eval_path"], d["preference"]) if d["eval_path"] else []
+    if d["split"]:
+        train, extra = split_pairs(train, d["split"], seed)
+        held = held + extra
+    return train, held
+
+
+def run_stages(config, progress: bool = True, callbacks=None) -> list[Path]:
+    """Train every unfinished stage in order; returns the stage folders (finished ones included).
+
+    All data files are read and checked before any training. A stage with a stage.json is
+    skipped; one with checkpoints but no stage.json resumes from its last checkpoint.
+    ``callbacks``: extra transformers TrainerCallbacks for every stage.
+    """
+    config = load_config(config)
+    out = Path(config["output_dir"])
+    if not Path(config["model"]).is_dir():
+        raise ValueError(f"model: no such model folder {config['model']!r}")
+    pending = {}
+    for stage in config["stages"]:
+        if not (out / stage["name"] / STAGE_FILE).is_file():
+            seed = {**config["defaults"], **stage["overrides"]}.get("seed", 42)
+            pending[stage["name"]] = _load_stage_data(stage, seed)
+    results, previous = [], Path(config["model"])
+    for stage in config["stages"]:
+        stage_dir = out / stage["name"]
+        reference = _reference_path(stage, config, previous)
+        if stage["name"] in pending:
+            train_stage(stage, config, reference, stage_dir, *pending[stage["name"]],
+                        progress=progress, callbacks=callbacks)
+        results.append(stage_dir)
+        previous = stage_dir
+    return results
+
+
+def stage_args(stage: dict, config: dict, stage_dir: Path, progress: bool) -> RSAConfig:
+    values = {"disable_tqdm": not progress, **config["defaults"], **stage["overrides"]}
+    base_beta = values.get("beta", 0.1)
+    if stage["lambda"] is not None:
+        values["beta"] = base_beta / stage["lambda"]
+    return RSAConfig(output_dir=str(stage_dir), **values)
+
+
+def train_stage(stage: dict, config: dict, reference: Path, stage_dir: Path, train_pairs, eval_pairs,
+                progress: bool = True, callbacks=None) -> Path:
+    from .models import load_model, load_tokenizer
+    from .trainer import RSATrainer
+
+    if not (reference / "config.json").is_file():
+        raise ValueError(f"stage {stage['name']}: reference {str(reference)!r} is not a saved model folder "
+                         "(did its stage finish?)")
+    args = stage_args(stage, config, stage_dir, progress)
+    tokenizer = load_tokenizer(reference)
+    train_set = PairDataset(train_pairs, tokenizer, args.max_length, args.max_prompt_length, progress)
+    eval_set = PairDataset(eval_pairs, tokenizer, args.max_length, args.max_prompt_length) if eval_pairs else None
+    policy = load_model(reference, args.model_dtype)
+    ref_model = load_model(reference, args.model_dtype)
+    trainer = RSATrainer(model=policy, ref_model=ref_model, args=args, train_dataset=train_set,
+                         eval_dataset=eval_set, processing_class=tokenizer,
+                         callbacks=[MetricsLog(stage_dir / METRICS_FILE), *(callbacks or [])])
+    resume = last_checkpoint(stage_dir)
+    if trainer.is_world_process_zero():
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        step = json.loads((resume / "trainer_state.json").read_text())["global_step"] if resume else None
+        _trim_metrics(stage_dir / METRICS_FILE, step)
+    trainer.accelerator.wait_for_everyone()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.save_model(str(stage_dir))
+    final = {k: v for k, v in result.metrics.items()}
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
+    if train_logs:
+        final.update({k: v for k, v in train_logs[-1].items() if k not in ("epoch", "step")})
+    if eval_set is not None:
+        final.update(trainer.evaluate())
+    if trainer.is_world_process_zero():
+        record = {
+            "name": stage["name"], "reference": str(reference), "init": str(reference),
+            "data": stage["data"], "objective": args.objective, "risk": args.risk,
+            "beta": args.beta, "lambda": stage["lambda"],
+            "base_beta": {**config["defaults"], **stage["overrides"]}.get("beta", 0.1),
+            "alpha": args.alpha, "gamma": args.gamma, "label_smoothing": args.label_smoothing,
+            "steps": trainer.state.global_step, "train_pairs": len(train_set),
+            "eval_pairs": len(eval_set) if eval_set is not None else 0, "final_metrics": final,
+        }
+        if not args.keep_checkpoints:
+            # Their optimizer states are as large as the model several times over.
+            for ckpt in stage_dir.glob("checkpoint-*"):
+                shutil.rmtree(ckpt, ignore_errors=True)
+        # The Trainer pickles its arguments; keep them as JSON instead, so the folder holds no pickle.
+        (stage_dir / "training_args.bin").unlink(missing_ok=True)
+        (stage_dir / "training_args.json").write_text(args.to_json_string(), encoding="utf-8")
+        (stage_dir / STAGE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    trainer.accelerator.wait_for_everyone()
+    return stage_dir
