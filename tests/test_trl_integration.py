@@ -116,8 +116,11 @@ def test_rsa2_matches_preference_loss_on_materialised_logits(tmp_path):
 
 def test_a_few_training_steps_run_and_log_trl_metrics(tmp_path):
     tok, data = make_tokenizer(), make_dataset()
-    cfg = config(RSADPOConfig, tmp_path, max_steps=3, objective="rsa2", risk="erm:0.5")
-    trainer = build(RSADPOTrainer, cfg, tok, data)
+    cfg = config(RSADPOConfig, tmp_path, max_steps=3, objective="rsa2", risk="erm:0.5", eval_strategy="steps",
+                 eval_steps=3, per_device_eval_batch_size=2)
+    policy, ref = make_models(len(tok))
+    trainer = RSADPOTrainer(model=policy, ref_model=ref, args=cfg, train_dataset=data,
+                            eval_dataset=make_dataset(4, seed=1), processing_class=tok)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -127,15 +130,18 @@ def test_a_few_training_steps_run_and_log_trl_metrics(tmp_path):
         assert all(torch.isfinite(torch.tensor(entry[key])) for entry in logs), key
     assert all(entry["kl/chosen"] >= 0 for entry in logs)
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert len(evals) == 1 and torch.isfinite(torch.tensor(evals[0]["eval_risk/chosen"]))
     ref_after = dict(trainer.ref_model.named_parameters())
     assert all(torch.equal(p, ref_after[n]) for n, p in make_models(len(tok))[1].named_parameters())
 
 
-@pytest.mark.parametrize("field, value", [("precompute_ref_log_probs", True), ("loss_type", ["ipo"]),
-                                          ("use_weighting", True), ("risk", "cvar:1.5"), ("objective", "ppo"),
-                                          ("gamma", 0.0)])
-def test_config_refuses_what_the_rsa_loss_cannot_honour(tmp_path, field, value):
-    with pytest.raises(ValueError, match=field.split("_")[0] if field != "risk" else "ALPHA|alpha|risk"):
+@pytest.mark.parametrize("field, value, message", [
+    ("precompute_ref_log_probs", True, "precompute_ref_log_probs"), ("loss_type", ["ipo"], "loss_type"),
+    ("use_weighting", True, "use_weighting"), ("risk", "cvar:1.5", "ALPHA|alpha"), ("objective", "ppo", "objective"),
+    ("gamma", 0.0, "gamma")])
+def test_config_refuses_what_the_rsa_loss_cannot_honour(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
         config(RSADPOConfig, tmp_path, **{field: value})
 
 
