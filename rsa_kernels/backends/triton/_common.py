@@ -1,0 +1,36 @@
+"""Device helpers shared by the kernels: the deviation D and a sortable integer key of it."""
+import triton
+import triton.language as tl
+
+# Sortable keys of float32 values (see _key): key(-inf) and key(+inf). NaNs fall outside.
+KEY_NINF = 0x007FFFFF
+KEY_PINF = 0xFF800000
+
+
+@triton.jit
+def _deviation(z, zr, a, ar):
+    """q = exp(r) and D = r - s (-inf where q == 0), as torch_rows._deviation computes them.
+
+    Every pass recomputes D with exactly these operations, so a value seen in one pass has
+    the same bits in the next (no multiply, hence no FMA contraction to change rounding).
+    """
+    r = zr - ar
+    s = z - a
+    q = tl.exp(r)
+    # + 0.0 turns -0.0 into +0.0, so that equal values get equal keys
+    d = tl.where(q > 0, r - s, float("-inf")) + 0.0
+    return q, d
+
+
+@triton.jit
+def _key(d):
+    """float32 -> int64 in [0, 2^32), monotone: a < b  <=>  key(a) < key(b) (NaN aside)."""
+    b = d.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+    return tl.where(b >= 0x80000000, 0xFFFFFFFF - b, b + 0x80000000)
+
+
+@triton.jit
+def _val(k):
+    """Inverse of _key."""
+    b = tl.where(k >= 0x80000000, k - 0x80000000, 0xFFFFFFFF - k)
+    return b.to(tl.int32).to(tl.float32, bitcast=True)

@@ -1,0 +1,138 @@
+"""The `triton` backend: SPEC section 1 as fused Triton kernels (row-kernel contract).
+
+Forward: pass 1 (triton/stats.py) reads each row of z and zr once for A, Ar, logp,
+ref_logp, kl and the erm normaliser; cvar and ra_dpo_cvar add the exact quantile search of
+triton/quantile.py (typically 3 more passes, see docs/triton_kernels.md). Backward: one
+pass (triton/backward.py). Math in float32 for float32/bfloat16/float16 inputs; float64 is
+not supported (use the torch or cpu backend). Saved scalars mean what rsa_kernels.risk
+says, so forward/backward are drop-in for torch_rows', with one documented difference: the
+erm normaliser sums over zr > -inf rather than over q > 0 (they differ only for items whose
+q underflows float32, where this is closer to the float64 definition).
+
+Kernels run compiled on CUDA tensors, or interpreted on CPU tensors when the environment
+has TRITON_INTERPRET=1 (the tests). Because @triton.jit picks the mode when it decorates,
+the kernel folder is loaded once per mode, as a separate package (_kernels below).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import types
+
+import torch
+import triton  # noqa: F401  (ImportError here marks the backend unavailable)
+
+from ..risk import SAVED_WIDTH, Risk
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_V = 262144
+BLOCK = 1024           # pass 1 and backward: elements per step
+HIST_BLOCK = 256       # quantile passes: a (HIST_BLOCK x NBINS) comparison per step
+NBINS = 32             # bins per histogram pass
+NCAND = 1024           # items a bracket may hold to be collected into scratch
+ROW_CHUNK = 4096       # rows per quantile launch (bounds the candidate scratch)
+MAX_IT = 10            # histograms; 2 + ceil(32 / log2 NBINS) = 9 suffice
+_kernel_cache: dict = {}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _kernels():
+    """The kernel modules for the current mode, loaded once per mode."""
+    mode = "interpret" if _interpreting() else "compiled"
+    if mode not in _kernel_cache:
+        here = os.path.join(os.path.dirname(__file__), "triton")
+        name = f"{__package__}._triton_{mode}"
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [here]
+        pkg.__package__ = name
+        sys.modules[name] = pkg
+        _kernel_cache[mode] = types.SimpleNamespace(
+            stats=importlib.import_module(f"{name}.stats").stats_kernel,
+            quantile=importlib.import_module(f"{name}.quantile").quantile_kernel,
+            backward=importlib.import_module(f"{name}.backward").backward_kernel,
+        )
+    return _kernel_cache[mode]
+
+
+def unsupported(tensor) -> str | None:
+    if tensor.dtype not in _DTYPES:
+        return f"the triton backend takes float32, bfloat16 or float16 logits, not {tensor.dtype}"
+    if tensor.shape[-1] > MAX_V:
+        return f"the triton backend takes vocabularies up to {MAX_V}, got {tensor.shape[-1]}"
+    if tensor.is_cuda:
+        return None
+    if tensor.device.type == "cpu" and _interpreting():
+        return None
+    return (f"the triton backend needs a CUDA tensor (got {tensor.device}); "
+            "CPU tensors only under TRITON_INTERPRET=1")
+
+
+def _check(z, zr, labels):
+    reason = unsupported(z)
+    if reason:
+        raise RuntimeError(reason)
+    if zr.dtype not in _DTYPES:
+        raise ValueError(f"ref_logits: dtype {zr.dtype} is not supported by the triton backend")
+    if z.stride(-1) != 1 or zr.stride(-1) != 1:
+        raise ValueError("logits: rows must be unit-stride in the vocabulary")
+
+
+def _launch_opts():
+    # no FMA contraction in the quantile: a + frac (b - a) must round as torch rounds it
+    return {} if _interpreting() else {"enable_fp_fusion": False}
+
+
+def forward(z, zr, labels, risk: Risk, ignore_index: int, chunk_size: int | None = None):
+    """(N, 4) float32 stats and (N, 5) float32 saved scalars; chunk_size is ignored."""
+    _check(z, zr, labels)
+    n, v = z.shape
+    k = _kernels()
+    labels = labels.contiguous()
+    stats = torch.empty(n, 4, dtype=torch.float32, device=z.device)
+    saved = torch.empty(n, SAVED_WIDTH, dtype=torch.float32, device=z.device)
+    if n == 0:
+        return stats, saved
+    quant = risk.kind in ("cvar", "ra_dpo_cvar")
+    aux = torch.empty(n if quant else 1, 2, dtype=torch.float32, device=z.device)
+    mu = risk.param if risk.kind == "erm" else 0.0
+    k.stats[(n,)](z, zr, labels, stats, saved, aux, z.stride(0), zr.stride(0), v, ignore_index, mu,
+                  RISK=risk.code, RANGE=quant, BLOCK=BLOCK, num_warps=8)
+    if quant:
+        ra = risk.kind == "ra_dpo_cvar"
+        alpha, lo, hi, frac = risk.param, 0, 0, 0.0
+        if ra:  # reference.interpolated_quantile's ranks for level 1 - C
+            pos = (1.0 - risk.param) * (v - 1)
+            lo = int(pos)
+            hi = min(lo + 1, v - 1)
+            frac = pos - lo
+        rows = min(n, ROW_CHUNK)
+        kbuf = torch.empty(rows, NCAND, dtype=torch.int64, device=z.device)
+        qbuf = torch.empty(rows, NCAND, dtype=torch.float32, device=z.device)
+        for r0 in range(0, n, rows):
+            m = min(rows, n - r0)
+            k.quantile[(m,)](z, zr, labels, stats, saved, aux, kbuf, qbuf, r0,
+                             z.stride(0), zr.stride(0), v, ignore_index, alpha, lo, hi, frac,
+                             RA=ra, NB=NBINS, NC=NCAND,
+                             BLOCK=HIST_BLOCK, MAX_IT=MAX_IT, VALUE_IT=2, num_warps=8,
+                             **_launch_opts())
+    return stats, saved
+
+
+def backward(z, zr, labels, saved, grads, risk: Risk, ignore_index: int,
+             inplace: bool = False, chunk_size: int | None = None):
+    """grad (N, V) in z's dtype, written over z when inplace; chunk_size is ignored."""
+    _check(z, zr, labels)
+    n, v = z.shape
+    k = _kernels()
+    out = z if inplace else torch.empty_like(z)
+    if n == 0:
+        return out
+    mu = risk.param if risk.kind == "erm" else 0.0
+    k.backward[(n,)](z, zr, labels.contiguous(), saved.float().contiguous(), grads.float().contiguous(),
+                     out, z.stride(0), zr.stride(0), out.stride(0), v, ignore_index, mu,
+                     RISK=risk.code, BLOCK=BLOCK, num_warps=8)
+    return out
