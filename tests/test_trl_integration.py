@@ -148,3 +148,12 @@ def test_config_refuses_what_the_rsa_loss_cannot_honour(tmp_path, field, value, 
 def test_trainer_refuses_a_plain_dpo_config(tmp_path):
     with pytest.raises(ValueError, match="args"):
         build(RSADPOTrainer, config(DPOConfig, tmp_path), make_tokenizer(), make_dataset(4))
+
+
+def test_trainer_refuses_a_model_whose_logits_are_not_a_plain_linear_head(tmp_path):
+    tok = make_tokenizer()
+    policy, ref = make_models(len(tok))
+    policy.config.final_logit_softcapping = 30.0  # as Gemma 2 does: logits = 30 tanh(h W^T / 30)
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        RSADPOTrainer(model=policy, ref_model=ref, args=config(RSADPOConfig, tmp_path), train_dataset=make_dataset(4),
+                      processing_class=tok)

@@ -152,6 +152,21 @@ def _reference_adapter(peft_model):
             yield
 
 
+# Config fields by which some families transform the lm-head output (softcapping, scaling);
+# the fused loss takes the logits as hidden @ weight.T + bias exactly, so they are refused.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling")
+
+
+def check_plain_lm_head(model) -> None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value is not None and value != 1:
+            raise ValueError(f"model: its config sets {name}={value!r}, so its logits are not hidden @ weight.T + "
+                             "bias; RSADPOTrainer does not support such models")
+
+
 def _lm_head(model):
     head = model.get_output_embeddings()
     return head.weight, getattr(head, "bias", None)
@@ -180,8 +195,10 @@ class RSADPOTrainer(DPOTrainer):
             raise ValueError("router_aux_loss_coef: the MoE load-balancing loss is not added by RSADPOTrainer; "
                              "set router_aux_loss_coef=0.0")
         add_hidden_states_forward(self.model)
+        check_plain_lm_head(self.accelerator.unwrap_model(self.model))
         if self.ref_model is not None:
             add_hidden_states_forward(self.accelerator.unwrap_model(self.ref_model))
+            check_plain_lm_head(self.accelerator.unwrap_model(self.ref_model))
         elif not _is_peft(self.model):
             raise ValueError("ref_model: RSADPOTrainer needs a reference model (or a PEFT policy whose adapter can "
                              "be switched off) to compute the reference's hidden states on the fly")
