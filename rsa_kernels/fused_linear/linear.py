@@ -19,6 +19,16 @@ def budget_rows(vocab: int, dtype: torch.dtype, memory_budget: int | None) -> in
     return max(1, (memory_budget or MEMORY_BUDGET) // per_row)
 
 
+def kernel_rows(rows: int) -> int:
+    """The chunk_size handed to the row kernel for a chunk of ``rows`` logit rows.
+
+    The torch row kernel keeps about 8-12 (rows x V) temporaries of the accumulation dtype
+    alive; an eighth of the chunk keeps them near the size of the logit chunks themselves.
+    Backends that stream row by row (cpu, triton) ignore it.
+    """
+    return max(1, rows // 8)
+
+
 def chunk_logits(hidden, rows, weight, bias, dtype=None):
     """hidden[rows] @ weight.T + bias as a fresh contiguous (len(rows), V) tensor."""
     h = hidden.index_select(0, rows)

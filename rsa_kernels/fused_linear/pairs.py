@@ -16,7 +16,7 @@ import torch
 from ..loss import Layout, loss_from_token_stats
 from ..reference import accumulation_dtype
 from ..token_stats import TokenStats
-from .linear import LinearGrads, chunk_logits
+from .linear import LinearGrads, chunk_logits, kernel_rows
 
 
 @dataclass
@@ -76,7 +76,7 @@ class FusedPairLossFunction(torch.autograd.Function):
             if chunk.rows.numel():
                 z, h = chunk_logits(hidden, chunk.rows, weight, bias)
                 zr, _ = chunk_logits(ref_hidden, chunk.rows, ref_weight, ref_bias, z.dtype)
-                st, saved = backend.forward(z, zr, lab, risk, ignore_index)
+                st, saved = backend.forward(z, zr, lab, risk, ignore_index, chunk_size=kernel_rows(len(lab)))
             else:  # a pair with no response token still counts, with Delta = R = 0
                 st = torch.zeros(0, 4, dtype=acc, device=hidden.device)
             weight_c = chunk.pairs / num_pairs  # the chunk's share of the mean over pairs
@@ -94,7 +94,7 @@ class FusedPairLossFunction(torch.autograd.Function):
             if g is not None:
                 # columns (logp, kl, risk) of the statistics' gradient; ref_logp has none
                 gz = backend.backward(z, zr, lab, saved, g[:, [0, 2, 3]].contiguous(), risk, ignore_index,
-                                      inplace=True)
+                                      inplace=True, chunk_size=kernel_rows(len(lab)))
                 del zr
                 grads.add(chunk.rows, h, gz, weight)
                 del gz

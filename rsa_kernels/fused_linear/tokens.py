@@ -12,7 +12,7 @@ import torch
 
 from ..reference import accumulation_dtype
 from ..risk import SAVED_WIDTH
-from .linear import LinearGrads, chunk_logits
+from .linear import LinearGrads, chunk_logits, kernel_rows
 
 
 def token_chunks(mask: torch.Tensor, rows: int) -> list[torch.Tensor]:
@@ -34,7 +34,8 @@ class FusedTokenStatsFunction(torch.autograd.Function):
         for rows in chunks:
             z, _ = chunk_logits(hidden, rows, weight, bias)
             zr, _ = chunk_logits(ref_hidden, rows, ref_weight, ref_bias, z.dtype)
-            st, sv = backend.forward(z, zr, labels.index_select(0, rows), risk, ignore_index)
+            st, sv = backend.forward(z, zr, labels.index_select(0, rows), risk, ignore_index,
+                                           chunk_size=kernel_rows(len(rows)))
             stats.index_copy_(0, rows, st.to(acc))
             saved.index_copy_(0, rows, sv.to(acc))
             del z, zr
@@ -56,7 +57,8 @@ class FusedTokenStatsFunction(torch.autograd.Function):
                 z, h = chunk_logits(hidden, rows, weight, bias)
                 zr, _ = chunk_logits(ref_hidden, rows, ref_weight, ref_bias, z.dtype)
                 gz = backend.backward(z, zr, labels.index_select(0, rows), saved.index_select(0, rows),
-                                      g.index_select(0, rows), risk, ignore_index, inplace=True)
+                                      g.index_select(0, rows), risk, ignore_index, inplace=True,
+                                      chunk_size=kernel_rows(len(rows)))
                 del zr
                 grads.add(rows, h, gz, weight)
                 del z, gz

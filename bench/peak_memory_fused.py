@@ -1,0 +1,114 @@
+"""One forward + backward of a preference loss from hidden states, and its peak memory.
+
+Variants: "naive" (materialised logits + rsa_kernels.reference), "fused" (this package's
+fused_linear_preference_loss, schedule chosen from its budget), "fused_tokens" (the same,
+token chunks forced), "liger" (LigerFusedLinearDPOLoss, `dpo` only).
+
+Run as a script it measures, in this fresh process, the peak resident memory above the
+inputs, weights and their gradients: the kernel's high-water mark (VmHWM) is reset after
+the inputs exist and after a small warm-up run of the same variant, and the gradient
+bytes are subtracted since every variant must hold them. Prints one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+
+def make_step(variant, objective, risk, *, sequences=8, length=256, hidden_size=1024, vocab=32000,
+              dtype=torch.float32, seed=0, beta=0.1):
+    """(step, params): step() runs forward + backward once, leaving gradients in params."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(sequences, length, hidden_size, generator=g, dtype=dtype) / 4).requires_grad_(True)
+    weight = (torch.randn(vocab, hidden_size, generator=g, dtype=dtype) / 16).requires_grad_(True)
+    ref_hidden = hidden.detach() + 0.05 * torch.randn(hidden.shape, generator=g, dtype=dtype)
+    ref_weight = weight.detach() + 0.01 * torch.randn(weight.shape, generator=g, dtype=dtype)
+    labels = torch.randint(0, vocab, (sequences, length), generator=g)  # every token counts
+    params = (hidden, weight)
+
+    if variant == "naive":
+        from rsa_kernels.loss import loss_from_token_stats, make_layout
+        from rsa_kernels.reference import token_stats
+        from rsa_kernels.token_stats import TokenStats
+
+        layout = make_layout(labels, ignore_index=-100, shift=False)
+
+        def step():
+            z = hidden @ weight.t()
+            with torch.no_grad():
+                zr = ref_hidden @ ref_weight.t()
+            stats = TokenStats(*token_stats(z, zr, labels, risk=risk))
+            loss, _ = loss_from_token_stats(stats, layout, objective=objective, beta=beta, alpha=0.5,
+                                            gamma=1.0, label_smoothing=0.0)
+            loss.backward()
+    elif variant in ("fused", "fused_tokens"):
+        import rsa_kernels as rk
+
+        schedule = "tokens" if variant == "fused_tokens" else "auto"
+
+        def step():
+            loss, _ = rk.fused_linear_preference_loss(hidden, weight, ref_hidden, ref_weight, labels,
+                                                      objective=objective, risk=risk, beta=beta,
+                                                      schedule=schedule)
+            loss.backward()
+    elif variant == "liger":
+        if objective != "dpo":
+            raise ValueError("liger: only the dpo objective has a Liger counterpart")
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+        fn = LigerFusedLinearDPOLoss(beta=beta, compiled=False, use_ref_model=True)
+
+        def step():
+            out = fn(weight, hidden, labels, None, ref_hidden, ref_weight, None)
+            (out[0] if isinstance(out, tuple) else out).backward()
+    else:
+        raise ValueError(f"variant: unknown {variant!r}")
+
+    def run():
+        for p in params:
+            p.grad = None
+        step()
+    return run, params
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure(variant, objective, risk, **sizes) -> dict:
+    small, _ = make_step(variant, objective, risk, sequences=2, length=16, hidden_size=32, vocab=256)
+    small()  # warm-up: thread pools, lazy imports, first-call allocations
+    step, params = make_step(variant, objective, risk, **sizes)
+    grad_bytes = sum(p.numel() * p.element_size() for p in params)
+    base = _status_kib("VmRSS") * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident set size to the current one (Linux >= 4.0)
+    start = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - start
+    peak = _status_kib("VmHWM") * 1024
+    return {"variant": variant, "objective": objective, "risk": risk, "extra_bytes": peak - base - grad_bytes,
+            "seconds": seconds, "threads": torch.get_num_threads()}
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("variant", choices=["naive", "fused", "fused_tokens", "liger"])
+    ap.add_argument("--objective", default="rsa2")
+    ap.add_argument("--risk", default="cvar:0.9")
+    ap.add_argument("--sequences", type=int, default=8)
+    ap.add_argument("--length", type=int, default=256)
+    ap.add_argument("--hidden-size", type=int, default=1024)
+    ap.add_argument("--vocab", type=int, default=32000)
+    a = ap.parse_args()
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    print(json.dumps(measure(a.variant, a.objective, a.risk, sequences=a.sequences, length=a.length,
+                             hidden_size=a.hidden_size, vocab=a.vocab)))
