@@ -130,13 +130,13 @@ RowOut<C> forward_row(const C* z, const C* zr, int64_t v, int64_t y, int code, d
       }
     }
     const C tau = n ? weighted_quantile(dc, qc, n, alpha, dmax) : NEG_INF<C>;
-    // F(tau), the atom's q-mass and the tail sum and the atom's q-mass, in one vector sweep
+    // F(tau), the atom's q-mass and the excess over tau, in one vector sweep
     Vec<C> le = zero, above = zero, at = zero;
     const Vec<C> vt = splat(tau);
     i = 0;
     auto sums = [&](Vec<C> d, Vec<C> q) {
       le += d <= vt ? q : zero;
-      above += d > vt ? q * d : zero;
+      above += d > vt ? q * (d - vt) : zero;
       at += d == vt ? q : zero;
     };
     for (; i + W <= v; i += W) sums(load(dbuf + i), load(qbuf + i));
@@ -150,8 +150,9 @@ RowOut<C> forward_row(const C* z, const C* zr, int64_t v, int64_t y, int code, d
     excess = excess > 0 ? excess : C(0);
     C c_atom = at_mass > 0 ? excess / ((C(1) - alpha) * at_mass) : C(0);
     c_atom = c_atom < c_above ? c_atom : c_above;
-    const C atom = at_mass * c_atom;
-    out.risk = hsum<C>(above) * c_above + (atom > 0 ? atom * tau : C(0));
+    // the value as the reference writes it, tau + E_q[(D - tau)+] / (1 - alpha): no
+    // cancellation in F(tau) - alpha, which float32 sums would amplify by 1 / (1 - alpha)
+    out.risk = tau + hsum<C>(above) * c_above;
     out.saved[2] = tau;
     out.saved[3] = c_above;
     out.saved[4] = c_atom;

@@ -1,0 +1,231 @@
+"""The cpu backend (rsa_kernels._C) against the float64 reference: values and gradients."""
+from __future__ import annotations
+
+import sys
+import warnings
+
+import pytest
+import torch
+
+import rsa_kernels
+from rsa_kernels import backends, reference
+from rsa_kernels.backends import torch_rows
+from rsa_kernels.risk import parse_risk
+from rsa_kernels.token_stats import token_stats
+
+try:
+    from rsa_kernels.backends import cpu_rows
+except ImportError as err:  # only when the extension was not built
+    pytest.skip(f"rsa_kernels._C is not built: {err}", allow_module_level=True)
+
+RISKS = ["kl", "erm:0.5", "erm:2", "cvar:0", "cvar:0.5", "cvar:0.9", "ra_dpo_cvar:0.95"]
+IGNORE = -100
+
+
+def make_rows(n, v, dtype=torch.float64, scale=3.0, seed=0, masked=(1,)):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, v, generator=gen, dtype=torch.float64) * scale
+    zr = z + torch.randn(n, v, generator=gen, dtype=torch.float64) * scale / 2
+    labels = torch.randint(0, v, (n,), generator=gen)
+    for i in masked:
+        if i < n:
+            labels[i] = IGNORE
+    return z.to(dtype), zr.to(dtype), labels
+
+
+def upstream(n, seed=1):
+    return torch.randn(3, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def expected(z, zr, labels, risk):
+    """Reference values and gradient in float64, from the (rounded) inputs."""
+    z64 = z.detach().double().requires_grad_()
+    logp, ref_logp, kl, value = reference.token_stats(z64, zr.double(), labels, risk=risk, ignore_index=IGNORE)
+    g = upstream(z.shape[0])
+    (grad,) = torch.autograd.grad((g[0] * logp + g[1] * kl + g[2] * value).sum(), z64)
+    return torch.stack([logp, ref_logp, kl, value], 1).detach(), grad
+
+
+def cpu_result(z, zr, labels, risk, inplace=False):
+    z = z.detach().clone().requires_grad_()
+    st = token_stats(z, zr, labels, risk=risk, ignore_index=IGNORE, backend="cpu", inplace_backward=inplace)
+    g = upstream(z.shape[0]).to(st.logp.dtype)
+    (grad,) = torch.autograd.grad((g[0] * st.logp + g[1] * st.kl + g[2] * st.risk).sum(), z)
+    return torch.stack(list(st), 1).detach(), grad, z
+
+
+def assert_close(got, want, rtol, atol):
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol, equal_nan=True)
+
+
+@pytest.mark.parametrize("v", [1, 7, 1000, 4097])
+@pytest.mark.parametrize("risk", RISKS)
+def test_float64_matches_reference(risk, v):
+    z, zr, labels = make_rows(6, v)
+    want, want_grad = expected(z, zr, labels, risk)
+    got, grad, _ = cpu_result(z, zr, labels, risk)
+    assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert_close(grad, want_grad, rtol=1e-9, atol=1e-12)
+    assert torch.all(got[1] == 0) and torch.all(grad[1] == 0)  # the masked row
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("risk", RISKS)
+def test_low_precision_computed_in_float32(risk, dtype):
+    z, zr, labels = make_rows(5, 1000, dtype=dtype)
+    want, want_grad = expected(z, zr, labels, risk)
+    got, grad, _ = cpu_result(z, zr, labels, risk)
+    assert got.dtype == torch.float32 and grad.dtype == dtype
+    assert_close(got, want, rtol=1e-4, atol=2e-4)
+    # float32 sums: the CVaR atom's share (F(tau) - alpha) / (1 - alpha) carries their rounding;
+    # bf16 / fp16: the gradient is rounded to the input dtype at the end
+    tol = {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    atol = tol * want_grad.abs().max().item()
+    if dtype == torch.float32 or risk.startswith(("kl", "erm")):
+        assert_close(grad, want_grad, rtol=tol, atol=atol)
+    else:
+        # bf16/fp16 logits repeat values, so many items have D equal in exact arithmetic; which
+        # of them rounding puts at, above or below the quantile differs between float32 and
+        # float64, and with it their gradient. Against the torch backend, which computes the
+        # same float32 D, the decisions agree.
+        r = parse_risk(risk)
+        _, saved = torch_rows.forward(z, zr, labels, r, IGNORE)
+        g = upstream(z.shape[0]).T.float().contiguous()
+        assert_close(grad, torch_rows.backward(z, zr, labels, saved, g, r, IGNORE).double(), rtol=tol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("risk", RISKS)
+def test_extreme_and_masked_vocabulary(risk, dtype):
+    """+-1e4 logits, and -inf items: masked in both models, or outside the reference's support."""
+    z, zr, labels = make_rows(6, 300, scale=1.0, seed=3)
+    z[0], zr[0] = z[0] * 1e4, zr[0] * 1e4  # most q and p underflow to 0
+    z[2, :40] = zr[2, :40] = float("-inf")
+    zr[3, 10:200] = float("-inf")  # q = 0 there: those items never count
+    labels[2] = 50
+    z, zr = z.to(dtype), zr.to(dtype)
+    want, want_grad = expected(z, zr, labels, risk)
+    got, grad, _ = cpu_result(z, zr, labels, risk)
+    tol = 1e-9 if dtype == torch.float64 else 2e-4
+    assert_close(got, want, rtol=tol, atol=tol)
+    assert_close(grad, want_grad, rtol=tol, atol=tol)
+    assert torch.isfinite(got).all() and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("risk", RISKS)
+def test_policy_zero_where_reference_positive_is_infinite(risk):
+    z, zr, labels = make_rows(3, 50, masked=())
+    z[0, 7] = float("-inf")  # p = 0 < q: KL(q || p) is +inf, and so is every risk
+    got, _, _ = cpu_result(z, zr, labels, risk)
+    want, _ = expected(z, zr, labels, risk)
+    assert got[0, 2] == float("inf") and got[0, 3] == want[0, 3]
+    assert_close(got[1:], want[1:], rtol=1e-10, atol=1e-10)
+
+
+def tied_rows(n, v, dtype, seed=5):
+    """Logits from a few small integers: items sharing a (z, zr) pair have the same D bits,
+    so the CVaR quantile atom holds many items and the ra_dpo_cvar quantile is a tie."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randint(0, 3, (n, v), generator=gen).to(dtype)
+    zr = torch.randint(0, 3, (n, v), generator=gen).to(dtype) * 1.5
+    return z, zr, torch.randint(0, v, (n,), generator=gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("risk", ["cvar:0.3", "cvar:0.5", "cvar:0.9", "ra_dpo_cvar:0.5", "ra_dpo_cvar:0.95", "erm:1"])
+def test_ties_in_deviation(risk, dtype):
+    z, zr, labels = tied_rows(8, 777, dtype)
+    want, want_grad = expected(z, zr, labels, risk)
+    got, grad, _ = cpu_result(z, zr, labels, risk)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert_close(got, want, rtol=tol, atol=tol)
+    assert_close(grad, want_grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("risk", ["kl", "erm:2", "cvar:0.9", "ra_dpo_cvar:0.95"])
+def test_inplace_backward(risk, dtype):
+    z, zr, labels = make_rows(5, 1001, dtype=dtype)
+    _, want_grad, _ = cpu_result(z, zr, labels, risk)
+    _, grad, leaf = cpu_result(z, zr, labels, risk, inplace=True)
+    assert torch.equal(grad, want_grad)
+    assert grad.data_ptr() == leaf.data_ptr()  # written into the logits' own storage
+
+
+@pytest.mark.parametrize("risk", RISKS)
+def test_row_strided_input(risk):
+    z, zr, labels = make_rows(6, 1003)
+    r = parse_risk(risk)
+    wide = torch.full((6, 1010), 7.0, dtype=torch.float64)
+    wide_r = torch.full((6, 1020), -3.0, dtype=torch.float64)
+    zs, zrs = wide[:, 5:1008], wide_r[:, :1003]
+    zs.copy_(z)
+    zrs.copy_(zr)
+    assert zs.stride(0) != 1003 and zrs.stride(0) != 1003
+    stats, saved = cpu_rows.forward(z, zr, labels, r, IGNORE)
+    stats_s, saved_s = cpu_rows.forward(zs, zrs, labels, r, IGNORE)
+    assert torch.equal(stats, stats_s) and torch.equal(saved, saved_s)
+    g = upstream(6).T.contiguous()
+    grad = cpu_rows.backward(z, zr, labels, saved, g, r, IGNORE)
+    assert torch.equal(grad, cpu_rows.backward(zs, zrs, labels, saved_s, g, r, IGNORE))
+    # in place into a strided view: the gradient lands in the view, the padding is untouched
+    cpu_rows.backward(zs, zrs, labels, saved_s, g, r, IGNORE, inplace=True)
+    assert torch.equal(zs, grad) and torch.all(wide[:, :5] == 7.0) and torch.all(wide[:, 1008:] == 7.0)
+
+
+@pytest.mark.parametrize("risk", RISKS)
+def test_one_and_two_threads_bitwise_equal(risk):
+    z, zr, labels = make_rows(9, 4097, dtype=torch.float32, masked=(0, 4))
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(cpu_result(z, zr, labels, risk)[:2])
+    finally:
+        torch.set_num_threads(before)
+    (s1, g1), (s2, g2) = results
+    assert torch.equal(s1, s2) and torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("risk", RISKS)
+def test_saved_scalars_interchangeable_with_torch_backend(risk):
+    """Same saved-scalar meanings: each backend's backward accepts the other's forward."""
+    z, zr, labels = make_rows(5, 999)
+    r = parse_risk(risk)
+    g = upstream(5).T.contiguous()
+    stats_c, saved_c = cpu_rows.forward(z, zr, labels, r, IGNORE)
+    stats_t, saved_t = torch_rows.forward(z, zr, labels, r, IGNORE)
+    torch.testing.assert_close(stats_c, stats_t, rtol=1e-10, atol=1e-10)
+    grad_c = cpu_rows.backward(z, zr, labels, saved_t, g, r, IGNORE)
+    grad_t = torch_rows.backward(z, zr, labels, saved_c, g, r, IGNORE)
+    torch.testing.assert_close(grad_c, grad_t, rtol=1e-9, atol=1e-12)
+
+
+def test_unsupported_and_auto():
+    assert cpu_rows.unsupported(torch.zeros(2, 3)) is None
+    assert "cpu" in cpu_rows.unsupported(torch.zeros(2, 3, device="meta"))
+    assert "float" in cpu_rows.unsupported(torch.zeros(2, 3, dtype=torch.int32))
+    assert backends.get_backend("auto", torch.zeros(2, 3)) is cpu_rows
+    assert "cpu" in rsa_kernels.available_backends()
+    with pytest.raises(RuntimeError, match="cpu"):
+        backends.get_backend("cpu", torch.zeros(2, 3, device="meta"))
+
+
+def test_unbuilt_extension_falls_back_with_one_warning(monkeypatch):
+    """Where _C cannot be imported, "auto" warns once and the torch backend gives the result."""
+    monkeypatch.setitem(sys.modules, "rsa_kernels._C", None)  # import of _C now raises ImportError
+    monkeypatch.delitem(sys.modules, "rsa_kernels.backends.cpu_rows")
+    monkeypatch.delattr(rsa_kernels, "_C", raising=False)
+    monkeypatch.setattr(backends, "_loaded", {})
+    monkeypatch.setattr(backends, "_warned_cpu", False)
+    z, zr, labels = make_rows(4, 50)
+    with pytest.warns(RuntimeWarning, match="cpu backend unavailable"):
+        first = token_stats(z, zr, labels, risk="cvar:0.5")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = token_stats(z, zr, labels, risk="cvar:0.5")
+    want, _ = expected(z, zr, labels, "cvar:0.5")
+    assert_close(torch.stack(list(first), 1), want, rtol=1e-10, atol=1e-10)
+    assert torch.equal(torch.stack(list(first), 1), torch.stack(list(second), 1))
+    assert "cpu" not in rsa_kernels.available_backends()
