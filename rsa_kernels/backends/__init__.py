@@ -54,7 +54,8 @@ def get_backend(name: str, tensor: torch.Tensor):
     if name == "auto":
         if tensor.is_cuda:
             mod = _load("triton")
-            return _load("torch") if isinstance(mod, str) else mod
+            # float64 (or a vocabulary past the kernels' limit) stays on the torch backend
+            return _load("torch") if isinstance(mod, str) or mod.unsupported(tensor) else mod
         if tensor.device.type == "cpu":
             mod = _load("cpu")
             if not isinstance(mod, str):

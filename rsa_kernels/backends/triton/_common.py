@@ -34,3 +34,27 @@ def _val(k):
     """Inverse of _key."""
     b = tl.where(k >= 0x80000000, k - 0x80000000, 0xFFFFFFFF - k)
     return b.to(tl.int32).to(tl.float32, bitcast=True)
+
+
+# Reductions through tl.reduce with the standard library's own combine functions, rather
+# than tl.sum/tl.max/...: those are @triton.jit functions themselves, fixed in compiled
+# mode when triton was imported without TRITON_INTERPRET, and then the interpreter cannot
+# call them. Passed as combine functions they are recognised (and run as numpy) instead.
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+@triton.jit
+def _max(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._elementwise_max)
+
+
+@triton.jit
+def _min(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._elementwise_min)
+
+
+@triton.jit
+def _cumsum(x, axis: tl.constexpr):
+    return tl.associative_scan(x, axis, tl.standard._sum_combine)

@@ -54,4 +54,4 @@ def backward_kernel(z_ptr, zr_ptr, y_ptr, saved_ptr, grads_ptr, out_ptr,
     else:
         for start in range(0, V, BLOCK):
             cols = start + offs
-            tl.store(orow + cols, tl.zeros([BLOCK], tl.float32).to(out_ptr.dtype.element_ty), mask=cols < V)
+            tl.store(orow + cols, tl.full([BLOCK], 0.0, tl.float32).to(out_ptr.dtype.element_ty), mask=cols < V)

@@ -25,13 +25,13 @@ times here (the pass that collects is one of them), see docs/triton_kernels.md.
 import triton
 import triton.language as tl
 
-from ._common import KEY_NINF, KEY_PINF, _deviation, _key, _val
+from ._common import KEY_NINF, KEY_PINF, _cumsum, _deviation, _key, _max, _min, _sum, _val
 
 
 @triton.jit
 def _pick(vec, idx, j):
     """vec[j] for a scalar j (a masked sum: vectors cannot be indexed dynamically)."""
-    return tl.sum(tl.where(idx == j, vec, 0), 0)
+    return _sum(tl.where(idx == j, vec, 0), 0)
 
 
 @triton.jit
@@ -47,17 +47,17 @@ def _accumulate(k, q, d, inb, kt, cnt_lt, mass_lt, qd_ge, mass_ge, maxk_lt, kmin
     qd = tl.where(q > 0, q * d, 0.0)
     lt = (k[:, None] < kt[None, :]) & inb[:, None]
     ge = (k[:, None] >= kt[None, :]) & inb[:, None]
-    cnt_lt += tl.sum(lt.to(tl.int32), 0)
-    qd_ge += tl.sum(tl.where(ge, qd[:, None], 0.0), 0)
+    cnt_lt += _sum(lt.to(tl.int32), 0)
+    qd_ge += _sum(tl.where(ge, qd[:, None], 0.0), 0)
     if RA:
-        mass_ge += tl.sum(tl.where(ge, q[:, None], 0.0), 0)
-        maxk_lt = tl.maximum(maxk_lt, tl.max(tl.where(lt, k[:, None], -1), 0))
+        mass_ge += _sum(tl.where(ge, q[:, None], 0.0), 0)
+        maxk_lt = tl.maximum(maxk_lt, _max(tl.where(lt, k[:, None], -1), 0))
     else:
-        mass_lt += tl.sum(tl.where(lt, q[:, None], 0.0), 0)
-    kmin = tl.minimum(kmin, tl.min(tl.where(inb, k, 1 << 33), 0))
-    kmax = tl.maximum(kmax, tl.max(tl.where(inb, k, -1), 0))
-    n_in += tl.sum(inb.to(tl.int32), 0)
-    mass_in += tl.sum(tl.where(inb, q, 0.0), 0)
+        mass_lt += _sum(tl.where(lt, q[:, None], 0.0), 0)
+    kmin = tl.minimum(kmin, _min(tl.where(inb, k, 1 << 33), 0))
+    kmax = tl.maximum(kmax, _max(tl.where(inb, k, -1), 0))
+    n_in += _sum(inb.to(tl.int32), 0)
+    mass_in += _sum(tl.where(inb, q, 0.0), 0)
     return cnt_lt, mass_lt, qd_ge, mass_ge, maxk_lt, kmin, kmax, n_in, mass_in
 
 
@@ -120,10 +120,10 @@ def quantile_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr, kbuf_pt
                 kt = tl.where(first_hist & (jb == NB - 1), KEY_PINF, kt)
                 kt = tl.where(jb == 0, klo, kt)
 
-                cnt_lt = tl.zeros([NB], tl.int32)
-                mass_lt = tl.zeros([NB], tl.float32)
-                qd_ge = tl.zeros([NB], tl.float32)
-                mass_ge = tl.zeros([NB], tl.float32)
+                cnt_lt = tl.full([NB], 0, tl.int32)
+                mass_lt = tl.full([NB], 0.0, tl.float32)
+                qd_ge = tl.full([NB], 0.0, tl.float32)
+                mass_ge = tl.full([NB], 0.0, tl.float32)
                 maxk_lt = tl.full([NB], -1, tl.int64)
                 kmin = tl.full([], 1 << 33, tl.int64)
                 kmax = tl.full([], -1, tl.int64)
@@ -142,7 +142,7 @@ def quantile_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr, kbuf_pt
                         if not RA:
                             inb = inb & (q > 0)
                         if collect:
-                            pos = n_in + tl.cumsum(inb.to(tl.int32), 0) - 1
+                            pos = n_in + _cumsum(inb.to(tl.int32), 0) - 1
                             tl.store(kbuf + pos, k, mask=inb)
                             tl.store(qbuf + pos, q, mask=inb)
                         cnt_lt, mass_lt, qd_ge, mass_ge, maxk_lt, kmin, kmax, n_in, mass_in = _accumulate(
@@ -171,7 +171,7 @@ def quantile_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr, kbuf_pt
                     # tau* >= kt[j] iff every item below kt[j] has F < alpha; when no item
                     # reaches alpha (rounding), torch takes the largest: the last nonempty bin
                     cond = ((below_mass + mass_lt) < alpha) | ((below_cnt + cnt_lt) == 0)
-                b = tl.max(tl.where(cond & nonempty, jb, 0), 0)
+                b = _max(tl.where(cond & nonempty, jb, 0), 0)
                 nxt = b + 1
                 has_next = nxt < NB
                 cnt_b = _pick(cnt_lt, jb, b)

@@ -9,6 +9,8 @@ zr - z, which place the first histogram's bins of the quantile search (quantile.
 import triton
 import triton.language as tl
 
+from ._common import _max, _min, _sum
+
 NEG_INF = float("-inf")
 
 
@@ -22,9 +24,9 @@ def _merge(m, s, x):
 
 @triton.jit
 def _finish(m, s):
-    big = tl.max(m, 0)
+    big = _max(m, 0)
     big_safe = tl.where(big == float("-inf"), 0.0, big)
-    return big_safe + tl.log(tl.sum(s * tl.exp(m - big_safe), 0))
+    return big_safe + tl.log(_sum(s * tl.exp(m - big_safe), 0))
 
 
 @triton.jit
@@ -38,18 +40,18 @@ def stats_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr,
     offs = tl.arange(0, BLOCK)
     if y != ignore_index:
         m_z = tl.full([BLOCK], NEG_INF, tl.float32)
-        s_z = tl.zeros([BLOCK], tl.float32)
+        s_z = tl.full([BLOCK], 0.0, tl.float32)
         m_r = tl.full([BLOCK], NEG_INF, tl.float32)
-        s_r = tl.zeros([BLOCK], tl.float32)
-        t_r = tl.zeros([BLOCK], tl.float32)
+        s_r = tl.full([BLOCK], 0.0, tl.float32)
+        t_r = tl.full([BLOCK], 0.0, tl.float32)
         m_e = tl.full([BLOCK], NEG_INF, tl.float32)
-        s_e = tl.zeros([BLOCK], tl.float32)
+        s_e = tl.full([BLOCK], 0.0, tl.float32)
         inf_zr = tl.full([BLOCK], NEG_INF, tl.float32)  # max zr where z = -inf < zr (D = +inf)
         x_min = tl.full([BLOCK], float("inf"), tl.float32)
         x_max = tl.full([BLOCK], NEG_INF, tl.float32)
-        x_sum = tl.zeros([BLOCK], tl.float32)
-        x_sq = tl.zeros([BLOCK], tl.float32)
-        x_n = tl.zeros([BLOCK], tl.float32)
+        x_sum = tl.full([BLOCK], 0.0, tl.float32)
+        x_sq = tl.full([BLOCK], 0.0, tl.float32)
+        x_n = tl.full([BLOCK], 0.0, tl.float32)
         for start in range(0, V, BLOCK):
             cols = start + offs
             inside = cols < V
@@ -77,14 +79,14 @@ def stats_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr,
                 x_sq += x * x
                 x_n += finite.to(tl.float32)
         a = _finish(m_z, s_z)
-        big = tl.max(m_r, 0)
+        big = _max(m_r, 0)
         big_safe = tl.where(big == NEG_INF, 0.0, big)
         w = tl.exp(m_r - big_safe)
-        s_tot = tl.sum(s_r * w, 0)
+        s_tot = _sum(s_r * w, 0)
         ar = big_safe + tl.log(s_tot)
-        kl = tl.sum(t_r * w, 0) / s_tot + (a - ar)
+        kl = _sum(t_r * w, 0) / s_tot + (a - ar)
         # an item with p = 0 < q makes kl (and every risk) +inf, the true value (SPEC 1)
-        inf_item = tl.exp(tl.max(inf_zr, 0) - ar) > 0
+        inf_item = tl.exp(_max(inf_zr, 0) - ar) > 0
         kl = tl.where(inf_item, float("inf"), kl)
         norm = 0.0
         value = kl
@@ -103,11 +105,11 @@ def stats_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr,
         tl.store(saved_ptr + row * 5 + 2, norm)
         if RANGE:
             # where D's bulk lies, to place the first histogram's bins (a hint, not a bound)
-            n = tl.maximum(tl.sum(x_n, 0), 1.0)
-            mean = tl.sum(x_sum, 0) / n
-            spread = tl.sqrt(tl.maximum(tl.sum(x_sq, 0) / n - mean * mean, 0.0))
-            lo = tl.maximum(tl.min(x_min, 0), mean - 4.0 * spread) + (a - ar)
-            hi = tl.minimum(tl.max(x_max, 0), mean + 4.0 * spread) + (a - ar)
+            n = tl.maximum(_sum(x_n, 0), 1.0)
+            mean = _sum(x_sum, 0) / n
+            spread = tl.sqrt(tl.maximum(_sum(x_sq, 0) / n - mean * mean, 0.0))
+            lo = tl.maximum(_min(x_min, 0), mean - 4.0 * spread) + (a - ar)
+            hi = tl.minimum(_max(x_max, 0), mean + 4.0 * spread) + (a - ar)
             tl.store(aux_ptr + row * 2 + 0, lo)
             tl.store(aux_ptr + row * 2 + 1, hi)
     else:

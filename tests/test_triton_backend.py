@@ -1,0 +1,214 @@
+"""The triton backend against the torch backend and the float64 reference (SPEC section 1).
+
+Without a GPU the kernels run under Triton's interpreter on CPU tensors: the fixture below
+sets TRITON_INTERPRET=1 for these tests only (the backend loads its kernels per mode at
+call time, so the rest of the suite, in the same process, is unaffected). With CUDA the
+same tests run compiled on cuda tensors, at larger sizes too.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import rsa_kernels as rk  # noqa: E402
+from rsa_kernels import reference  # noqa: E402
+from rsa_kernels.backends import triton_rows  # noqa: E402
+from rsa_kernels.risk import parse_risk  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+RISKS = ["kl", "erm:0.5", "erm:2", "cvar:0", "cvar:0.9", "ra_dpo_cvar:0.95"]
+VOCABS = [1, 5, 127, 1000, 3000] + ([32000, 128256] if CUDA else [])
+ROWS = 64 if CUDA else 8
+
+
+@pytest.fixture(autouse=True)
+def _triton_mode(monkeypatch):
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _inputs(n, v, *, dtype=torch.float32, scale=3.0, seed=0, masked=(1,)):
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(n, v, generator=g) * scale).to(dtype)
+    zr = (z.float() + torch.randn(n, v, generator=g) * scale / 2).to(dtype)
+    labels = torch.randint(0, v, (n,), generator=g)
+    for i in masked:
+        if i < n:
+            labels[i] = -100
+    weights = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    return z.to(DEVICE), zr.to(DEVICE), labels.to(DEVICE), weights.to(DEVICE)
+
+
+def _run(z, zr, labels, risk, weights, backend, inplace=False):
+    """Stats and d(sum_i w_i . (logp, kl, risk)_i)/dz, through the public token_stats."""
+    if backend == "reference":
+        leaf = z.detach().double().requires_grad_()
+        out = reference.token_stats(leaf, zr.double(), labels, risk=risk)
+    else:
+        leaf = z.detach().clone().requires_grad_()
+        src = leaf.clone() if inplace else leaf  # inplace overwrites its input: not a leaf
+        out = rk.token_stats(src, zr, labels, risk=risk, backend=backend, inplace_backward=inplace)
+    stats = torch.stack([t.double() for t in out], 1)
+    w = weights.to(stats.dtype)
+    (stats[:, [0, 2, 3]] * w).sum().backward()
+    return stats.detach(), leaf.grad.double()
+
+
+def _close(actual, expected, tol, scale=1.0):
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * scale, equal_nan=True)
+
+
+@pytest.mark.parametrize("v", VOCABS)
+@pytest.mark.parametrize("risk", RISKS)
+def test_float32_matches_reference_and_torch(v, risk):
+    z, zr, labels, w = _inputs(ROWS, v, seed=v)
+    stats, grad = _run(z, zr, labels, risk, w, "triton")
+    ref_stats, ref_grad = _run(z, zr, labels, risk, w, "reference")
+    torch_stats, torch_grad = _run(z, zr, labels, risk, w, "torch")
+    _close(stats, ref_stats, 2e-5, scale=10)
+    _close(grad, ref_grad, 2e-5)
+    _close(stats, torch_stats, 2e-5, scale=10)
+    _close(grad, torch_grad, 2e-5)
+    assert torch.all(grad[labels == -100] == 0) and torch.all(stats[labels == -100] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("risk", RISKS)
+def test_half_inputs_compute_in_float32(dtype, risk):
+    z, zr, labels, w = _inputs(ROWS, 1000, dtype=dtype, seed=3)
+    stats, grad = _run(z, zr, labels, risk, w, "triton")
+    ref_stats, ref_grad = _run(z, zr, labels, risk, w, "reference")  # the same rounded inputs
+    _close(stats, ref_stats, 2e-5, scale=10)
+    assert z.grad is None and grad.dtype == torch.float64
+    # the gradient is rounded once, to the input dtype; coarse inputs tie in D often, and the
+    # quantile atom's share (F - ALPHA) / mass is float32-sensitive when that mass is small
+    _close(grad, ref_grad, 1e-2, scale=0.2)
+
+
+def test_gradient_has_the_input_dtype():
+    z, zr, labels, w = _inputs(4, 100, dtype=torch.bfloat16)
+    risk = parse_risk("cvar:0.5")
+    stats, saved = triton_rows.forward(z, zr, labels, risk, -100)
+    grad = triton_rows.backward(z, zr, labels, saved, w.float(), risk, -100)
+    assert grad.dtype == torch.bfloat16 and grad.shape == z.shape
+    assert stats.dtype == saved.dtype == torch.float32
+
+
+@pytest.mark.parametrize("risk", RISKS)
+def test_minus_inf_logits(risk):
+    z, zr, labels, w = _inputs(ROWS, 300, seed=5)
+    zr[:, 10:60] = float("-inf")  # outside the reference's support: q = 0, D = -inf
+    z[:, 10:30] = float("-inf")   # ... and outside the policy's as well
+    z[:, 200:210] = float("-inf")  # p = 0 < q: kl and risk are +inf there, grads not compared
+    z[0, 200:210] = 0.0
+    labels[labels >= 200] = 0
+    stats, grad = _run(z, zr, labels, risk, w, "triton")
+    ref_stats, ref_grad = _run(z, zr, labels, risk, w, "reference")
+    _close(stats, ref_stats, 2e-5, scale=10)
+    _close(grad[0], ref_grad[0], 2e-5)
+    assert torch.isinf(stats[2:, 2]).all()
+
+
+@pytest.mark.parametrize("risk", RISKS)
+def test_extreme_logits(risk):
+    g = torch.Generator().manual_seed(7)
+    signs = lambda: torch.randint(0, 2, (ROWS, 500), generator=g).double() * 2 - 1  # noqa: E731
+    z = (signs() * 1e4 + torch.randn(ROWS, 500, generator=g)).float().to(DEVICE)
+    zr = (signs() * 1e4 + torch.randn(ROWS, 500, generator=g)).float().to(DEVICE)
+    labels = torch.randint(0, 500, (ROWS,), generator=g).to(DEVICE)
+    w = torch.randn(ROWS, 3, generator=g, dtype=torch.float64).to(DEVICE)
+    stats, grad = _run(z, zr, labels, risk, w, "triton")
+    ref_stats, ref_grad = _run(z, zr, labels, risk, w, "reference")
+    torch_stats, torch_grad = _run(z, zr, labels, risk, w, "torch")
+    # float32 has about 1e-3 absolute resolution at 1e4: logp, kl and risk are ~2e4 here
+    _close(stats, ref_stats, 1e-6, scale=1e4)
+    _close(grad, ref_grad, 1e-4)
+    # torch_rows sums q*D with sum(q) = 1 +- 1e-7 per item, a few units off at this scale
+    _close(stats, torch_stats, 1e-3, scale=10)
+    _close(grad, torch_grad, 1e-4)
+
+
+@pytest.mark.parametrize("risk", ["cvar:0", "cvar:0.5", "cvar:0.9", "ra_dpo_cvar:0.95", "ra_dpo_cvar:0.5"])
+def test_ties_in_d_give_the_same_atom_split(risk):
+    z, zr, labels, w = _inputs(ROWS, 400, seed=11)
+    z[0], zr[0] = z[0], z[0].clone()          # D = 0 everywhere: one atom holds all the mass
+    z[2, 100:300] = z[2, 0:1]                 # 200 identical (z, zr) columns: a tied D value
+    zr[2, 100:300] = zr[2, 0:1]
+    z[3, 1::2], zr[3, 1::2] = z[3, 0::2], zr[3, 0::2]  # every value twice
+    stats, grad = _run(z, zr, labels, risk, w, "triton")
+    torch_stats, torch_grad = _run(z, zr, labels, risk, w, "torch")
+    ref_stats, ref_grad = _run(z, zr, labels, risk, w, "reference")
+    _close(stats, torch_stats, 2e-5, scale=10)
+    _close(grad, torch_grad, 2e-5)
+    _close(stats, ref_stats, 2e-5, scale=10)
+    _close(grad, ref_grad, 2e-5)
+    r = parse_risk(risk)
+    _, saved = triton_rows.forward(z, zr, labels, r, -100)
+    _, torch_saved = rk.backends.torch_rows.forward(z, zr, labels, r, -100)
+    keep = labels != -100
+    # tau (or Q) and the mass above it agree; c_atom = (F - ALPHA)+ / mass at tau suffers
+    # cancellation in F - ALPHA, so it matches only to float32's cancellation error
+    _close(saved[keep][:, :4].double(), torch_saved[keep][:, :4].double(), 1e-5)
+    _close(saved[keep][:, 4].double(), torch_saved[keep][:, 4].double(), 1e-2)
+
+
+@pytest.mark.parametrize("risk", ["cvar:0.9", "cvar:0", "ra_dpo_cvar:0.95"])
+def test_many_histogram_rounds(risk, monkeypatch):
+    """A tiny scratch buffer and few bins: the search must still end exactly (key bins)."""
+    monkeypatch.setattr(triton_rows, "NCAND", 16)
+    monkeypatch.setattr(triton_rows, "NBINS", 8)
+    monkeypatch.setattr(triton_rows, "MAX_IT", 2 + 11 + 1)
+    z, zr, labels, w = _inputs(4, 3000, seed=13)
+    z[1, :1500] = z[1, 1500:]  # ties beyond the buffer's size
+    zr[1, :1500] = zr[1, 1500:]
+    stats, grad = _run(z, zr, labels, risk, w, "triton")
+    torch_stats, torch_grad = _run(z, zr, labels, risk, w, "torch")
+    _close(stats, torch_stats, 2e-5, scale=10)
+    _close(grad, torch_grad, 2e-5)
+
+
+@pytest.mark.parametrize("risk", ["kl", "cvar:0.9", "ra_dpo_cvar:0.95"])
+def test_inplace_backward_matches(risk):
+    z, zr, labels, w = _inputs(ROWS, 1000, dtype=torch.bfloat16, seed=17)
+    _, grad = _run(z, zr, labels, risk, w, "triton")
+    _, grad_inplace = _run(z, zr, labels, risk, w, "triton", inplace=True)
+    assert torch.equal(grad, grad_inplace)
+    r = parse_risk(risk)
+    zc = z.clone()
+    _, saved = triton_rows.forward(zc, zr, labels, r, -100)
+    out = triton_rows.backward(zc, zr, labels, saved, w.float(), r, -100, inplace=True)
+    assert out.data_ptr() == zc.data_ptr()
+
+
+def test_strided_rows():
+    z, zr, labels, w = _inputs(ROWS, 700, seed=19)
+    wide = torch.full((ROWS, 1024), 123.0, device=DEVICE)
+    wide[:, :700] = z
+    stats, grad = _run(wide[:, :700], zr, labels, "cvar:0.9", w, "triton")
+    ref_stats, ref_grad = _run(z, zr, labels, "cvar:0.9", w, "triton")
+    assert torch.equal(stats, ref_stats) and torch.equal(grad, ref_grad)
+
+
+def test_nan_in_gives_nan_out():
+    z, zr, labels, w = _inputs(4, 50, masked=())
+    z[2, 7] = float("nan")
+    for risk in RISKS:
+        stats, _ = triton_rows.forward(z, zr, labels, parse_risk(risk), -100)
+        assert torch.isnan(stats[2, [0, 2, 3]]).all() and not torch.isnan(stats[[0, 1, 3]]).any()
+
+
+def test_unsupported_and_errors(monkeypatch):
+    assert "float64" in triton_rows.unsupported(torch.zeros(2, 3, dtype=torch.float64))
+    assert "262144" in triton_rows.unsupported(torch.zeros(1, 262145))
+    z, zr, labels, _ = _inputs(2, 5, masked=())
+    with pytest.raises(RuntimeError, match="float64"):
+        rk.token_stats(z.double(), zr.double(), labels, backend="triton")
+    if not CUDA:
+        assert triton_rows.unsupported(z) is None
+        monkeypatch.delenv("TRITON_INTERPRET")
+        assert "TRITON_INTERPRET" in triton_rows.unsupported(z)
+        with pytest.raises(RuntimeError, match="CUDA"):
+            rk.token_stats(z, zr, labels, backend="triton")
