@@ -123,12 +123,13 @@ def test_extreme_logits(risk):
     stats, grad = _run(z, zr, labels, risk, w, "triton")
     ref_stats, ref_grad = _run(z, zr, labels, risk, w, "reference")
     torch_stats, torch_grad = _run(z, zr, labels, risk, w, "torch")
-    # float32 has about 1e-3 absolute resolution at 1e4: logp, kl and risk are ~2e4 here
-    _close(stats, ref_stats, 1e-6, scale=1e4)
-    _close(grad, ref_grad, 1e-4)
-    # torch_rows sums q*D with sum(q) = 1 +- 1e-7 per item, a few units off at this scale
+    # float32 log-probabilities have ~1e-3 absolute error at 1e4, so q and p carry ~1e-3
+    # relative error, and sums of q*D (D ~ 2e4) a few units: the torch backend, in the same
+    # float32, is the close oracle; the float64 reference bounds the error of both
     _close(stats, torch_stats, 1e-3, scale=10)
-    _close(grad, torch_grad, 1e-4)
+    _close(grad, torch_grad, 2e-3)
+    _close(stats, ref_stats, 5e-3, scale=10)
+    _close(grad, ref_grad, 1e-2)
 
 
 @pytest.mark.parametrize("risk", ["cvar:0", "cvar:0.5", "cvar:0.9", "ra_dpo_cvar:0.95", "ra_dpo_cvar:0.5"])
