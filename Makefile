@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 test: install
 	$(PY) -m pytest -q tests
 
+# make bench: the full benchmark grid (docs/bench.md); `rsa bench --quick` is the short one.
+bench: install
+	$(VENV)/bin/rsa bench --out out/bench
+
 demo: install
 	$(VENV)/bin/rsa demo --out out/demo
 

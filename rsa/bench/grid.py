@@ -1,0 +1,157 @@
+"""The benchmark grid: which implementations, risks and sizes `rsa bench` measures.
+
+A grid is a cross of sweeps through one centre point (N, V[, H]): each size varied alone,
+the others held at the centre, so time and memory can be plotted against V and against N
+and the exponents of cost fitted from the same points. The grid is named by a mode
+("tiny" for the tests, "quick", "full") and a device kind ("cpu" or "cuda"); both travel
+to the pytest-benchmark subprocess as environment variables.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+RISKS = ("kl", "erm:1", "cvar:0.9", "ra_dpo_cvar:0.95")
+TINY_RISKS = ("kl", "cvar:0.9")   # the test's grid: one sorting risk, one that is not
+MODES = ("tiny", "quick", "full")
+ENV_MODE, ENV_DEVICE, ENV_BACKENDS = "RSA_BENCH_MODE", "RSA_BENCH_DEVICE", "RSA_BENCH_BACKENDS"
+ENV_LIGER = "RSA_BENCH_LIGER"  # "1"/"0": include the Liger baseline (default: if it is installed)
+ENV_COMPILED = "RSA_BENCH_COMPILED"  # "1"/"0": include the torch.compile baseline (default: on CUDA)
+# torch.compile compiles once per shape and risk (tens of seconds each), so that baseline is
+# measured at the centre of each grid only, for a risk without and one with a sort
+COMPILED_RISKS = ("kl", "cvar:0.9")
+
+# Baselines: "naive" = rsa_kernels.reference (full tensors, autograd: the published Ra-DPO
+# formulation); "liger" = Liger Kernel's fused linear DPO loss (dpo objective only);
+# "compiled" = the naive materialised-logits path under torch.compile (CUDA only).
+BASELINES = ("naive", "liger", "compiled")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    n: tuple            # tokens; the first value is the centre
+    v: tuple            # vocabulary
+    h: tuple = (0,)     # hidden size (fused-linear path only)
+
+    def points(self) -> list[tuple[int, int, int]]:
+        c = (self.n[0], self.v[0], self.h[0])
+        pts = [c] + [(n, c[1], c[2]) for n in self.n[1:]] + [(c[0], v, c[2]) for v in self.v[1:]]
+        pts += [(c[0], c[1], h) for h in self.h[1:]]
+        return sorted(set(pts))
+
+
+# (device kind, mode) -> (token_stats sweep, fused-linear sweep, warm-up rounds, timed rounds)
+SIZES = {
+    ("cpu", "tiny"): (Sweep((16, 32), (256, 512)), Sweep((16, 32), (256,), (32,)), 1, 2),
+    ("cpu", "quick"): (Sweep((128, 32, 512), (4096, 1024, 16384)),
+                       Sweep((128, 32, 512), (4096, 1024, 16384), (256, 1024)), 1, 3),
+    ("cpu", "full"): (Sweep((512, 128, 2048), (16384, 4096, 65536)),
+                      Sweep((512, 128, 2048), (16384, 4096, 65536), (512, 2048)), 1, 5),
+    ("cuda", "tiny"): (Sweep((64, 256), (1024, 4096)), Sweep((64, 256), (1024,), (128,)), 1, 3),
+    ("cuda", "quick"): (Sweep((2048, 512, 8192), (32768, 8192, 131072)),
+                        Sweep((2048, 512, 8192), (32768, 8192, 131072), (2048, 4096)), 2, 5),
+    ("cuda", "full"): (Sweep((4096, 1024, 16384, 32768), (65536, 16384, 131072, 262144)),
+                       Sweep((4096, 1024, 16384), (65536, 16384, 131072, 262144), (2048, 4096, 8192)), 3, 20),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    path: str           # "token_stats" (logits given) or "fused_linear" (hidden states + lm head)
+    impl: str           # a backend name or a baseline
+    risk: str
+    objective: str      # "" for token_stats; "rsa2" or "dpo" for fused_linear
+    n: int
+    v: int
+    h: int
+    dtype: str
+    device: str
+
+    @property
+    def id(self) -> str:
+        obj = f"-{self.objective}" if self.objective else ""
+        h = f"-H{self.h}" if self.h else ""
+        return f"{self.path}-{self.impl}-{self.risk}{obj}-N{self.n}-V{self.v}{h}"
+
+    @property
+    def group(self) -> tuple:
+        """The curve a case belongs to: everything but the sizes."""
+        return (self.path, self.impl, self.risk, self.objective)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def device_kind(device: str) -> str:
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
+def default_dtype(device: str) -> str:
+    # what training uses: bf16 logits on GPUs; float32 on CPUs (bf16 matmuls are slow there)
+    return "bfloat16" if device_kind(device) == "cuda" else "float32"
+
+
+def make_grid(mode: str, device: str, backends: list[str], *, liger: bool, compiled: bool | None = None,
+              dtype: str | None = None) -> tuple[list[Case], int, int]:
+    """(cases, warm-up rounds, timed rounds) of one benchmark run."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    rows, fused, warmup, rounds = SIZES[(device_kind(device), mode)]
+    dtype = dtype or default_dtype(device)
+    compiled = device_kind(device) == "cuda" if compiled is None else compiled
+    risks = TINY_RISKS if mode == "tiny" else RISKS
+    impls = [*backends, "naive"]
+    cases = []
+
+    def add(path, risk, objective, n, v, h, names):
+        at_centre = (n, v, h) == ((rows.n[0], rows.v[0], 0) if path == "token_stats" else fcentre)
+        if compiled and at_centre and risk in COMPILED_RISKS:
+            names = [*names, "compiled"]
+        cases.extend(Case(path, i, risk, objective, n, v, h, dtype, device) for i in names)
+
+    for n, v, _ in rows.points():
+        for risk in risks:
+            add("token_stats", risk, "", n, v, 0, impls)
+    fcentre = (fused.n[0], fused.v[0], fused.h[0])
+    for n, v, h in fused.points():
+        # the fused path's risk-dependence is the row kernel's, swept above: the quick grid
+        # measures every risk at the centre only, and sweeps the sizes with cvar:0.9 alone
+        for risk in risks if mode != "quick" or (n, v, h) == fcentre else ("cvar:0.9",):
+            add("fused_linear", risk, "rsa2", n, v, h, impls)
+        add("fused_linear", "kl", "dpo", n, v, h, impls + (["liger"] if liger else []))
+    return cases, warmup, rounds
+
+
+def grid_from_env() -> tuple[list[Case], int, int]:
+    """The grid the `rsa bench` process asked for (defaults: tiny on this machine's device)."""
+    import torch
+
+    import rsa_kernels
+
+    device = os.environ.get(ENV_DEVICE) or ("cuda" if torch.cuda.is_available() else "cpu")
+    mode = os.environ.get(ENV_MODE, "tiny")
+    names = os.environ.get(ENV_BACKENDS)
+    backends = names.split(",") if names else backends_for(device, rsa_kernels.available_backends())
+    liger, comp = os.environ.get(ENV_LIGER), os.environ.get(ENV_COMPILED)
+    return make_grid(mode, device, backends, liger=liger_available() if liger is None else liger == "1",
+                     compiled=None if comp is None else comp == "1")
+
+
+def backends_for(device: str, available: list[str]) -> list[str]:
+    """The backends that run tensors on ``device``: triton only on CUDA, the C++ one only on CPU."""
+    if device_kind(device) == "cuda":
+        return [b for b in available if b in ("torch", "triton")]
+    return [b for b in available if b in ("torch", "cpu")]
+
+
+def liger_available() -> bool:
+    """Whether liger-kernel is installed; a failing import then shows as that case's error."""
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def centres(mode: str, device: str) -> dict:
+    """{path: [N, V, H]} where the sweeps of ``mode`` cross (the sizes held fixed in the plots)."""
+    rows, fused, _, _ = SIZES[(device_kind(device), mode)]
+    return {"token_stats": [rows.n[0], rows.v[0], 0], "fused_linear": [fused.n[0], fused.v[0], fused.h[0]]}

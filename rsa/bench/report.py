@@ -1,0 +1,168 @@
+"""report.md from results.json: times and peak memory as ratios against the baselines.
+
+Ratios read "x times better than the baseline": baseline time / this time, baseline
+memory / this memory, so 2.0x means half the time (or memory) of the baseline.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from .fit import fit_exponents
+from .grid import BASELINES
+
+MiB = 2 ** 20
+SECTIONS = (  # (path, objective, title, baselines the ratios refer to)
+    ("token_stats", "", "Token statistics from logits (N, V)", ("naive", "compiled")),
+    ("fused_linear", "rsa2", "Fused linear, objective rsa2: hidden (N, H) and lm head (V, H)", ("naive", "compiled")),
+    ("fused_linear", "dpo", "Fused linear, objective dpo (risk kl): against Liger Kernel", ("naive", "compiled", "liger")),
+)
+
+
+def total_time(m: dict):
+    if m.get("forward") and m.get("backward"):
+        return m["forward"]["median_s"] + m["backward"]["median_s"]
+    return None
+
+
+def peak(m: dict):
+    return m.get("peak_bytes")
+
+
+def impl_order(impls) -> list[str]:
+    kernels = [i for i in ("triton", "cpu", "torch") if i in impls]
+    return kernels + [b for b in BASELINES if b in impls] + sorted(set(impls) - set(kernels) - set(BASELINES))
+
+
+def _fmt_ratio(base, this) -> str:
+    if base is None or this is None or this <= 0 or base <= 0:
+        return "n/a"
+    return f"{base / this:.2f}x"
+
+
+def _size(m: dict) -> str:
+    return f"{m['n']} | {m['v']}" + (f" | {m['h']}" if m["h"] else "")
+
+
+def ratio_table(rows: list[dict], value, unit: str, scale: float, baselines) -> list[str]:
+    """Rows: (risk, sizes); a column per implementation: value (ratio vs each baseline)."""
+    impls = impl_order({m["impl"] for m in rows})
+    bases = [b for b in baselines if b in impls]
+    cell = {(m["risk"], m["n"], m["v"], m["h"], m["impl"]): m for m in rows}
+    keys = sorted({(m["risk"], m["n"], m["v"], m["h"]) for m in rows}, key=lambda k: (k[0], k[1] * k[2] * max(k[3], 1), k))
+    fused = any(m["h"] for m in rows)
+    head = "| risk | N | V |" + (" H |" if fused else "") + "".join(f" {i} |" for i in impls)
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for risk, n, v, h in keys:
+        cols = []
+        for impl in impls:
+            m = cell.get((risk, n, v, h, impl))
+            x = value(m) if m else None
+            if x is None:
+                cols.append("failed" if m else "")
+                continue
+            text = f"{x / scale:.3g} {unit}"
+            if impl not in bases:
+                refs = [(b, cell.get((risk, n, v, h, b))) for b in bases]
+                ratios = [f"{_fmt_ratio(value(r), x)} {b}" for b, r in refs if r and value(r) is not None]
+                if ratios:
+                    text += " (" + ", ".join(ratios) + ")"
+            cols.append(text)
+        lines.append(f"| {risk} | {n} | {v} |" + (f" {h} |" if fused else "") + "".join(f" {c} |" for c in cols))
+    return lines
+
+
+def exponent_table(rows: list[dict]) -> list[str]:
+    groups = defaultdict(list)
+    for m in rows:
+        groups[(m["path"], m["objective"], m["impl"], m["risk"])].append(m)
+    lines = ["| path | objective | implementation | risk | time ~ N^a | V^b | H^c | peak memory ~ N^a | V^b | H^c |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (path, obj, impl, risk), ms in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1],
+                                                                              impl_order([kv[0][2]]), kv[0][3])):
+        sizes = [{"n": m["n"], "v": m["v"], "h": m["h"] or 1} for m in ms]
+        ft = fit_exponents(list(zip(sizes, [total_time(m) for m in ms])))
+        fm = fit_exponents(list(zip(sizes, [peak(m) for m in ms])))
+
+        def e(f, d):
+            return f"{f[d]:.2f}" if f and d in f else "-"
+        lines.append(f"| {path} | {obj or '-'} | {impl} | {risk} | {e(ft, 'n')} | {e(ft, 'v')} | {e(ft, 'h')} "
+                     f"| {e(fm, 'n')} | {e(fm, 'v')} | {e(fm, 'h')} |")
+    return lines
+
+
+def headline(rows: list[dict]) -> list[str]:
+    """At the largest size of each section: every kernel's ratios to the naive formulation."""
+    out = []
+    for path, obj, title, _ in SECTIONS:
+        sec = [m for m in rows if m["path"] == path and m["objective"] == obj]
+        if not sec:
+            continue
+        big = max(sec, key=lambda m: (m["n"] * m["v"] * max(m["h"], 1), m["v"]))
+        pts = [m for m in sec if (m["n"], m["v"], m["h"]) == (big["n"], big["v"], big["h"])]
+        by = {(m["impl"], m["risk"]): m for m in pts}
+        for impl in impl_order({m["impl"] for m in pts}):
+            if impl in BASELINES:
+                continue
+            for risk in sorted({m["risk"] for m in pts}):
+                m, base = by.get((impl, risk)), by.get(("naive", risk))
+                if not m or not base:
+                    continue
+                size = f"N={m['n']}, V={m['v']}" + (f", H={m['h']}" if m["h"] else "")
+                extra = ""
+                lig = by.get(("liger", risk))
+                if lig:
+                    extra = (f"; against Liger: time {_fmt_ratio(total_time(lig), total_time(m))}, "
+                             f"memory {_fmt_ratio(peak(lig), peak(m))}")
+                out.append(f"- {path}{'/' + obj if obj else ''}, {impl}, {risk}, {size}: time "
+                           f"{_fmt_ratio(total_time(base), total_time(m))} faster, peak memory "
+                           f"{_fmt_ratio(peak(base), peak(m))} smaller than naive{extra}")
+    return out
+
+
+def render(results: dict) -> str:
+    mach = results["machine"]
+    rows = results["measurements"]
+    v = mach["versions"]
+    lines = [
+        f"# rsa bench: {mach['device_name']}",
+        "",
+        f"Measured {results['date']} on **{mach['device_name']}** (device `{results['device']}`, "
+        f"{mach['cpu_count']} CPU cores, {mach['torch_threads']} torch threads), grid `{results['mode']}`, "
+        f"dtype {results['dtype']}; torch {v.get('torch')}, rsa-kernels {v.get('rsa-kernels')}, "
+        f"liger-kernel {v.get('liger-kernel')}, triton {v.get('triton')}; commit {str(mach.get('git_commit'))[:10]}.",
+        "",
+        f"Time: median over {results['rounds']} timed rounds after {results['warmup_rounds']} warm-up round(s) "
+        "(pytest-benchmark, bench/test_bench_grid.py), forward + backward. Peak memory: "
+        + ("CUDA allocator peak" if results["device"].startswith("cuda") else "peak resident set (VmHWM) of a "
+           "subprocess") + " during one forward + backward, minus what was held before it (the inputs). "
+        "Ratios are baseline / this (2.00x = half the baseline's time or memory). Baselines: naive = "
+        "rsa_kernels.reference with autograd, full (N, V) tensors (as the published Ra-DPO code computes it); "
+        "liger = LigerFusedLinearDPOLoss; compiled = the naive materialised-logits path under torch.compile.",
+        "",
+        "## Summary at the largest grid point",
+        "",
+        *headline(rows),
+    ]
+    for path, obj, title, bases in SECTIONS:
+        sec = [m for m in rows if m["path"] == path and m["objective"] == obj]
+        if not sec:
+            continue
+        lines += ["", f"## {title}", "", "Forward + backward time:", "",
+                  *ratio_table(sec, total_time, "ms", 1e-3, bases), "",
+                  "Peak memory:", "", *ratio_table(sec, peak, "MiB", MiB, bases)]
+    lines += ["", "## How cost grows: fitted exponents", "",
+              "Least squares of log(cost) on log N, log V (and log H) over the grid points of each row "
+              "(forward + backward time; peak memory). '-' where a size was not varied.", "",
+              *exponent_table(rows)]
+    lines += ["", "## Forward and backward separately", "",
+              "| case | forward ms | backward ms | peak MiB | inputs MiB |", "|---|---|---|---|---|"]
+    for m in rows:
+        f = f"{m['forward']['median_s'] * 1e3:.3g}" if m.get("forward") else "-"
+        b = f"{m['backward']['median_s'] * 1e3:.3g}" if m.get("backward") else "-"
+        p = f"{m['peak_bytes'] / MiB:.3g}" if m.get("peak_bytes") is not None else "-"
+        i = f"{m['input_bytes'] / MiB:.3g}" if m.get("input_bytes") is not None else "-"
+        lines.append(f"| {m['id']} | {f} | {b} | {p} | {i} |")
+    errors = [(m["id"], e) for m in rows for e in m.get("errors", [])]
+    if errors:
+        lines += ["", "## Not measured", ""] + [f"- {cid}: {e}" for cid, e in errors]
+    return "\n".join(lines) + "\n"
