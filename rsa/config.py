@@ -47,6 +47,9 @@ class RSAConfig(TrainingArguments):
     # SPEC metrics are logged every step.
     remove_unused_columns: bool = False
     logging_steps: float = 1
+    # The lm head is used by the loss, after the forward: DDP's search for unused parameters
+    # would mark it ready too early ("marked ready twice"); every parameter is used anyway.
+    ddp_find_unused_parameters: bool | None = False
 
     def __post_init__(self):
         check_loss_settings(vars(self))

@@ -95,10 +95,14 @@ def hidden_and_head(model: nn.Module, head: nn.Linear, batch: dict):
     if "out" not in seen:
         raise ValueError("model: its forward never called the lm head; the fused loss cannot find the hidden states")
     hidden = out.logits if hasattr(out, "logits") else out[0]
-    if hidden is not seen["out"]:
-        # e.g. logit soft-capping or scaling after the head: the fused loss would be wrong.
-        raise ValueError(f"model: {type(model).__name__} transforms the lm head output, which the fused "
-                         "linear loss does not support")
+    if hidden is not seen["out"] and not getattr(head, "_rsa_output_checked", False):
+        # Wrappers may return a new tensor (DDP's autograd sink, an fp32 upcast under mixed
+        # precision); a model that changes the values after the head (logit soft-capping or
+        # scaling) would make the fused loss wrong. Checked once per head.
+        if hidden.shape != seen["out"].shape or not torch.equal(hidden.detach(), seen["out"].detach().to(hidden.dtype)):
+            raise ValueError(f"model: {type(model).__name__} transforms the lm head output (e.g. logit "
+                             "soft-capping or scaling), which the fused linear loss does not support")
+        head._rsa_output_checked = True
     return hidden, seen["weight"], seen["bias"]
 
 

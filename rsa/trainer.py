@@ -63,6 +63,9 @@ class RSATrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
+        if getattr(model, "find_unused_parameters", False):
+            raise ValueError("ddp_find_unused_parameters must be False: the loss uses the lm head after the "
+                             "forward, which DDP's unused-parameter search cannot see")
         ref_hidden, ref_weight, ref_bias = self._reference_forward(model, inputs)
         hidden, weight, bias = hidden_and_head(model, self._head(model), inputs)
         labels, extra = inputs["labels"], {}
