@@ -156,10 +156,11 @@ def test_partial_requires_grad_no_grad_and_upstream_scale():
         got, _ = fused_loss(x, backend="torch", schedule=schedule)
         for a, b in zip(torch.autograd.grad(3.0 * got, (x["weight"], x["bias"])), want_g):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-        with torch.no_grad():
-            value, _ = fused_loss(x, backend="torch", schedule=schedule)
-        assert not value.requires_grad
-        torch.testing.assert_close(value, want.detach(), rtol=1e-12, atol=1e-12)
+        for mode in (torch.no_grad, torch.inference_mode):
+            with mode():
+                value, _ = fused_loss(x, backend="torch", schedule=schedule)
+            assert not value.requires_grad
+            torch.testing.assert_close(value, want.detach(), rtol=1e-12, atol=1e-12)
 
 
 def test_auto_schedule_follows_the_budget():

@@ -66,9 +66,10 @@ class FusedPairLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, chunks, num_pairs,
-                risk, ignore_index, backend, loss_args, keys_out):
+                risk, ignore_index, backend, loss_args, keys_out, grad_enabled):
         acc = accumulation_dtype(hidden.dtype)
-        grads = LinearGrads(hidden, weight, bias, ctx.needs_input_grad[:3])
+        # the gradients are computed here, so only when the caller's autograd will want them
+        grads = LinearGrads(hidden, weight, bias, [grad_enabled and n for n in ctx.needs_input_grad[:3]])
         loss = torch.zeros((), dtype=acc, device=hidden.device)
         metrics: dict = {}
         for chunk in chunks:
@@ -109,7 +110,7 @@ class FusedPairLossFunction(torch.autograd.Function):
     def backward(ctx, g_loss, _g_metrics):
         scale = None if bool(g_loss == 1) else g_loss  # the common case needs no copy (as Liger does)
         out = [g if g is None or scale is None else g * scale.to(g.dtype) for g in ctx.saved_tensors]
-        return (*out, None, None, None, None, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 def fused_pair_loss(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, layout: Layout, *, risk,
@@ -120,5 +121,5 @@ def fused_pair_loss(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, layo
     keys: list[str] = []
     loss, values = FusedPairLossFunction.apply(hidden, weight, bias, *ref, layout.labels.reshape(-1), chunks,
                                                layout.num_sequences // 2, risk, ignore_index, backend, loss_args,
-                                               keys)
+                                               keys, torch.is_grad_enabled())
     return loss, dict(zip(keys, values.unbind(0)))
