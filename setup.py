@@ -32,6 +32,13 @@ if sources and shutil.which(os.environ.get("CXX", "c++")) and os.environ.get("RS
         class OptionalBuildExtension(BuildExtension.with_options(use_ninja=True)):
             """A failed compile installs the package without the extension (torch backend)."""
 
+            def build_extensions(self):  # torch checks the compiler (ABI, version) here first
+                try:
+                    super().build_extensions()
+                except Exception as err:  # noqa: BLE001
+                    print(f"rsa-kernels: C++ extension not built ({err}); installing without the cpu backend",
+                          file=sys.stderr)
+
             def build_extension(self, ext):
                 try:
                     super().build_extension(ext)
