@@ -17,18 +17,14 @@ from rsa.cli import main as rsa_main
 from test_trainer_common import pku_records, plain_records, read_weights, save_tiny_model, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULTS = {"per_device_train_batch_size": 2, "learning_rate": 0.05, "max_length": 16, "max_prompt_length": 8,
-            "objective": "rsa2", "risk": "cvar:0.8", "beta": 0.5, "seed": 3, "use_cpu": True,
-            "report_to": "none", "save_steps": 2, "lr_scheduler_type": "constant", "dataloader_num_workers": 0}
 SPEC_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "kl/chosen",
                 "kl/rejected", "risk/chosen", "risk/rejected", "logps/chosen", "logps/rejected")
 
 
-def two_stage_config(tmp: Path, out: str, **defaults) -> Path:
-    cfg = {"model": "sft", "output_dir": out, "defaults": {**DEFAULTS, **defaults},
-           "stages": [{"name": "helpful", "data": {"path": "helpful.jsonl"}, "max_steps": 2},
-                      {"name": "safe", "data": {"path": "pku.jsonl", "preference": "safe"}, "lambda": 2.0,
-                       "max_steps": 6, "risk": "erm:0.5"}]}
+def two_stage_config(tmp: Path, out: str) -> Path:
+    """examples/tiny.yaml (the documented tiny run), copied next to the tiny model and data."""
+    cfg = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    cfg["output_dir"] = out
     path = tmp / f"{out}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
