@@ -29,6 +29,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_V = 262144
 BLOCK = 1024           # pass 1 and backward: elements per step
 HIST_BLOCK = 256       # quantile passes: a (HIST_BLOCK x NBINS) comparison per step
+INTERPRET_HIST_BLOCK = 1024  # the interpreter pays per operation, not per element
 NBINS = 32             # bins per histogram pass
 NCAND = 1024           # items a bracket may hold to be collected into scratch
 ROW_CHUNK = 4096       # rows per quantile launch (bounds the candidate scratch)
@@ -116,8 +117,8 @@ def forward(z, zr, labels, risk: Risk, ignore_index: int, chunk_size: int | None
             m = min(rows, n - r0)
             k.quantile[(m,)](z, zr, labels, stats, saved, aux, kbuf, qbuf, r0,
                              z.stride(0), zr.stride(0), v, ignore_index, alpha, lo, hi, frac,
-                             RA=ra, NB=NBINS, NC=NCAND,
-                             BLOCK=HIST_BLOCK, MAX_IT=MAX_IT, VALUE_IT=2, num_warps=8,
+                             RA=ra, NB=NBINS, NC=NCAND, NS=_pow2_floor((NBINS - 1) // 2),
+                             BLOCK=INTERPRET_HIST_BLOCK if _interpreting() else HIST_BLOCK, MAX_IT=MAX_IT, VALUE_IT=2, num_warps=8,
                              **_launch_opts())
     return stats, saved
 
@@ -136,3 +137,8 @@ def backward(z, zr, labels, saved, grads, risk: Risk, ignore_index: int,
                      out, z.stride(0), zr.stride(0), out.stride(0), v, ignore_index, mu,
                      RISK=risk.code, BLOCK=BLOCK, num_warps=8)
     return out
+
+
+def _pow2_floor(x: int) -> int:
+    """Sampled thresholds per scratch histogram (a power of two for tl.arange)."""
+    return 1 << (max(1, x).bit_length() - 1)

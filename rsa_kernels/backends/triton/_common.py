@@ -1,13 +1,20 @@
 """Device helpers shared by the kernels: the deviation D and a sortable integer key of it."""
+import os
+
 import triton
 import triton.language as tl
+
+# Helpers called from kernels: @triton.jit when compiled (inlined). Under the interpreter,
+# plain Python, because each call of an interpreted jit function re-patches triton.language
+# (about a millisecond); this folder is loaded once per mode (triton_rows._kernels).
+helper = (lambda fn: fn) if os.environ.get("TRITON_INTERPRET") == "1" else triton.jit
 
 # Sortable keys of float32 values (see _key): key(-inf) and key(+inf). NaNs fall outside.
 KEY_NINF = 0x007FFFFF
 KEY_PINF = 0xFF800000
 
 
-@triton.jit
+@helper
 def _deviation(z, zr, a, ar):
     """q = exp(r) and D = r - s (-inf where q == 0), as torch_rows._deviation computes them.
 
@@ -22,14 +29,14 @@ def _deviation(z, zr, a, ar):
     return q, d
 
 
-@triton.jit
+@helper
 def _key(d):
     """float32 -> int64 in [0, 2^32), monotone: a < b  <=>  key(a) < key(b) (NaN aside)."""
     b = d.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
     return tl.where(b >= 0x80000000, 0xFFFFFFFF - b, b + 0x80000000)
 
 
-@triton.jit
+@helper
 def _val(k):
     """Inverse of _key."""
     b = tl.where(k >= 0x80000000, k - 0x80000000, 0xFFFFFFFF - k)
@@ -40,21 +47,21 @@ def _val(k):
 # than tl.sum/tl.max/...: those are @triton.jit functions themselves, fixed in compiled
 # mode when triton was imported without TRITON_INTERPRET, and then the interpreter cannot
 # call them. Passed as combine functions they are recognised (and run as numpy) instead.
-@triton.jit
+@helper
 def _sum(x, axis: tl.constexpr):
     return tl.reduce(x, axis, tl.standard._sum_combine)
 
 
-@triton.jit
+@helper
 def _max(x, axis: tl.constexpr):
     return tl.reduce(x, axis, tl.standard._elementwise_max)
 
 
-@triton.jit
+@helper
 def _min(x, axis: tl.constexpr):
     return tl.reduce(x, axis, tl.standard._elementwise_min)
 
 
-@triton.jit
+@helper
 def _cumsum(x, axis: tl.constexpr):
     return tl.associative_scan(x, axis, tl.standard._sum_combine)

@@ -25,22 +25,22 @@ times here (the pass that collects is one of them), see docs/triton_kernels.md.
 import triton
 import triton.language as tl
 
-from ._common import KEY_NINF, KEY_PINF, _cumsum, _deviation, _key, _max, _min, _sum, _val
+from ._common import KEY_NINF, KEY_PINF, _cumsum, _deviation, _key, _max, _min, _sum, _val, helper
 
 
-@triton.jit
+@helper
 def _pick(vec, idx, j):
     """vec[j] for a scalar j (a masked sum: vectors cannot be indexed dynamically)."""
     return _sum(tl.where(idx == j, vec, 0), 0)
 
 
-@triton.jit
+@helper
 def _interp(a, b, frac):
     """reference.interpolated_quantile's formula, the same float32 operations."""
     return tl.where(frac == 0.0, a, tl.where(a == b, a, a + frac * (b - a)))
 
 
-@triton.jit
+@helper
 def _accumulate(k, q, d, inb, kt, cnt_lt, mass_lt, qd_ge, mass_ge, maxk_lt, kmin, kmax, n_in, mass_in,
                 RA: tl.constexpr):
     """Add one block of bracket items (inb) to the per-threshold sums."""
@@ -65,7 +65,7 @@ def _accumulate(k, q, d, inb, kt, cnt_lt, mass_lt, qd_ge, mass_ge, maxk_lt, kmin
 def quantile_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr, kbuf_ptr, qbuf_ptr,
                     row0, stride_z, stride_zr, V, ignore_index,
                     alpha, lo_rank, hi_rank, frac,
-                    RA: tl.constexpr, NB: tl.constexpr, NC: tl.constexpr,
+                    RA: tl.constexpr, NB: tl.constexpr, NC: tl.constexpr, NS: tl.constexpr,
                     BLOCK: tl.constexpr, MAX_IT: tl.constexpr, VALUE_IT: tl.constexpr):
     pid = tl.program_id(0)
     row = row0 + pid.to(tl.int64)
@@ -119,6 +119,20 @@ def quantile_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr, kbuf_pt
                 kt = tl.where(first_hist & (jb == 1), KEY_NINF + 1, kt)
                 kt = tl.where(first_hist & (jb == NB - 1), KEY_PINF, kt)
                 kt = tl.where(jb == 0, klo, kt)
+                if collected == 1:
+                    # over the (compacted) scratch: thresholds at NS sampled items and just
+                    # above each, so every sampled value has a bin of its own: the bracket
+                    # either becomes one key or loses items, ~NS-fold in expectation
+                    si = tl.arange(0, NS)
+                    sk = tl.load(kbuf + (si * n_cand) // NS, mask=si < n_cand, other=klo)
+                    ti = tl.arange(0, NS)
+                    before = (sk[None, :] < sk[:, None]) | ((sk[None, :] == sk[:, None]) & (ti[None, :] < si[:, None]))
+                    rank = _sum(before.to(tl.int32), 1)  # a permutation of 0..NS-1
+                    m = (jb - 1) // 2
+                    over = m >= NS
+                    sample = _sum(tl.where(rank[None, :] == tl.minimum(m, NS - 1)[:, None], sk[None, :], 0), 1)
+                    kt = sample + tl.where(over, 1, (jb - 1) % 2)
+                    kt = tl.where(jb == 0, klo, tl.minimum(tl.maximum(kt, klo), khi + 1))
 
                 cnt_lt = tl.full([NB], 0, tl.int32)
                 mass_lt = tl.full([NB], 0.0, tl.float32)
@@ -150,7 +164,6 @@ def quantile_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr, kbuf_pt
                             n_in, mass_in, RA)
                     if collect:
                         collected = 1
-                        n_cand = n_in
                         tl.debug_barrier()  # the stores above are read back by other threads
                 else:
                     for start in range(0, n_cand, BLOCK):
@@ -160,9 +173,18 @@ def quantile_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr, kbuf_pt
                         q = tl.load(qbuf + slots, mask=valid, other=0.0)
                         d = _val(k)
                         inb = valid & (k >= klo) & (k <= khi)
+                        # compact the scratch to the bracket's items: stores land at or
+                        # before the slots just read, once every thread has read them
+                        tl.debug_barrier()
+                        pos = n_in + _cumsum(inb.to(tl.int32), 0) - 1
+                        tl.store(kbuf + pos, k, mask=inb)
+                        tl.store(qbuf + pos, q, mask=inb)
                         cnt_lt, mass_lt, qd_ge, mass_ge, maxk_lt, kmin, kmax, n_in, mass_in = _accumulate(
                             k, q, d, inb, kt, cnt_lt, mass_lt, qd_ge, mass_ge, maxk_lt, kmin, kmax,
                             n_in, mass_in, RA)
+                    tl.debug_barrier()
+                # the scratch holds exactly the bracket's items from here on
+                n_cand = tl.where(collected == 1, n_in, n_cand)
                 # the bin b holding the target (bins are prefixes of the thresholds)
                 nonempty = cnt_lt < n_in  # some bracket item lies at or above kt[j]
                 if RA:

@@ -9,12 +9,12 @@ zr - z, which place the first histogram's bins of the quantile search (quantile.
 import triton
 import triton.language as tl
 
-from ._common import _max, _min, _sum
+from ._common import _max, _min, _sum, helper
 
 NEG_INF = float("-inf")
 
 
-@triton.jit
+@helper
 def _merge(m, s, x):
     """Online logsumexp step per lane: (m, s) holds sum e^(x - m); -inf lanes stay exact."""
     m_new = tl.maximum(m, x)
@@ -22,7 +22,7 @@ def _merge(m, s, x):
     return m_new, s * tl.exp(m - m_safe) + tl.exp(x - m_safe), m_safe
 
 
-@triton.jit
+@helper
 def _finish(m, s):
     big = _max(m, 0)
     big_safe = tl.where(big == float("-inf"), 0.0, big)
