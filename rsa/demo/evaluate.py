@@ -23,20 +23,31 @@ def sample(model, prompts: torch.Tensor, n: int, generator: torch.Generator,
            max_new: int = task.MAX_RESPONSE + 1) -> torch.Tensor:
     """(P * n, L + max_new) ids: n responses per prompt at temperature 1, PAD after EOS.
 
-    Every prompt has the same length, so no attention mask is needed; positions after EOS
-    are PAD and only ever attend to earlier tokens, so they cannot change earlier samples.
+    Every prompt has the same length, so no attention mask is needed; tokens after EOS are
+    replaced by PAD and only ever attend to earlier tokens, so they cannot change a sample.
+    The key/value cache makes each new token cost one position, not the whole prefix.
     """
     seq = prompts.repeat_interleave(n, 0)
     done = torch.zeros(seq.shape[0], dtype=torch.bool)
+    out = model(input_ids=seq, use_cache=True)
     for _ in range(max_new):
-        logits = model(input_ids=seq).logits[:, -1].float()
+        logits = out.logits[:, -1].float()
         nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(1)
         nxt = torch.where(done, torch.full_like(nxt, task.PAD_ID), nxt)
         seq = torch.cat([seq, nxt[:, None]], 1)
         done |= nxt == task.EOS_ID
         if bool(done.all()):
             break
+        out = _step(model, nxt[:, None], out)
     return seq
+
+
+def _step(model, ids, previous):
+    """One cached forward step; Transformers 5 calls the cache ``cache``, 4.x ``past_key_values``."""
+    cache = getattr(previous, "cache", None)
+    if cache is not None:
+        return model(input_ids=ids, cache=cache, use_cache=True)
+    return model(input_ids=ids, past_key_values=previous.past_key_values, use_cache=True)
 
 
 @torch.no_grad()

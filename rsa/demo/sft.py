@@ -56,8 +56,8 @@ def demonstrations(rng: np.random.Generator, n: int):
     return ids, labels
 
 
-def train_sft(seed: int, steps: int = 400, batch_size: int = 128, lr: float = 3e-3,
-              n_data: int = 20000, progress: bool = True):
+def train_sft(seed: int, steps: int = 200, batch_size: int = 64, lr: float = 5e-3,
+              n_data: int = 8000, progress: bool = True):
     """Train the SFT model on fresh demonstrator data; returns (model, final loss)."""
     rng = np.random.default_rng(seed)
     model = build_model(seed)
