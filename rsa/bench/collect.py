@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from .grid import ENV_BACKENDS, centres, ENV_DEVICE, ENV_LIGER, ENV_MODE, device_kind, liger_available, make_grid
+from .grid import (ENV_BACKENDS, ENV_DEVICE, ENV_LIGER, ENV_MODE, ENV_THREADS, centres, device_kind,
+                   liger_available, make_grid)
 from .measure import MALLOC_ENV, can_reset_rss_peak
 
 REPO = Path(__file__).resolve().parents[2]
@@ -100,7 +101,7 @@ def run_times(out: Path, env: dict, log) -> list[dict]:
 
 
 def run_memory(out: Path, env: dict, device: str, case_ids: list[str], log) -> dict:
-    """{case id: {"peak_bytes", "input_bytes"} or {"error"}} from the memory subprocess(es)."""
+    """{case id: {"peak_bytes", "input_bytes", "grad_bytes"} or {"error"}} from the memory subprocess(es)."""
     path = out / "memory.json"
     cmd = [sys.executable, "-m", "rsa.bench.peak", str(path)]
     if device_kind(device) == "cuda" or can_reset_rss_peak():
@@ -132,7 +133,8 @@ def merge(cases, benchmarks: list[dict], memory: dict) -> list[dict]:
         mem = memory.get(c.id)
         row = {"id": c.id, **c.as_dict(), "forward": t.get("forward"), "backward": t.get("backward")}
         row["peak_bytes"] = mem.get("peak_bytes") if isinstance(mem, dict) else None
-        row["input_bytes"] = mem.get("input_bytes") if isinstance(mem, dict) else None
+        for key in ("input_bytes", "grad_bytes"):
+            row[key] = mem.get(key) if isinstance(mem, dict) else None
         errors = [f"{p}: not measured (see pytest.log)" for p in ("forward", "backward") if row[p] is None]
         if isinstance(mem, dict) and "error" in mem:
             errors.append(f"memory: {mem['error']}")
@@ -144,14 +146,19 @@ def merge(cases, benchmarks: list[dict], memory: dict) -> list[dict]:
     return rows
 
 
-def run_bench(out: Path, mode: str, device: str, backends: list[str], log=print) -> dict:
-    """Measure the grid of ``mode`` on ``device``; write and return results.json's content."""
+def run_bench(out: Path, mode: str, device: str, backends: list[str], threads: int | None = None,
+              log=print) -> dict:
+    """Measure the grid of ``mode`` on ``device``; write and return results.json's content.
+
+    ``threads``: torch threads of the measuring processes (default: torch's, all cores)."""
     out.mkdir(parents=True, exist_ok=True)
     for name in ("pytest.log", "memory.log"):
         (out / name).unlink(missing_ok=True)
     liger = liger_available()
     env = {**os.environ, ENV_MODE: mode, ENV_DEVICE: device, ENV_BACKENDS: ",".join(backends),
            ENV_LIGER: "1" if liger else "0"}
+    if threads:
+        env[ENV_THREADS] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     cases, warmup, rounds = make_grid(mode, device, backends, liger=liger)
     started = time.time()
@@ -159,7 +166,7 @@ def run_bench(out: Path, mode: str, device: str, backends: list[str], log=print)
     t_mid = time.time()
     memory = run_memory(out, env, device, [c.id for c in cases], log)
     results = {
-        "machine": machine_info(device), "device": device, "mode": mode, "backends": backends,
+        "machine": {**machine_info(device), **({"torch_threads": threads} if threads else {})}, "device": device, "mode": mode, "backends": backends,
         "dtype": cases[0].dtype if cases else None, "centres": centres(mode, device), "warmup_rounds": warmup, "rounds": rounds,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "seconds": {"times": round(t_mid - started, 1), "memory": round(time.time() - t_mid, 1)},

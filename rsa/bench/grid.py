@@ -17,9 +17,12 @@ MODES = ("tiny", "quick", "full")
 ENV_MODE, ENV_DEVICE, ENV_BACKENDS = "RSA_BENCH_MODE", "RSA_BENCH_DEVICE", "RSA_BENCH_BACKENDS"
 ENV_LIGER = "RSA_BENCH_LIGER"  # "1"/"0": include the Liger baseline (default: if it is installed)
 ENV_COMPILED = "RSA_BENCH_COMPILED"  # "1"/"0": include the torch.compile baseline (default: on CUDA)
+ENV_THREADS = "RSA_BENCH_THREADS"    # torch.set_num_threads in the measuring processes
+# risks of the quick grid's size sweeps: one without a sort, one with
+SWEEP_RISKS = ("kl", "cvar:0.9")
 # torch.compile compiles once per shape and risk (tens of seconds each), so that baseline is
-# measured at the centre of each grid only, for a risk without and one with a sort
-COMPILED_RISKS = ("kl", "cvar:0.9")
+# measured at the centre of each grid only, for the same two risks
+COMPILED_RISKS = SWEEP_RISKS
 
 # Baselines: "naive" = rsa_kernels.reference (full tensors, autograd: the published Ra-DPO
 # formulation); "liger" = Liger Kernel's fused linear DPO loss (dpo objective only);
@@ -43,8 +46,8 @@ class Sweep:
 # (device kind, mode) -> (token_stats sweep, fused-linear sweep, warm-up rounds, timed rounds)
 SIZES = {
     ("cpu", "tiny"): (Sweep((16, 32), (256, 512)), Sweep((16, 32), (256,), (32,)), 1, 2),
-    ("cpu", "quick"): (Sweep((128, 32, 512), (4096, 1024, 16384)),
-                       Sweep((128, 32, 512), (4096, 1024, 16384), (256, 1024)), 1, 3),
+    ("cpu", "quick"): (Sweep((64, 16, 256), (4096, 1024, 16384)),
+                       Sweep((64, 16, 128), (4096, 1024, 16384), (256, 512)), 1, 3),
     ("cpu", "full"): (Sweep((512, 128, 2048), (16384, 4096, 65536)),
                       Sweep((512, 128, 2048), (16384, 4096, 65536), (512, 2048)), 1, 5),
     ("cuda", "tiny"): (Sweep((64, 256), (1024, 4096)), Sweep((64, 256), (1024,), (128,)), 1, 3),
@@ -109,13 +112,15 @@ def make_grid(mode: str, device: str, backends: list[str], *, liger: bool, compi
             names = [*names, "compiled"]
         cases.extend(Case(path, i, risk, objective, n, v, h, dtype, device) for i in names)
 
+    # the quick grid measures every risk at the centre, and sweeps the sizes with fewer: kl
+    # and cvar:0.9 (no sort, a sort) on token_stats, cvar:0.9 on the fused path, whose
+    # dependence on the risk is the row kernel's
     for n, v, _ in rows.points():
-        for risk in risks:
+        centre = (n, v) == (rows.n[0], rows.v[0])
+        for risk in risks if mode != "quick" or centre else SWEEP_RISKS:
             add("token_stats", risk, "", n, v, 0, impls)
     fcentre = (fused.n[0], fused.v[0], fused.h[0])
     for n, v, h in fused.points():
-        # the fused path's risk-dependence is the row kernel's, swept above: the quick grid
-        # measures every risk at the centre only, and sweeps the sizes with cvar:0.9 alone
         for risk in risks if mode != "quick" or (n, v, h) == fcentre else ("cvar:0.9",):
             add("fused_linear", risk, "rsa2", n, v, h, impls)
         add("fused_linear", "kl", "dpo", n, v, h, impls + (["liger"] if liger else []))
@@ -123,11 +128,15 @@ def make_grid(mode: str, device: str, backends: list[str], *, liger: bool, compi
 
 
 def grid_from_env() -> tuple[list[Case], int, int]:
-    """The grid the `rsa bench` process asked for (defaults: tiny on this machine's device)."""
+    """The grid the `rsa bench` process asked for (defaults: tiny on this machine's device).
+
+    Also applies its thread count (ENV_THREADS) to this process."""
     import torch
 
     import rsa_kernels
 
+    if os.environ.get(ENV_THREADS):
+        torch.set_num_threads(int(os.environ[ENV_THREADS]))
     device = os.environ.get(ENV_DEVICE) or ("cuda" if torch.cuda.is_available() else "cpu")
     mode = os.environ.get(ENV_MODE, "tiny")
     names = os.environ.get(ENV_BACKENDS)

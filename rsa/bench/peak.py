@@ -1,7 +1,7 @@
 """`python -m rsa.bench.peak OUT.json [CASE_ID ...]`: peak memory of the grid's cases.
 
 The grid comes from the environment (rsa.bench.grid.ENV_*), as in the pytest-benchmark
-run; with case ids given, only those. Writes {case id: {"peak_bytes", "input_bytes"} or {"error"}}.
+run; with case ids given, only those. Writes {case id: {"peak_bytes", "input_bytes", "grad_bytes"} or {"error"}}.
 Each implementation runs one untimed step before its first measured case, so one-time
 set-up (thread pools, compiled kernels, lazy imports) is not counted as the step's memory.
 """
@@ -34,7 +34,8 @@ def main(argv=None) -> int:
             if case.group not in warmed:
                 work.forward().backward()
                 warmed.add(case.group)
-            result[case.id] = {"peak_bytes": peak_step_bytes(work, resettable), "input_bytes": work.input_bytes()}
+            result[case.id] = {"peak_bytes": peak_step_bytes(work, resettable), "input_bytes": work.input_bytes(),
+                               "grad_bytes": work.grad_bytes()}
             del work
         except Exception as err:  # one failing case (e.g. out of memory) must not lose the rest
             result[case.id] = {"error": f"{type(err).__name__}: {err}"[:500]}

@@ -57,4 +57,4 @@ def plot(results: dict, path, value, scale: float, ylabel: str, what: str) -> No
 
 def write_plots(results: dict, out) -> None:
     plot(results, out / "time.png", total_time, 1e-3, "forward + backward (ms)", "Median time")
-    plot(results, out / "memory.png", peak, MiB, "peak memory (MiB)", "Peak memory over the inputs")
+    plot(results, out / "memory.png", peak, MiB, "peak memory (MiB)", "Peak memory above the inputs (gradients included)")

@@ -25,6 +25,11 @@ def total_time(m: dict):
 
 
 def peak(m: dict):
+    """The step's peak above its inputs, the gradients it returns included.
+
+    Not less the gradients: the naive path allocates the weight's gradient after its own
+    peak has passed, so subtracting it would understate the baseline (and fit a negative
+    exponent in H). results.json keeps grad_bytes for anyone who wants the difference."""
     return m.get("peak_bytes")
 
 
@@ -33,9 +38,16 @@ def impl_order(impls) -> list[str]:
     return kernels + [b for b in BASELINES if b in impls] + sorted(set(impls) - set(kernels) - set(BASELINES))
 
 
-def _fmt_ratio(base, this) -> str:
-    if base is None or this is None or this <= 0 or base <= 0:
+# Resident-set figures move in 4 KiB pages: below this floor a peak reads as "about nothing",
+# and a ratio against it only as a lower bound
+MEMORY_FLOOR = 64 * 1024
+
+
+def _fmt_ratio(base, this, floor: float = 0.0) -> str:
+    if base is None or this is None or base <= 0 or (this <= 0 and floor <= 0):
         return "n/a"
+    if this < floor:  # only a lower bound, and none when the baseline is as small
+        return f">{base / floor:.0f}x" if base >= 2 * floor else "n/a"
     return f"{base / this:.2f}x"
 
 
@@ -43,7 +55,7 @@ def _size(m: dict) -> str:
     return f"{m['n']} | {m['v']}" + (f" | {m['h']}" if m["h"] else "")
 
 
-def ratio_table(rows: list[dict], value, unit: str, scale: float, baselines) -> list[str]:
+def ratio_table(rows: list[dict], value, unit: str, scale: float, baselines, floor: float = 0.0) -> list[str]:
     """Rows: (risk, sizes); a column per implementation: value (ratio vs each baseline)."""
     impls = impl_order({m["impl"] for m in rows})
     bases = [b for b in baselines if b in impls]
@@ -60,10 +72,10 @@ def ratio_table(rows: list[dict], value, unit: str, scale: float, baselines) -> 
             if x is None:
                 cols.append("failed" if m else "")
                 continue
-            text = f"{x / scale:.3g} {unit}"
+            text = f"<{floor / scale:.2g} {unit}" if x < floor else f"{x / scale:.3g} {unit}"
             if impl not in bases:
                 refs = [(b, cell.get((risk, n, v, h, b))) for b in bases]
-                ratios = [f"{_fmt_ratio(value(r), x)} {b}" for b, r in refs if r and value(r) is not None]
+                ratios = [f"{_fmt_ratio(value(r), x, floor)} {b}" for b, r in refs if r and value(r) is not None]
                 if ratios:
                     text += " (" + ", ".join(ratios) + ")"
             cols.append(text)
@@ -81,7 +93,10 @@ def exponent_table(rows: list[dict]) -> list[str]:
                                                                               impl_order([kv[0][2]]), kv[0][3])):
         sizes = [{"n": m["n"], "v": m["v"], "h": m["h"] or 1} for m in ms]
         ft = fit_exponents(list(zip(sizes, [total_time(m) for m in ms])))
-        fm = fit_exponents(list(zip(sizes, [peak(m) for m in ms])))
+        floor = memory_floor(rows)
+        fm = fit_exponents(list(zip(sizes, [None if (peak(m) or 0) < floor else peak(m) for m in ms])))
+        if ft is None and fm is None:  # measured at one size only (the quick grid's centre)
+            continue
 
         def e(f, d):
             return f"{f[d]:.2f}" if f and d in f else "-"
@@ -93,6 +108,7 @@ def exponent_table(rows: list[dict]) -> list[str]:
 def headline(rows: list[dict]) -> list[str]:
     """At the largest size of each section: every kernel's ratios to the naive formulation."""
     out = []
+    floor = memory_floor(rows)
     for path, obj, title, _ in SECTIONS:
         sec = [m for m in rows if m["path"] == path and m["objective"] == obj]
         if not sec:
@@ -111,12 +127,16 @@ def headline(rows: list[dict]) -> list[str]:
                 extra = ""
                 lig = by.get(("liger", risk))
                 if lig:
-                    extra = (f"; against Liger: time {_fmt_ratio(total_time(lig), total_time(m))}, "
-                             f"memory {_fmt_ratio(peak(lig), peak(m))}")
-                out.append(f"- {path}{'/' + obj if obj else ''}, {impl}, {risk}, {size}: time "
-                           f"{_fmt_ratio(total_time(base), total_time(m))} faster, peak memory "
-                           f"{_fmt_ratio(peak(base), peak(m))} smaller than naive{extra}")
+                    extra = (f"; liger / this: time {_fmt_ratio(total_time(lig), total_time(m))}, "
+                             f"memory {_fmt_ratio(peak(lig), peak(m), floor)}")
+                out.append(f"- {path}{'/' + obj if obj else ''}, {impl}, {risk}, {size}: naive / this: time "
+                           f"{_fmt_ratio(total_time(base), total_time(m))}, memory "
+                           f"{_fmt_ratio(peak(base), peak(m), floor)}{extra}")
     return out
+
+
+def memory_floor(rows: list[dict]) -> float:
+    return 0.0 if any(m["device"].startswith("cuda") for m in rows) else MEMORY_FLOOR
 
 
 def render(results: dict) -> str:
@@ -134,7 +154,8 @@ def render(results: dict) -> str:
         f"Time: median over {results['rounds']} timed rounds after {results['warmup_rounds']} warm-up round(s) "
         "(pytest-benchmark, bench/test_bench_grid.py), forward + backward. Peak memory: "
         + ("CUDA allocator peak" if results["device"].startswith("cuda") else "peak resident set (VmHWM) of a "
-           "subprocess") + " during one forward + backward, minus what was held before it (the inputs). "
+           "subprocess") + " during one forward + backward above what was held before it (the inputs), the "
+        "gradients it returns included. "
         "Ratios are baseline / this (2.00x = half the baseline's time or memory). Baselines: naive = "
         "rsa_kernels.reference with autograd, full (N, V) tensors (as the published Ra-DPO code computes it); "
         "liger = LigerFusedLinearDPOLoss; compiled = the naive materialised-logits path under torch.compile.",
@@ -149,19 +170,23 @@ def render(results: dict) -> str:
             continue
         lines += ["", f"## {title}", "", "Forward + backward time:", "",
                   *ratio_table(sec, total_time, "ms", 1e-3, bases), "",
-                  "Peak memory:", "", *ratio_table(sec, peak, "MiB", MiB, bases)]
+                  "Peak memory above the inputs (gradients included):", "",
+                  *ratio_table(sec, peak, "MiB", MiB, bases, memory_floor(rows))]
     lines += ["", "## How cost grows: fitted exponents", "",
               "Least squares of log(cost) on log N, log V (and log H) over the grid points of each row "
-              "(forward + backward time; peak memory). '-' where a size was not varied.", "",
+              "(forward + backward time; peak memory). '-' where a size was not varied, or the memory "
+              "stayed below the measurable floor.", "",
               *exponent_table(rows)]
     lines += ["", "## Forward and backward separately", "",
-              "| case | forward ms | backward ms | peak MiB | inputs MiB |", "|---|---|---|---|---|"]
+              "| case | forward ms | backward ms | peak MiB | of which gradients MiB | inputs MiB |",
+              "|---|---|---|---|---|---|"]
     for m in rows:
         f = f"{m['forward']['median_s'] * 1e3:.3g}" if m.get("forward") else "-"
         b = f"{m['backward']['median_s'] * 1e3:.3g}" if m.get("backward") else "-"
         p = f"{m['peak_bytes'] / MiB:.3g}" if m.get("peak_bytes") is not None else "-"
+        g = f"{m['grad_bytes'] / MiB:.3g}" if m.get("grad_bytes") is not None else "-"
         i = f"{m['input_bytes'] / MiB:.3g}" if m.get("input_bytes") is not None else "-"
-        lines.append(f"| {m['id']} | {f} | {b} | {p} | {i} |")
+        lines.append(f"| {m['id']} | {f} | {b} | {p} | {g} | {i} |")
     errors = [(m["id"], e) for m in rows for e in m.get("errors", [])]
     if errors:
         lines += ["", "## Not measured", ""] + [f"- {cid}: {e}" for cid, e in errors]

@@ -46,17 +46,18 @@ class Workload:
     def __init__(self, case: Case, seed: int = 0):
         self.case = case
         dev, dt = torch.device(case.device), getattr(torch, case.dtype)
-        g = torch.Generator(device="cpu").manual_seed(seed)
+        # drawn on the device: a CPU generator would spend seconds per GPU-sized case
+        g = torch.Generator(device=dev).manual_seed(seed)
 
         def randn(*shape, scale=1.0):
-            return (torch.randn(*shape, generator=g) * scale).to(device=dev, dtype=dt)
+            return (torch.randn(*shape, generator=g, device=dev) * scale).to(dt)
 
         n, v, h = case.n, case.v, case.h
         if case.path == "token_stats":
             # a policy a little way from its reference, as during preference training
             self.zr = randn(n, v, scale=2.0)
             self.z = (self.zr.float() + randn(n, v, scale=0.5).float()).to(dt).requires_grad_(True)
-            self.labels = torch.randint(0, v, (n,), generator=g).to(dev)
+            self.labels = torch.randint(0, v, (n,), generator=g, device=dev)
             self.params = [self.z]
         elif case.path == "fused_linear":
             t = max(1, n // SEQUENCES)
@@ -66,7 +67,7 @@ class Workload:
             self.weight = (self.ref_weight.float() + randn(v, h, scale=h ** -0.5 * 0.2).float()).to(dt)
             self.hidden.requires_grad_(True)
             self.weight.requires_grad_(True)
-            self.labels = torch.randint(0, v, (SEQUENCES, t), generator=g).to(dev)
+            self.labels = torch.randint(0, v, (SEQUENCES, t), generator=g, device=dev)
             self.labels[:, : max(1, t // 8)] = -100  # a short prompt, as in preference data
             self.params = [self.hidden, self.weight]
         else:
@@ -75,6 +76,10 @@ class Workload:
 
     def input_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))
+
+    def grad_bytes(self) -> int:
+        """What every implementation must return: one gradient per parameter."""
+        return sum(p.numel() * p.element_size() for p in self.params)
 
     def zero_grad(self) -> None:
         for p in self.params:
