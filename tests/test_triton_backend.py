@@ -161,7 +161,7 @@ def test_many_histogram_rounds(risk, monkeypatch):
     """A tiny scratch buffer and few bins: the search must still end exactly (key bins)."""
     monkeypatch.setattr(triton_rows, "NCAND", 16)
     monkeypatch.setattr(triton_rows, "NBINS", 8)
-    monkeypatch.setattr(triton_rows, "MAX_IT", 2 + 11 + 1)
+    monkeypatch.setattr(triton_rows, "MAX_IT", 2 * (2 + 11) + triton_rows.SAMPLED_IT)
     z, zr, labels, w = _inputs(4, 3000, seed=13)
     z[1, :1500] = z[1, 1500:]  # ties beyond the buffer's size
     zr[1, :1500] = zr[1, 1500:]
@@ -213,3 +213,39 @@ def test_unsupported_and_errors(monkeypatch):
         assert "TRITON_INTERPRET" in triton_rows.unsupported(z)
         with pytest.raises(RuntimeError, match="CUDA"):
             rk.token_stats(z, zr, labels, backend="triton")
+
+
+@pytest.mark.skipif(CUDA, reason="with a GPU the tests above compile and run every kernel")
+def test_kernels_compile_for_hopper(monkeypatch):
+    """Without a GPU, compile (not run) each kernel for sm_90: the interpreter is laxer than
+    the compiler (globals, types carried through loops and branches), so this catches what
+    the interpreted tests cannot."""
+    compiler = pytest.importorskip("triton.compiler")
+    from triton.backends.compiler import GPUTarget
+    import triton
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    k = triton_rows._kernels()
+    rows = {"y_ptr": "*i64", "stats_ptr": "*fp32", "saved_ptr": "*fp32", "aux_ptr": "*fp32"}
+    ints = {"stride_z": "i32", "stride_zr": "i32", "V": "i32", "ignore_index": "i32"}
+    variants = [
+        (k.stats, {"z_ptr": "*bf16", "zr_ptr": "*bf16", **rows, **ints, "mu": "fp32",
+                   "RISK": "constexpr", "RANGE": "constexpr", "BLOCK": "constexpr"},
+         [{"RISK": r, "RANGE": r == 2, "BLOCK": triton_rows.BLOCK} for r in (0, 1, 2)], {}),
+        (k.backward, {"z_ptr": "*fp16", "zr_ptr": "*fp16", "y_ptr": "*i64", "saved_ptr": "*fp32",
+                      "grads_ptr": "*fp32", "out_ptr": "*fp16", "stride_z": "i32", "stride_zr": "i32",
+                      "stride_out": "i32", "V": "i32", "ignore_index": "i32", "mu": "fp32",
+                      "RISK": "constexpr", "BLOCK": "constexpr"},
+         [{"RISK": r, "BLOCK": triton_rows.BLOCK} for r in range(4)], {}),
+        (k.quantile, {"z_ptr": "*fp32", "zr_ptr": "*fp32", **rows, "kbuf_ptr": "*i64", "qbuf_ptr": "*fp32",
+                      "row0": "i32", **ints, "alpha": "fp32", "lo_rank": "i32", "hi_rank": "i32", "frac": "fp32",
+                      **{c: "constexpr" for c in ("RA", "NB", "NC", "NS", "SAMPLED_IT", "BLOCK", "MAX_IT", "VALUE_IT")}},
+         [{"RA": ra, "NB": triton_rows.NBINS, "NC": triton_rows.NCAND, "NS": triton_rows._pow2_floor((triton_rows.NBINS - 1) // 2), "SAMPLED_IT": triton_rows.SAMPLED_IT,
+           "BLOCK": triton_rows.HIST_BLOCK, "MAX_IT": triton_rows.MAX_IT, "VALUE_IT": 2} for ra in (False, True)],
+         {"enable_fp_fusion": False}),
+    ]
+    for fn, signature, constant_sets, opts in variants:
+        for constants in constant_sets:
+            src = compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
+            out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, **opts})
+            assert "ptx" in out.asm

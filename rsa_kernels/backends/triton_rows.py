@@ -33,7 +33,8 @@ INTERPRET_HIST_BLOCK = 1024  # the interpreter pays per operation, not per eleme
 NBINS = 32             # bins per histogram pass
 NCAND = 1024           # items a bracket may hold to be collected into scratch
 ROW_CHUNK = 4096       # rows per quantile launch (bounds the candidate scratch)
-MAX_IT = 10            # histograms; 2 + ceil(32 / log2 NBINS) = 9 suffice
+SAMPLED_IT = 6         # scratch rounds with sampled thresholds before key bins
+MAX_IT = 24            # rounds; 2 * (2 + ceil(32 / log2 NBINS)) + SAMPLED_IT = 24 always end
 _kernel_cache: dict = {}
 
 
@@ -118,8 +119,9 @@ def forward(z, zr, labels, risk: Risk, ignore_index: int, chunk_size: int | None
             k.quantile[(m,)](z, zr, labels, stats, saved, aux, kbuf, qbuf, r0,
                              z.stride(0), zr.stride(0), v, ignore_index, alpha, lo, hi, frac,
                              RA=ra, NB=NBINS, NC=NCAND, NS=_pow2_floor((NBINS - 1) // 2),
-                             BLOCK=INTERPRET_HIST_BLOCK if _interpreting() else HIST_BLOCK, MAX_IT=MAX_IT, VALUE_IT=2, num_warps=8,
-                             **_launch_opts())
+                             SAMPLED_IT=SAMPLED_IT, MAX_IT=MAX_IT, VALUE_IT=2,
+                             BLOCK=INTERPRET_HIST_BLOCK if _interpreting() else HIST_BLOCK,
+                             num_warps=8, **_launch_opts())
     return stats, saved
 
 

@@ -10,8 +10,8 @@ import triton.language as tl
 helper = (lambda fn: fn) if os.environ.get("TRITON_INTERPRET") == "1" else triton.jit
 
 # Sortable keys of float32 values (see _key): key(-inf) and key(+inf). NaNs fall outside.
-KEY_NINF = 0x007FFFFF
-KEY_PINF = 0xFF800000
+KEY_NINF = tl.constexpr(0x007FFFFF)
+KEY_PINF = tl.constexpr(0xFF800000)
 
 
 @helper

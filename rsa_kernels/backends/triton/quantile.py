@@ -18,8 +18,10 @@ the target:
 
 Thresholds: the first histogram places its bins by value over the bulk of D (pass 1's
 hint) and keeps -inf and +inf in bins of their own; the second by value over the bracket;
-later ones by key, which always shrinks the bracket NB-fold, so at most
-2 + ceil(32 / log2 NB) histograms are needed. Typical rows read the row twice or three
+later row histograms by key, which always shrinks the bracket NB-fold, so at most
+2 + ceil(32 / log2 NB) row histograms are needed. Over the scratch: SAMPLED_IT rounds with
+thresholds at sampled items (each round ends or removes items, ~NS-fold in expectation),
+then key bins again, so MAX_IT >= 2 * (2 + ceil(32 / log2 NB)) + SAMPLED_IT always ends. Typical rows read the row twice or three
 times here (the pass that collects is one of them), see docs/triton_kernels.md.
 """
 import triton
@@ -65,7 +67,7 @@ def _accumulate(k, q, d, inb, kt, cnt_lt, mass_lt, qd_ge, mass_ge, maxk_lt, kmin
 def quantile_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr, kbuf_ptr, qbuf_ptr,
                     row0, stride_z, stride_zr, V, ignore_index,
                     alpha, lo_rank, hi_rank, frac,
-                    RA: tl.constexpr, NB: tl.constexpr, NC: tl.constexpr, NS: tl.constexpr,
+                    RA: tl.constexpr, NB: tl.constexpr, NC: tl.constexpr, NS: tl.constexpr, SAMPLED_IT: tl.constexpr,
                     BLOCK: tl.constexpr, MAX_IT: tl.constexpr, VALUE_IT: tl.constexpr):
     pid = tl.program_id(0)
     row = row0 + pid.to(tl.int64)
@@ -94,6 +96,7 @@ def quantile_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr, kbuf_pt
         above_qd = 0.0
         above_mass = 0.0
         hist_it = 0
+        scratch_it = 0
         done = 0
         # results: risk, and the saved scalars (tau, c_above, c_atom) or (Q, S, 0);
         # they stay NaN if the loop ran out (it cannot: see the docstring)
@@ -119,7 +122,7 @@ def quantile_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr, kbuf_pt
                 kt = tl.where(first_hist & (jb == 1), KEY_NINF + 1, kt)
                 kt = tl.where(first_hist & (jb == NB - 1), KEY_PINF, kt)
                 kt = tl.where(jb == 0, klo, kt)
-                if collected == 1:
+                if (collected == 1) & (scratch_it < SAMPLED_IT):
                     # over the (compacted) scratch: thresholds at NS sampled items and just
                     # above each, so every sampled value has a bin of its own: the bracket
                     # either becomes one key or loses items, ~NS-fold in expectation
@@ -184,6 +187,7 @@ def quantile_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr, kbuf_pt
                             n_in, mass_in, RA)
                     tl.debug_barrier()
                 # the scratch holds exactly the bracket's items from here on
+                scratch_it += tl.where(collected == 1, 1, 0)
                 n_cand = tl.where(collected == 1, n_in, n_cand)
                 # the bin b holding the target (bins are prefixes of the thresholds)
                 nonempty = cnt_lt < n_in  # some bracket item lies at or above kt[j]

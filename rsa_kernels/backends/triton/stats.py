@@ -11,7 +11,7 @@ import triton.language as tl
 
 from ._common import _max, _min, _sum, helper
 
-NEG_INF = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))
 
 
 @helper
