@@ -12,6 +12,7 @@ same model, and training it twice would only cost time.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,8 +31,11 @@ class Settings:
     pairs_per_prompt: int = 96       # sampled pairs per prompt, per preference file, before ties are dropped
     max_steps: int = 60              # per alignment stage
     batch_size: int = 16             # pairs per step
+    # Chosen, before comparing RSA, as the setting of a small sweep (lr 3e-4 / 1e-3, beta
+    # 0.1 / 0.5, seed 0) where the risk-neutral baseline SACPO was healthiest: highest reward,
+    # lowest catastrophic rate, no collapse. See docs/demo.md for the whole sweep.
     learning_rate: float = 1e-3
-    beta: float = 0.1
+    beta: float = 0.5
     safety_lambda: float = 1.0       # the safety step's temperature is beta / lambda
     rsa_risk: str = "cvar:0.9"
     rsa_alpha: float = 0.5
@@ -56,12 +60,14 @@ def stage_defaults(s: Settings, seed: int, objective: str) -> dict:
     return d
 
 
-def run_config(s: Settings, seed: int, sft_dir: Path, files: dict, out: Path, objective: str) -> dict:
+def run_config(s: Settings, seed: int, objective: str, name: str) -> dict:
+    """The `rsa train` config of one run; its paths are relative to the seed folder, where
+    the YAML file is written (the trainer resolves them against the YAML file's folder)."""
     return {
-        "model": str(sft_dir), "output_dir": str(out), "defaults": stage_defaults(s, seed, objective),
+        "model": "sft", "output_dir": name, "defaults": stage_defaults(s, seed, objective),
         "stages": [
-            {"name": "helpful", "data": {"path": str(files["helpful"]), "preference": "helpful"}},
-            {"name": "safe", "data": {"path": str(files["safe"]), "preference": "safe"},
+            {"name": "helpful", "data": {"path": "data/helpful.jsonl", "preference": "helpful"}},
+            {"name": "safe", "data": {"path": "data/safe.jsonl", "preference": "safe"},
              "lambda": s.safety_lambda},
         ],
     }
@@ -72,6 +78,31 @@ def write_yaml(cfg: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def stage_bar(label: str, enabled: bool):
+    """A TrainerCallback drawing one quiet progress bar per stage (the Trainer's own bar also
+    prints every logged step, 60 lines a stage, which would bury the demo's output)."""
+    from transformers import TrainerCallback
+
+    class StageBar(TrainerCallback):
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.bar = tqdm(total=state.max_steps, desc=f"{label} {Path(args.output_dir).name}",
+                            disable=not enabled, leave=False)
+
+        def on_step_end(self, args, state, control, **kw):
+            self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.bar.set_postfix(loss=f"{logs['loss']:.3f}", acc=f"{logs.get('rewards/accuracy', 0):.2f}")
+
+        def on_train_end(self, args, state, control, **kw):
+            self.bar.close()
+
+    return StageBar()
 
 
 def stage_log(stage_dir: Path) -> list[dict]:
@@ -88,21 +119,25 @@ def run_seed(s: Settings, seed: int, out: Path, progress: bool = True) -> tuple[
     from rsa.config import load_config
     from rsa.stepwise import run_stages
 
-    root = Path(out) / f"seed{seed}"
+    root = Path(out).resolve() / f"seed{seed}"
+    # The trainer skips stages it finds finished; a demo rerun must not reuse old results.
+    for sub in ("sft", "data", "sacpo", "rsa"):
+        shutil.rmtree(root / sub, ignore_errors=True)
     model, sft_loss = sft.train_sft(seed, steps=s.sft_steps, progress=progress)
     sft_dir = sft.save_sft(model, root / "sft")
 
     # Two independent samples, one per preference: the helpfulness and safety data sets.
-    files, stats = {}, {"sft_loss": sft_loss}
+    stats = {"sft_loss": sft_loss}
     for k, pref in enumerate(("helpful", "safe")):
         recs = data.preference_subset(data.sample_records(model, s.pairs_per_prompt, seed * 1000 + k + 1), pref)
-        files[pref] = data.write_jsonl(recs, root / "data" / f"{pref}.jsonl")
+        data.write_jsonl(recs, root / "data" / f"{pref}.jsonl")
         stats[pref] = data.data_stats(recs)
 
     stage_dirs = {}
     for name, objective in (("sacpo", "dpo"), ("rsa", "rsa2")):
-        cfg_path = write_yaml(run_config(s, seed, sft_dir, files, root / name, objective), root / f"{name}.yaml")
-        dirs = run_stages(load_config(cfg_path), progress=progress)
+        cfg_path = write_yaml(run_config(s, seed, objective, name), root / f"{name}.yaml")
+        dirs = run_stages(load_config(cfg_path), progress=False,
+                          callbacks=[stage_bar(f"seed {seed} {name}", progress)])
         stage_dirs[name] = [Path(d) for d in dirs]
 
     models = {"sft": sft_dir, "dpo": stage_dirs["sacpo"][0], "sacpo": stage_dirs["sacpo"][1],
@@ -123,12 +158,17 @@ def run_demo(out: Path, s: Settings, progress: bool = True) -> dict:
     """All seeds, then the table, report.json and the two plots. Returns the report dict."""
     # One thread: the model is tiny, so extra threads only add synchronisation, and on a
     # shared machine oversubscribed threads made every step several times slower.
-    threads = torch.get_num_threads()
+    from transformers.utils import logging as hf_logging
+
+    threads, hf_bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
     torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()   # "Loading weights" bars for every tiny model: noise here
     try:
         return _run_demo(Path(out), s, progress)
     finally:
         torch.set_num_threads(threads)
+        if hf_bars:
+            hf_logging.enable_progress_bar()
 
 
 def _run_demo(out: Path, s: Settings, progress: bool) -> dict:
