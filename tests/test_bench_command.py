@@ -69,7 +69,9 @@ def test_grids_cover_every_risk_and_the_liger_baseline():
     assert {c.impl for c in cases if c.objective == "dpo"} == {"torch", "naive", "liger"}
     assert all(c.impl != "compiled" for c in cases)  # torch.compile baseline on CUDA only
     gpu, _, _ = make_grid("quick", "cuda", ["triton", "torch"], liger=True)
-    assert {c.dtype for c in gpu} == {"bfloat16"} and any(c.impl == "compiled" for c in gpu)
+    assert {c.dtype for c in gpu} == {"bfloat16"}
+    assert {(c.path, c.objective, c.risk) for c in gpu if c.impl == "compiled"} == {
+        ("token_stats", "", "cvar:0.9"), ("fused_linear", "rsa2", "cvar:0.9"), ("fused_linear", "dpo", "kl")}
     assert {c.risk for c in make_grid("tiny", "cpu", ["torch"], liger=False)[0]} == set(TINY_RISKS)
     with pytest.raises(ValueError, match="mode"):
         make_grid("huge", "cpu", ["torch"], liger=False)

@@ -1,8 +1,9 @@
 """Run the benchmark suite and the memory subprocess, and merge them into results.json.
 
 Times: ``pytest bench/test_bench_grid.py --benchmark-json`` in a subprocess (the suite is
-the source of the numbers). Peak memory: ``python -m rsa.bench.peak`` in another, so the
-resident-set figures are not inflated by pytest or by the timing runs.
+the source of the numbers). Peak memory on a CPU: ``python -m rsa.bench.peak`` in another,
+so the resident-set figures are not inflated by pytest or by the timing runs; on CUDA the
+suite records the allocator's peak itself.
 """
 from __future__ import annotations
 
@@ -100,6 +101,16 @@ def run_times(out: Path, env: dict, log) -> list[dict]:
     return json.loads(raw.read_text())["benchmarks"]
 
 
+def cuda_memory(benchmarks: list[dict]) -> dict:
+    """On CUDA the suite's backward tests record the allocator's peak themselves."""
+    out = {}
+    for b in benchmarks:
+        info = b.get("extra_info", {})
+        if info.get("phase") == "backward" and "peak_bytes" in info:
+            out[info["case_id"]] = {k: info[k] for k in ("peak_bytes", "input_bytes", "grad_bytes")}
+    return out
+
+
 def run_memory(out: Path, env: dict, device: str, case_ids: list[str], log) -> dict:
     """{case id: {"peak_bytes", "input_bytes", "grad_bytes"} or {"error"}} from the memory subprocess(es)."""
     path = out / "memory.json"
@@ -164,7 +175,10 @@ def run_bench(out: Path, mode: str, device: str, backends: list[str], threads: i
     started = time.time()
     benchmarks = run_times(out, env, log)
     t_mid = time.time()
-    memory = run_memory(out, env, device, [c.id for c in cases], log)
+    if device_kind(device) == "cuda":
+        memory = cuda_memory(benchmarks)
+    else:
+        memory = run_memory(out, env, device, [c.id for c in cases], log)
     results = {
         "machine": {**machine_info(device), **({"torch_threads": threads} if threads else {})}, "device": device, "mode": mode, "backends": backends,
         "dtype": cases[0].dtype if cases else None, "centres": centres(mode, device), "warmup_rounds": warmup, "rounds": rounds,

@@ -21,8 +21,8 @@ ENV_THREADS = "RSA_BENCH_THREADS"    # torch.set_num_threads in the measuring pr
 # risks of the quick grid's size sweeps: one without a sort, one with
 SWEEP_RISKS = ("kl", "cvar:0.9")
 # torch.compile compiles once per shape and risk (tens of seconds each), so that baseline is
-# measured at the centre of each grid only, for the same two risks
-COMPILED_RISKS = SWEEP_RISKS
+# measured at the centre of each grid only, for these (path, objective, risk)
+COMPILED = (("token_stats", "", "cvar:0.9"), ("fused_linear", "rsa2", "cvar:0.9"), ("fused_linear", "dpo", "kl"))
 
 # Baselines: "naive" = rsa_kernels.reference (full tensors, autograd: the published Ra-DPO
 # formulation); "liger" = Liger Kernel's fused linear DPO loss (dpo objective only);
@@ -108,7 +108,7 @@ def make_grid(mode: str, device: str, backends: list[str], *, liger: bool, compi
 
     def add(path, risk, objective, n, v, h, names):
         at_centre = (n, v, h) == ((rows.n[0], rows.v[0], 0) if path == "token_stats" else fcentre)
-        if compiled and at_centre and risk in COMPILED_RISKS:
+        if compiled and at_centre and (path, objective, risk) in COMPILED:
             names = [*names, "compiled"]
         cases.extend(Case(path, i, risk, objective, n, v, h, dtype, device) for i in names)
 
