@@ -12,11 +12,11 @@ mkdir -p "$LOGDIR"
 $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")' || exit 1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv 2>/dev/null || true
 start=$(date +%s)
-timeout 170 $PY -m pytest tests/test_triton_backend.py -q -x -p no:cacheprovider --durations=5 2>&1 | tee "$LOGDIR/tests.log"
+timeout 200 $PY -m pytest tests/test_triton_backend.py -q -x -p no:cacheprovider --durations=5 2>&1 | tee "$LOGDIR/tests.log"
 rc_tests=${PIPESTATUS[0]}
 echo "tests: rc=$rc_tests in $(( $(date +%s) - start )) s"
 start=$(date +%s)
-timeout 170 $PY bench/gpu_bench.py --out "${OUT:-}"
+timeout 150 $PY bench/gpu_bench.py --out "${OUT:-}"
 rc_bench=$?
 echo "bench: rc=$rc_bench in $(( $(date +%s) - start )) s"
 exit $(( rc_tests != 0 || rc_bench != 0 ))
