@@ -1,5 +1,6 @@
 # make install: .venv with torch (the CPU build on disk), this package and its test extras.
 # make test:    install, then the test suite.
+# make demo:    install, then `rsa demo --out out/demo` (the embedded safety task, docs/demo.md).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
