@@ -11,7 +11,9 @@ same model, and training it twice would only cost time.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -136,8 +138,11 @@ def run_seed(s: Settings, seed: int, out: Path, progress: bool = True) -> tuple[
     stage_dirs = {}
     for name, objective in (("sacpo", "dpo"), ("rsa", "rsa2")):
         cfg_path = write_yaml(run_config(s, seed, objective, name), root / f"{name}.yaml")
-        dirs = run_stages(load_config(cfg_path), progress=False,
-                          callbacks=[stage_bar(f"seed {seed} {name}", progress)])
+        # With its own bars off the Trainer prints every logged step to stdout (60 dicts a
+        # stage); they are all in the stage's metrics.jsonl, so keep the terminal for the bars.
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            dirs = run_stages(load_config(cfg_path), progress=False,
+                              callbacks=[stage_bar(f"seed {seed} {name}", progress)])
         stage_dirs[name] = [Path(d) for d in dirs]
 
     models = {"sft": sft_dir, "dpo": stage_dirs["sacpo"][0], "sacpo": stage_dirs["sacpo"][1],
