@@ -162,6 +162,7 @@ def run_bench(out: Path, mode: str, device: str, backends: list[str], threads: i
     """Measure the grid of ``mode`` on ``device``; write and return results.json's content.
 
     ``threads``: torch threads of the measuring processes (default: torch's, all cores)."""
+    out = Path(out).resolve()  # the subprocesses run in the checkout, not in our working directory
     out.mkdir(parents=True, exist_ok=True)
     for name in ("pytest.log", "memory.log"):
         (out / name).unlink(missing_ok=True)

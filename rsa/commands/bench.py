@@ -70,6 +70,12 @@ def run(args) -> int:
         write_plots(results, out)
         print(f"{out}/report.md, time.png, memory.png rewritten from {out}/results.json")
         return 0
+    import importlib.util
+
+    missing = [m for m in ("pytest", "pytest_benchmark") if importlib.util.find_spec(m) is None]
+    if missing:  # the suite under bench/ is the source of the numbers
+        raise SystemExit(f"rsa bench needs {' and '.join(missing)} (pip install pytest pytest-benchmark, "
+                         "or the test extra)")
     if args.quick and args.grid not in (None, "quick"):
         raise ValueError(f"--quick and --grid {args.grid} contradict each other")
     mode = "quick" if args.quick else (args.grid or "full")
