@@ -47,7 +47,8 @@ def plot(results: dict, path, value, scale: float, ylabel: str, what: str) -> No
         row[1].set_title(f"{title}: against N (V={v}{hs})", fontsize=10)
         for ax in row:
             ax.set_ylabel(ylabel)
-            ax.legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:  # a panel of a one-size sweep has no line
+                ax.legend(fontsize=8)
     fig.suptitle(f"{what}, {results['machine']['device_name']} ({results['dtype']}, grid {results['mode']})",
                  fontsize=11)
     fig.tight_layout()
