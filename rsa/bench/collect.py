@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .grid import (ENV_BACKENDS, ENV_DEVICE, ENV_LIGER, ENV_MODE, ENV_THREADS, centres, device_kind,
+from .grid import (ENV_BACKENDS, ENV_COMPILED, ENV_DEVICE, ENV_LIGER, ENV_MODE, ENV_THREADS, centres, device_kind,
                    liger_available, make_grid)
 from .measure import MALLOC_ENV, can_reset_rss_peak
 
@@ -172,7 +172,9 @@ def run_bench(out: Path, mode: str, device: str, backends: list[str], threads: i
     if threads:
         env[ENV_THREADS] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
-    cases, warmup, rounds = make_grid(mode, device, backends, liger=liger)
+    comp = os.environ.get(ENV_COMPILED)  # (the subprocesses read the same variable)
+    cases, warmup, rounds = make_grid(mode, device, backends, liger=liger,
+                                      compiled=None if comp is None else comp == "1")
     started = time.time()
     benchmarks = run_times(out, env, log)
     t_mid = time.time()
