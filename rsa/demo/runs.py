@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import data, evaluate, report, sft
+from . import data, evaluate, report, sft, task
 
 
 @dataclass
@@ -53,7 +53,7 @@ class Settings:
 def stage_defaults(s: Settings, seed: int, objective: str) -> dict:
     d = {"objective": objective, "beta": s.beta, "learning_rate": s.learning_rate,
          "per_device_train_batch_size": s.batch_size, "max_steps": s.max_steps, "seed": seed,
-         "max_length": sft.MAX_LEN, "max_prompt_length": 1 + 4, "logging_steps": 1,
+         "max_length": sft.MAX_LEN, "max_prompt_length": 1 + task.PROMPT_LEN, "logging_steps": 1,
          "lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0,
          "save_strategy": "no", "report_to": "none", "use_cpu": True, "dataloader_num_workers": 0}
     if objective != "dpo":
@@ -108,12 +108,13 @@ def stage_bar(label: str, enabled: bool):
 
 
 def stage_log(stage_dir: Path) -> list[dict]:
-    """The trainer's per-step metrics log of a finished stage (empty if none is found)."""
-    for name in ("metrics.jsonl", "log.jsonl", "logs.jsonl", "train_log.jsonl"):
-        p = Path(stage_dir) / name
-        if p.is_file():
-            return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-    return []
+    """The trainer's per-step metrics log of a finished stage (empty if it has none)."""
+    from rsa.stepwise import METRICS_FILE
+
+    p = Path(stage_dir) / METRICS_FILE
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
 def run_seed(s: Settings, seed: int, out: Path, progress: bool = True) -> tuple[dict, dict, dict, dict]:
