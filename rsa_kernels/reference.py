@@ -18,7 +18,8 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def interpolated_quantile(x: torch.Tensor, level: float) -> torch.Tensor:
     """torch.quantile(x, level, dim=-1) with linear interpolation, without its size limit.
 
-    -inf entries are allowed: a quantile that interpolates from -inf is -inf.
+    -inf entries are allowed: a quantile that interpolates from -inf is -inf, as in
+    torch.quantile (the formula alone would give -inf + inf = NaN there).
     """
     v = x.shape[-1]
     xs = x.sort(dim=-1).values
@@ -29,24 +30,35 @@ def interpolated_quantile(x: torch.Tensor, level: float) -> torch.Tensor:
     a, b = xs[..., lo], xs[..., hi]
     if frac == 0.0:
         return a
-    return torch.where(a == b, a, a + frac * (b - a))
+    return torch.where((a == b) | (a == float("-inf")), a, a + frac * (b - a))
+
+
+def in_support(q: torch.Tensor) -> torch.Tensor:
+    """The items that count: q != 0, so a NaN q (NaN reference logits) counts, and is not
+    silently dropped as "q > 0" would drop it (SPEC: NaN in gives NaN out)."""
+    return q != 0
 
 
 def deviation(s: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """D = r - s, and -inf where the reference puts no mass (those items never count)."""
     q = r.exp()
-    return torch.where(q > 0, r - s, torch.full_like(s, float("-inf")))
+    return torch.where(in_support(q), r - s, torch.full_like(s, float("-inf")))
 
 
 def token_risk(s: torch.Tensor, r: torch.Tensor, risk: Risk) -> torch.Tensor:
     """risk of D = r - s under q = exp(r), one value per row; s, r are log-probabilities."""
     q = r.exp()
-    support = q > 0
+    support = in_support(q)
     d = deviation(s, r)
     qd = torch.where(support, q * d, torch.zeros_like(q))
     kl = qd.sum(-1)
     if risk.kind == "kl":
         return kl
+    # a NaN anywhere in the row makes kl NaN; the selections below could hide it
+    return torch.where(torch.isnan(kl), kl, _risk_value(q, d, support, r, risk))
+
+
+def _risk_value(q, d, support, r, risk: Risk) -> torch.Tensor:
     if risk.kind == "erm":
         mu = risk.param
         # (1/mu) log sum q exp(mu D), the log-sum taken over the reference's support
@@ -72,8 +84,7 @@ def token_risk(s: torch.Tensor, r: torch.Tensor, risk: Risk) -> torch.Tensor:
         level = 1 - risk.param
         quantile = interpolated_quantile(d.detach(), level)
         above = d.detach() > quantile[..., None]
-        value = torch.where(above & support, q * d, torch.zeros_like(q)).sum(-1)
-        return torch.where(torch.isnan(kl), kl, value)  # NaN in, NaN out
+        return torch.where(above & support, q * d, torch.zeros_like(q)).sum(-1)
     raise ValueError(f"risk: unknown kind {risk.kind!r}")
 
 

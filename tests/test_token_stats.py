@@ -224,3 +224,106 @@ def test_accumulation_dtype():
     assert rk.token_stats(z, zr, y, backend="torch").logp.dtype == torch.float32
     z, zr, y = inputs((3,), 5, seed=18)
     assert rk.token_stats(z, zr, y, backend="torch").logp.dtype == torch.float64
+
+
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_nan_in_either_logits_gives_nan_out(impl):
+    """A NaN in z or in zr (where it makes q NaN: "q > 0" used to drop it) gives NaN kl and
+    risk on its row, leaves the other rows as they were, and a masked NaN row stays 0."""
+    z, zr, y = inputs((5,), 12, seed=19, masked=0.0)
+    z = z.detach().clone()
+    y[4] = -100
+    bad_z, bad_zr = z.clone(), zr.clone()
+    bad_z[1, 3] = float("nan")
+    bad_zr[2, 5] = float("nan")
+    bad_zr[3, y[3]] = float("nan")  # at the label as well
+    bad_z[4, 0] = bad_zr[4, 1] = float("nan")
+
+    def run(z, zr, risk):
+        z = z.clone().requires_grad_()
+        if impl == "torch":
+            st = rk.token_stats(z, zr, y, risk=risk, backend="torch", chunk_size=2)
+        else:
+            st = reference.token_stats(z, zr, y, risk=risk)
+        (grad,) = torch.autograd.grad(weighted_sum(st, 0), z)  # must not raise
+        return torch.stack(list(st), 1).detach(), grad
+
+    for risk in RISKS:
+        got, grad = run(bad_z, bad_zr, risk)
+        want, want_grad = run(z, zr, risk)
+        assert torch.isnan(got[1:4, 2:]).all(), risk        # kl and risk of rows 1, 2, 3
+        assert torch.isnan(got[1, 0]) and torch.isfinite(got[1, 1]), risk  # logp via A
+        assert torch.isnan(got[2:4, 1]).all() and torch.isfinite(got[2:4, 0]).all(), risk
+        assert torch.equal(got[0], want[0]) and torch.equal(got[4], torch.zeros(4, dtype=got.dtype)), risk
+        assert torch.equal(grad[0], want_grad[0]), risk
+        if impl == "torch":  # the reference's autograd gives a masked NaN row a NaN gradient
+            assert torch.equal(grad[4], torch.zeros_like(grad[4])), risk
+
+
+def ra_dpo_rows_from_minus_inf(c, v, rows=3, seed=20):
+    """Rows where exactly LO + 1 items have zr = -inf (q = 0, D = -inf), LO = floor((1 - C)(V - 1)):
+    the (1 - C)-quantile of D interpolates from -inf to the smallest finite D."""
+    pos = (1 - c) * (v - 1)
+    lo = int(pos)
+    assert pos - lo > 0.01 and lo + 1 < v
+    z, zr, y = inputs((rows,), v, seed=seed, masked=0.0)
+    z, zr = z.detach().clone(), zr.clone()
+    g = torch.Generator().manual_seed(seed)
+    for i in range(rows):
+        zr[i, torch.randperm(v, generator=g)[: lo + 1]] = float("-inf")
+    y[:] = zr.argmax(-1)
+    return z, zr, y
+
+
+def limit_quantile(x, level):
+    """torch.quantile(x, level, dim=-1), except where its lerp meets an infinite endpoint and
+    gives NaN (from -inf with a weight < 0.5, to +inf with a weight >= 0.5): there the limit of
+    the interpolation, -inf or +inf, which is what torch gives for the other weights."""
+    want = torch.quantile(x, level, dim=-1)
+    xs = x.sort(-1).values
+    pos = level * (x.shape[-1] - 1)
+    a, b = xs[..., int(pos)], xs[..., min(int(pos) + 1, x.shape[-1] - 1)]
+    limit = torch.where(torch.isneginf(a), a, b)
+    return torch.where(torch.isnan(want) & (torch.isneginf(a) | torch.isposinf(b)), limit, want)
+
+
+@pytest.mark.parametrize("c,v", [(0.95, 50), (0.5, 20), (0.9, 108)])
+def test_ra_dpo_quantile_from_minus_inf_is_minus_inf(c, v):
+    """Q interpolates from -inf: it is -inf (torch.quantile's value for interpolation weights
+    >= 0.5; its lerp gives NaN below 0.5, which would select nothing), so D > Q selects the
+    whole support and the risk is kl, with kl's gradient. Weights here: 0.45, 0.5, 0.7."""
+    z, zr, y = ra_dpo_rows_from_minus_inf(c, v)
+    s, r = torch.log_softmax(z, -1), torch.log_softmax(zr, -1)
+    d = reference.deviation(s, r)
+    level = 1 - c
+    torch_q = torch.quantile(d, level, dim=-1)
+    frac = level * (v - 1) - int(level * (v - 1))
+    assert torch.isneginf(torch_q).all() if frac >= 0.5 else torch.isnan(torch_q).all()
+    quantile = reference.interpolated_quantile(d, level)
+    assert torch.isneginf(quantile).all() and torch.equal(quantile, limit_quantile(d, level))
+    # the Ra-DPO formula written out with that quantile, independently of the backends
+    q = r.exp()
+    want = torch.where(d > quantile[:, None], q * d, 0.0).sum(-1)
+    z = z.requires_grad_()
+    ref = rk.TokenStats(*reference.token_stats(z, zr, y, risk=f"ra_dpo_cvar:{c}"))
+    st = rk.token_stats(z, zr, y, risk=f"ra_dpo_cvar:{c}", backend="torch")
+    for got in (ref, st):
+        torch.testing.assert_close(got.risk, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got.risk, got.kl, rtol=1e-12, atol=1e-12)
+        assert torch.isfinite(got.risk).all() and (got.risk > 0).all()
+    g_ref = torch.autograd.grad(ref.risk.sum(), z)[0]
+    g_torch = torch.autograd.grad(st.risk.sum(), z)[0]
+    g_kl = torch.autograd.grad(reference.token_stats(z, zr, y)[2].sum(), z)[0]
+    torch.testing.assert_close(g_ref, g_kl, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_torch, g_kl, rtol=1e-10, atol=1e-12)
+
+
+def test_quantile_with_infinities_matches_torch_quantile():
+    inf = float("inf")
+    x = torch.tensor([[-inf, 0.0, 1.0, 2.0], [-inf, -inf, 1.0, 3.0], [-inf, -inf, -inf, 5.0],
+                      [-inf, 0.5, 0.5, inf]], dtype=torch.float64)
+    for level in (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 0.9, 1.0):
+        got = reference.interpolated_quantile(x, level)
+        torch.testing.assert_close(got, limit_quantile(x, level), equal_nan=False)
+        exact = ~torch.isnan(torch.quantile(x, level, dim=-1))
+        assert torch.equal(got[exact], torch.quantile(x, level, dim=-1)[exact])

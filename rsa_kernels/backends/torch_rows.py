@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import accumulation_dtype, interpolated_quantile
+from ..reference import accumulation_dtype, in_support, interpolated_quantile
 from ..risk import SAVED_WIDTH, Risk
 
 CHUNK_BYTES = 256 * 2**20
@@ -25,11 +25,15 @@ def rows_per_chunk(n: int, v: int, acc: torch.dtype, risk: Risk, chunk_size: int
 
 
 def _deviation(z, zr, a, ar):
-    """s, r, q, D = r - s (-inf off the reference's support): same bits in both passes."""
+    """s, r, q, D = r - s (-inf off the reference's support): same bits in both passes.
+
+    The support is q != 0 (reference.in_support): a NaN q is kept, so that NaN reference
+    logits make D, kl and the risk NaN instead of vanishing from every sum.
+    """
     s = z - a[:, None]
     r = zr - ar[:, None]
     q = r.exp()
-    d = torch.where(q > 0, r - s, torch.full_like(s, float("-inf")))
+    d = torch.where(in_support(q), r - s, torch.full_like(s, float("-inf")))
     return s, r, q, d
 
 
@@ -59,7 +63,7 @@ def _forward_chunk(z, zr, risk: Risk):
     a = torch.logsumexp(z, -1)
     ar = torch.logsumexp(zr, -1)
     s, r, q, d = _deviation(z, zr, a, ar)
-    support = q > 0
+    support = in_support(q)
     qd = torch.where(support, q * d, 0.0)
     kl = qd.sum(-1)
     saved = torch.zeros(z.shape[0], SAVED_WIDTH, dtype=z.dtype, device=z.device)
@@ -121,7 +125,7 @@ def adversarial(z, zr, saved, risk: Risk):
         w = q
     elif risk.kind == "erm":
         mu = risk.param
-        w = torch.where(q > 0, (r + mu * d - saved[:, 2:3]).exp(), 0.0)
+        w = torch.where(in_support(q), (r + mu * d - saved[:, 2:3]).exp(), 0.0)
     elif risk.kind == "cvar":
         tau = saved[:, 2:3]
         w = torch.where(d > tau, q * saved[:, 3:4], torch.where(d == tau, q * saved[:, 4:5], 0.0))
