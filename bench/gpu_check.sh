@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# One check for a lent GPU (nothing is installed from the network): versions, the triton
-# backend's tests compiled on cuda tensors, then the benchmark of bench/gpu_bench.py.
-# Writes tests.log and bench.md under $OUT when it is set. Budget: under 6 minutes.
+# One check for a lent GPU (nothing is installed from the network), each step time-boxed:
+#   1. versions; 2. the triton backend's tests compiled on cuda tensors;
+#   3. bench/gpu_bench.py: forward/backward at N=16384, V=128256, bf16 vs copy bandwidth and naive;
+#   4. bench/gpu_check_fused_linear.py: fused-linear agreement on CUDA, time and memory vs naive/Liger;
+#   5. `rsa bench --quick` on CUDA: the same report as on CPU, labelled with the device.
+# Liger Kernel is optional: carry its wheel in .whl/ (see docs/bench.md). Writes logs under $OUT.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -9,14 +12,25 @@ unset TRITON_INTERPRET
 PY=${PYTHON:-python3}
 LOGDIR=${OUT:-/tmp}
 mkdir -p "$LOGDIR"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")' || exit 1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv 2>/dev/null || true
-start=$(date +%s)
-timeout 200 $PY -m pytest tests/test_triton_backend.py -q -x -p no:cacheprovider --durations=5 2>&1 | tee "$LOGDIR/tests.log"
-rc_tests=${PIPESTATUS[0]}
-echo "tests: rc=$rc_tests in $(( $(date +%s) - start )) s"
-start=$(date +%s)
-timeout 150 $PY bench/gpu_bench.py --out "${OUT:-}"
-rc_bench=$?
-echo "bench: rc=$rc_bench in $(( $(date +%s) - start )) s"
-exit $(( rc_tests != 0 || rc_bench != 0 ))
+
+step() {  # step NAME SECONDS CMD...: run time-boxed, log to $LOGDIR/NAME.log, record the status
+  local name=$1 secs=$2; shift 2
+  local start=$(date +%s)
+  timeout "$secs" "$@" 2>&1 | tee "$LOGDIR/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: rc=$rc in $(( $(date +%s) - start )) s"
+  RESULTS="$RESULTS $name=$rc"
+  [ "$rc" = 0 ] || FAILED=1
+}
+RESULTS="" FAILED=0
+step tests ${T_TESTS:-150} $PY -m pytest tests/test_triton_backend.py -q -x -p no:cacheprovider --durations=5
+step bench ${T_BENCH:-120} $PY bench/gpu_bench.py --out "$LOGDIR"
+step fused ${T_FUSED:-100} $PY bench/gpu_check_fused_linear.py
+step rsa_bench ${T_RSA_BENCH:-200} $PY -m rsa.cli bench --quick --device cuda --out "$LOGDIR/rsa-bench"
+echo "== summary:$RESULTS"
+exit $FAILED
