@@ -32,5 +32,10 @@ step tests ${T_TESTS:-150} $PY -m pytest tests/test_triton_backend.py -q -x -p n
 step bench ${T_BENCH:-120} $PY bench/gpu_bench.py --out "$LOGDIR"
 step fused ${T_FUSED:-100} $PY bench/gpu_check_fused_linear.py
 step rsa_bench ${T_RSA_BENCH:-200} $PY -m rsa.cli bench --quick --device cuda --out "$LOGDIR/rsa-bench"
+if [ -n "${OUT:-}" ]; then  # the device tool returns at most 8 files: keep the report's four
+  find "$LOGDIR/rsa-bench" -type f ! -name results.json ! -name report.md ! -name '*.png' -delete 2>/dev/null
+  find "$LOGDIR/rsa-bench" -mindepth 1 -type d -empty -delete 2>/dev/null
+  rm -f "$LOGDIR/rsa_bench.log"
+fi
 echo "== summary:$RESULTS"
 exit $FAILED
