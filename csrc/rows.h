@@ -86,7 +86,8 @@ RowOut<C> forward_row(const C* z, const C* zr, int64_t v, int64_t y, int code, d
   auto body = [&](Vec<C> zv, Vec<C> rv, C* dst_d, C* dst_q, int64_t lanes) {
     Vec<C> s = zv - vA, r = rv - vAr;
     Vec<C> q = fexp<C>(r);
-    auto supp = q > zero;
+    // the support is q != 0, not q > 0: a NaN q (NaN in zr) must reach kl, not be dropped
+    auto supp = q != zero;
     Vec<C> d = supp ? r - s : ninf;  // D = -inf off the reference's support
     kl_acc += supp ? q * d : zero;
     if (code == ERM) {
@@ -196,7 +197,7 @@ void backward_row(const C* z, const C* zr, C* out, int64_t v, int64_t y, const C
     if (code == KL) {
       w = q;
     } else {
-      auto supp = q > zero;
+      auto supp = q != zero;  // as in forward_row
       Vec<C> d = supp ? r - s : ninf;
       if (code == ERM) {
         w = supp ? fexp<C>(r + mu * d - s2) : zero;

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <utility>
 
 namespace rsa {
@@ -86,7 +87,8 @@ template <typename C> C interpolated_quantile(C* x, int64_t n, double level) {
   C a = x[lo];
   if (frac == 0.0) return a;
   C b = hi == lo ? a : *std::min_element(x + lo + 1, x + n);
-  if (a == b) return a;
+  // from -inf the formula gives -inf + inf = NaN; torch.quantile (and the reference) say -inf
+  if (a == b || a == -std::numeric_limits<C>::infinity()) return a;
   C diff = b - a;
   C step = C(frac) * diff;
   return a + step;

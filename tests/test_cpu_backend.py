@@ -229,3 +229,56 @@ def test_unbuilt_extension_falls_back_with_one_warning(monkeypatch):
     assert_close(torch.stack(list(first), 1), want, rtol=1e-10, atol=1e-10)
     assert torch.equal(torch.stack(list(first), 1), torch.stack(list(second), 1))
     assert "cpu" not in rsa_kernels.available_backends()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("risk", RISKS)
+def test_nan_in_either_logits_gives_nan_out(risk, dtype):
+    """NaN in z, or in zr (q = NaN, which a "q > 0" support test used to drop), gives NaN kl
+    and risk on that row only, as the reference does; a masked NaN row stays exactly 0."""
+    z, zr, labels = make_rows(6, 1001, masked=(5,))
+    z[1, 3] = float("nan")
+    zr[2, 500] = float("nan")
+    zr[3, 999] = float("nan")  # in the vector tail
+    z[4, 10] = zr[4, 11] = float("nan")
+    z[5, 0] = zr[5, 1] = float("nan")  # masked
+    z, zr = z.to(dtype), zr.to(dtype)
+    want, want_grad = expected(z, zr, labels, risk)
+    got, grad, _ = cpu_result(z, zr, labels, risk)  # the backward must not fail
+    assert torch.isnan(got[1:5, 2:]).all() and torch.isnan(want[1:5, 2:]).all()
+    assert torch.equal(torch.isnan(got), torch.isnan(want))  # logp / ref_logp as the arithmetic gives
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    assert_close(got[0], want[0], rtol=tol, atol=tol)
+    gtol = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 8e-3}[dtype]  # grad rounded to dtype
+    assert_close(grad[0], want_grad[0], rtol=gtol, atol=gtol * want_grad[0].abs().max().item())
+    assert torch.all(got[5] == 0) and torch.all(grad[5] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("c,v,nan_in_torch", [(0.95, 50, True), (0.5, 20, False), (0.9, 1078, False)])
+def test_ra_dpo_quantile_interpolated_from_minus_inf(c, v, nan_in_torch, dtype):
+    """Exactly LO + 1 items with zr = -inf (q = 0, D = -inf): Q interpolates from -inf and is
+    -inf (the limit; torch.quantile's own value at interpolation weights >= 0.5), so the risk
+    is kl. It was NaN, which selected nothing and gave 0."""
+    pos = (1 - c) * (v - 1)
+    lo = int(pos)
+    assert (pos - lo < 0.5) == nan_in_torch and pos - lo > 0.01
+    z, zr, labels = make_rows(4, v, masked=())
+    gen = torch.Generator().manual_seed(7)
+    for i in range(4):
+        zr[i, torch.randperm(v, generator=gen)[: lo + 1]] = float("-inf")
+    labels[:] = zr.argmax(-1)
+    z, zr = z.to(dtype), zr.to(dtype)
+    s, r = torch.log_softmax(z.double(), -1), torch.log_softmax(zr.double(), -1)
+    d = reference.deviation(s, r)
+    torch_q = torch.quantile(d, 1 - c, dim=-1)
+    assert (torch.isnan(torch_q) if nan_in_torch else torch.isneginf(torch_q)).all()
+    want, want_grad = expected(z, zr, labels, f"ra_dpo_cvar:{c}")
+    got, grad, _ = cpu_result(z, zr, labels, f"ra_dpo_cvar:{c}")
+    _, saved = cpu_rows.forward(z, zr, labels, parse_risk(f"ra_dpo_cvar:{c}"), IGNORE)
+    assert torch.isneginf(saved[:, 2]).all()  # Q
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    assert_close(got, want, rtol=tol, atol=tol)
+    assert_close(got[:, 3], got[:, 2].double(), rtol=tol, atol=tol)  # risk = kl
+    assert_close(grad, want_grad, rtol=tol, atol=tol)
+    assert torch.isfinite(got).all() and torch.isfinite(grad).all()
