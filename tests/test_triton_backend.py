@@ -201,6 +201,51 @@ def test_nan_in_gives_nan_out():
         assert torch.isnan(stats[2, [0, 2, 3]]).all() and not torch.isnan(stats[[0, 1, 3]]).any()
 
 
+@pytest.mark.parametrize("risk", RISKS)
+def test_nan_in_either_logits_gives_nan_out_as_the_reference(risk):
+    """NaN in zr makes q NaN (a "q > 0" support test dropped it, giving kl = 0); NaN in z next
+    to a p = 0 < q item stays NaN rather than becoming +inf. Masked NaN rows stay exactly 0."""
+    z, zr, labels, w = _inputs(6, 300, seed=23, masked=(5,))
+    z[1, 3] = float("nan")
+    zr[2, 150] = float("nan")
+    zr[3, labels[3]] = float("nan")
+    z[4, 10] = float("nan")
+    z[4, 20] = float("-inf")  # p = 0 < q: +inf, were the row not NaN
+    z[5, 0] = zr[5, 1] = float("nan")
+    stats, grad = _run(z, zr, labels, risk, w, "triton")  # the backward must not fail
+    ref_stats, ref_grad = _run(z, zr, labels, risk, w, "reference")
+    assert torch.isnan(stats[1:5, 2:]).all() and torch.isnan(ref_stats[1:5, 2:]).all()
+    assert torch.equal(torch.isnan(stats), torch.isnan(ref_stats))
+    _close(stats[0], ref_stats[0], 2e-5, scale=10)
+    _close(grad[0], ref_grad[0], 2e-5)
+    assert torch.all(stats[5] == 0) and torch.all(grad[5] == 0)
+
+
+@pytest.mark.parametrize("c,v", [(0.95, 50), (0.5, 20), (0.9, 1078)])
+def test_ra_dpo_quantile_interpolated_from_minus_inf(c, v):
+    """Exactly LO + 1 items with zr = -inf (q = 0, D = -inf): Q interpolates from -inf and is
+    -inf (reference.interpolated_quantile; torch.quantile's value at weights >= 0.5), not
+    -inf + inf = NaN, so the risk is kl, as in the reference and the torch backend."""
+    risk = f"ra_dpo_cvar:{c}"
+    lo = int((1 - c) * (v - 1))
+    z, zr, labels, w = _inputs(4, v, seed=29, masked=())
+    g = torch.Generator().manual_seed(31)
+    for i in range(4):
+        zr[i, torch.randperm(v, generator=g)[: lo + 1].to(DEVICE)] = float("-inf")
+    labels = zr.argmax(-1)
+    stats, grad = _run(z, zr, labels, risk, w, "triton")
+    ref_stats, ref_grad = _run(z, zr, labels, risk, w, "reference")
+    torch_stats, torch_grad = _run(z, zr, labels, risk, w, "torch")
+    _, saved = triton_rows.forward(z, zr, labels, parse_risk(risk), -100)
+    assert torch.isneginf(saved[:, 2]).all()
+    assert torch.isfinite(stats).all() and torch.isfinite(grad).all()
+    _close(stats[:, 3], stats[:, 2], 2e-5, scale=10)  # risk = kl
+    _close(stats, ref_stats, 2e-5, scale=10)
+    _close(grad, ref_grad, 2e-5)
+    _close(stats, torch_stats, 2e-5, scale=10)
+    _close(grad, torch_grad, 2e-5)
+
+
 def test_unsupported_and_errors(monkeypatch):
     assert "float64" in triton_rows.unsupported(torch.zeros(2, 3, dtype=torch.float64))
     assert "262144" in triton_rows.unsupported(torch.zeros(1, 262145))

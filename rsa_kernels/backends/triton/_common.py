@@ -24,8 +24,9 @@ def _deviation(z, zr, a, ar):
     r = zr - ar
     s = z - a
     q = tl.exp(r)
+    # the support is q != 0, not q > 0: a NaN q (NaN in zr) stays in, so NaN is never dropped;
     # + 0.0 turns -0.0 into +0.0, so that equal values get equal keys
-    d = tl.where(q > 0, r - s, float("-inf")) + 0.0
+    d = tl.where(q != 0, r - s, float("-inf")) + 0.0
     return q, d
 
 

@@ -38,15 +38,16 @@ def _pick(vec, idx, j):
 
 @helper
 def _interp(a, b, frac):
-    """reference.interpolated_quantile's formula, the same float32 operations."""
-    return tl.where(frac == 0.0, a, tl.where(a == b, a, a + frac * (b - a)))
+    """reference.interpolated_quantile's formula, the same float32 operations; from a = -inf
+    it is -inf (as torch.quantile), where the formula would give -inf + inf = NaN."""
+    return tl.where(frac == 0.0, a, tl.where((a == b) | (a == float("-inf")), a, a + frac * (b - a)))
 
 
 @helper
 def _accumulate(k, q, d, inb, kt, cnt_lt, mass_lt, qd_ge, mass_ge, maxk_lt, kmin, kmax, n_in, mass_in,
                 RA: tl.constexpr):
     """Add one block of bracket items (inb) to the per-threshold sums."""
-    qd = tl.where(q > 0, q * d, 0.0)
+    qd = tl.where(q != 0, q * d, 0.0)
     lt = (k[:, None] < kt[None, :]) & inb[:, None]
     ge = (k[:, None] >= kt[None, :]) & inb[:, None]
     cnt_lt += _sum(lt.to(tl.int32), 0)
@@ -97,7 +98,9 @@ def quantile_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr, kbuf_pt
         above_mass = 0.0
         hist_it = 0
         scratch_it = 0
-        done = 0
+        # a NaN row (pass 1 made kl NaN) has no quantile to find: skip the search, risk = NaN
+        kl = tl.load(stats_ptr + row * 4 + 2)
+        done = tl.where(kl == kl, 0, 1)
         # results: risk, and the saved scalars (tau, c_above, c_atom) or (Q, S, 0);
         # they stay NaN if the loop ran out (it cannot: see the docstring)
         r_value = float("nan")
@@ -157,7 +160,7 @@ def quantile_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr, kbuf_pt
                         k = _key(d)
                         inb = inside & (k >= klo) & (k <= khi)
                         if not RA:
-                            inb = inb & (q > 0)
+                            inb = inb & (q != 0)
                         if collect:
                             pos = n_in + _cumsum(inb.to(tl.int32), 0) - 1
                             tl.store(kbuf + pos, k, mask=inb)
@@ -242,7 +245,6 @@ def quantile_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr, kbuf_pt
         tl.store(saved_ptr + row * 5 + 2, r_0)
         tl.store(saved_ptr + row * 5 + 3, r_1)
         tl.store(saved_ptr + row * 5 + 4, r_2)
-        kl = tl.load(stats_ptr + row * 4 + 2)
-        # NaN in gives NaN out (a NaN row has no bracket to find)
+        # NaN in gives NaN out
         r_value = tl.where(kl == kl, r_value, kl)
         tl.store(stats_ptr + row * 4 + 3, r_value)

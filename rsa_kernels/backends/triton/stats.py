@@ -85,8 +85,9 @@ def stats_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr,
         s_tot = _sum(s_r * w, 0)
         ar = big_safe + tl.log(s_tot)
         kl = _sum(t_r * w, 0) / s_tot + (a - ar)
-        # an item with p = 0 < q makes kl (and every risk) +inf, the true value (SPEC 1)
-        inf_item = tl.exp(_max(inf_zr, 0) - ar) > 0
+        # an item with p = 0 < q makes kl (and every risk) +inf, the true value (SPEC 1);
+        # NaN logits (kl NaN through A or Ar) stay NaN: NaN in gives NaN out
+        inf_item = (tl.exp(_max(inf_zr, 0) - ar) > 0) & (kl == kl)
         kl = tl.where(inf_item, float("inf"), kl)
         norm = 0.0
         value = kl
