@@ -68,10 +68,13 @@ def test_float32_matches_reference_and_torch(v, risk):
     stats, grad = _run(z, zr, labels, risk, w, "triton")
     ref_stats, ref_grad = _run(z, zr, labels, risk, w, "reference")
     torch_stats, torch_grad = _run(z, zr, labels, risk, w, "torch")
+    # cvar's atom weight is (F(tau) - ALPHA) / (1 - ALPHA): a float32 sum F over V items is off
+    # by ~sqrt(V) ulps, which that difference magnifies; seen on an H200: 2.3e-5 at V=128256
+    gtol = 1e-4 if risk.startswith("cvar") and v >= 32000 else 2e-5
     _close(stats, ref_stats, 2e-5, scale=10)
-    _close(grad, ref_grad, 2e-5)
+    _close(grad, ref_grad, gtol)
     _close(stats, torch_stats, 2e-5, scale=10)
-    _close(grad, torch_grad, 2e-5)
+    _close(grad, torch_grad, gtol)
     assert torch.all(grad[labels == -100] == 0) and torch.all(stats[labels == -100] == 0)
 
 

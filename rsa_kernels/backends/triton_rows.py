@@ -35,6 +35,7 @@ NCAND = 1024           # items a bracket may hold to be collected into scratch
 ROW_CHUNK = 4096       # rows per quantile launch (bounds the candidate scratch)
 SAMPLED_IT = 6         # scratch rounds with sampled thresholds before key bins
 MAX_IT = 24            # rounds; 2 * (2 + ceil(32 / log2 NBINS)) + SAMPLED_IT = 24 always end
+QUANT_WARPS = 8        # warps of the quantile kernel
 _kernel_cache: dict = {}
 
 
@@ -121,7 +122,7 @@ def forward(z, zr, labels, risk: Risk, ignore_index: int, chunk_size: int | None
                              RA=ra, NB=NBINS, NC=NCAND, NS=_pow2_floor((NBINS - 1) // 2),
                              SAMPLED_IT=SAMPLED_IT, MAX_IT=MAX_IT, VALUE_IT=2,
                              BLOCK=INTERPRET_HIST_BLOCK if _interpreting() else HIST_BLOCK,
-                             num_warps=8, **_launch_opts())
+                             num_warps=QUANT_WARPS, **_launch_opts())
     return stats, saved
 
 
