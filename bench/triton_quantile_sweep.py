@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from rsa_kernels.backends import triton_rows as tr  # noqa: E402
 from rsa_kernels.risk import parse_risk  # noqa: E402
 
-CONFIGS = [(32, 256, 8), (32, 128, 4), (16, 256, 8), (16, 512, 8), (8, 512, 4), (64, 64, 4), (8, 1024, 8)]
+CONFIGS = [(8, 512, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 2), (2, 1024, 4), (4, 256, 2)]
 
 
 def configure(nb, hb, warps):
