@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 import rsa_kernels as rk  # noqa: E402
 from rsa_kernels import reference  # noqa: E402
-from rsa_kernels.backends import triton_rows  # noqa: E402
+from rsa_kernels.backends import torch_rows, triton_rows  # noqa: E402
 from rsa_kernels.risk import parse_risk  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -88,7 +88,31 @@ def test_half_inputs_compute_in_float32(dtype, risk):
     assert z.grad is None and grad.dtype == torch.float64
     # the gradient is rounded once, to the input dtype; coarse inputs tie in D often, and the
     # quantile atom's share (F - ALPHA) / mass is float32-sensitive when that mass is small
-    _close(grad, ref_grad, 1e-2, scale=0.2)
+    rows = _well_posed_rows(z, zr, labels, risk, eps=1e-4)
+    _close(grad[rows], ref_grad[rows], 1e-2, scale=0.2)
+
+
+def _well_posed_rows(z, zr, labels, risk, eps):
+    """Rows whose cvar/ra_dpo_cvar gradient is a continuous function of float32 rounding.
+
+    The gradient jumps where an item crosses the quantile (tau* or Q). When another D value
+    lies within ``eps`` of it without being bitwise equal, float32 and float64 (or two
+    float32 formulas of D) may put that item on different sides: both are right for their
+    own arithmetic, so such rows are left out of gradient comparisons. Asserts most remain.
+    """
+    keep = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+    if not risk.startswith(("cvar", "ra_dpo_cvar")):
+        return keep
+    _, saved = torch_rows.forward(z.double(), zr.double(), labels, parse_risk(risk), -100)
+    s = z.double() - torch.logsumexp(z.double(), -1, keepdim=True)
+    r = zr.double() - torch.logsumexp(zr.double(), -1, keepdim=True)
+    d = r - s
+    t = saved[:, 2:3]
+    gap = (d - t).abs()
+    near = (gap > 0) & (gap < eps)
+    keep = ~near.any(-1)
+    assert keep.sum() >= z.shape[0] // 2, "too few well-posed rows: the test would prove little"
+    return keep
 
 
 def test_gradient_has_the_input_dtype():
@@ -129,10 +153,13 @@ def test_extreme_logits(risk):
     # float32 log-probabilities have ~1e-3 absolute error at 1e4, so q and p carry ~1e-3
     # relative error, and sums of q*D (D ~ 2e4) a few units: the torch backend, in the same
     # float32, is the close oracle; the float64 reference bounds the error of both
+    # erm's w is proportional to exp(MU D): a 1e-3 error in D is a MU * 1e-3 relative error in w
+    gtol = 2e-3 * max(1.0, parse_risk(risk).param if risk.startswith("erm") else 1.0)
+    rows = _well_posed_rows(z, zr, labels, risk, eps=1e-2)  # a few float32 ulps of D ~ 2e4
     _close(stats, torch_stats, 1e-3, scale=10)
-    _close(grad, torch_grad, 2e-3)
+    _close(grad[rows], torch_grad[rows], gtol)
     _close(stats, ref_stats, 5e-3, scale=10)
-    _close(grad, ref_grad, 1e-2)
+    _close(grad[rows], ref_grad[rows], 1e-2)
 
 
 @pytest.mark.parametrize("risk", ["cvar:0", "cvar:0.5", "cvar:0.9", "ra_dpo_cvar:0.95", "ra_dpo_cvar:0.5"])
