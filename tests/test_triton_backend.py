@@ -96,9 +96,10 @@ def _well_posed_rows(z, zr, labels, risk, eps):
     """Rows whose cvar/ra_dpo_cvar gradient is a continuous function of float32 rounding.
 
     The gradient jumps where an item crosses the quantile (tau* or Q). When another D value
-    lies within ``eps`` of it without being bitwise equal, float32 and float64 (or two
-    float32 formulas of D) may put that item on different sides: both are right for their
-    own arithmetic, so such rows are left out of gradient comparisons. Asserts most remain.
+    lies within ``eps`` of it without being bitwise equal, or (cvar) the cumulative q-mass
+    passes ALPHA within 1e-5 at some item, float32 and float64 (or two float32 formulas of
+    D) may choose differently: both are right for their own arithmetic, so such rows are
+    left out of gradient comparisons. Asserts most rows remain.
     """
     keep = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
     if not risk.startswith(("cvar", "ra_dpo_cvar")):
@@ -111,6 +112,11 @@ def _well_posed_rows(z, zr, labels, risk, eps):
     gap = (d - t).abs()
     near = (gap > 0) & (gap < eps)
     keep = ~near.any(-1)
+    alpha = parse_risk(risk).param
+    if risk.startswith("cvar") and alpha > 0:  # tau* flips where the q-mass F passes ALPHA closely
+        order = d.sort(-1).indices
+        f = r.exp().gather(-1, order).cumsum(-1)
+        keep &= ~((f - alpha).abs() < 1e-5).any(-1)
     assert keep.sum() >= z.shape[0] // 2, "too few well-posed rows: the test would prove little"
     return keep
 
