@@ -96,7 +96,8 @@ def _well_posed_rows(z, zr, labels, risk, eps):
     """Rows whose cvar/ra_dpo_cvar gradient is a continuous function of float32 rounding.
 
     The gradient jumps where an item crosses the quantile (tau* or Q). When another D value
-    lies within ``eps`` of it without being bitwise equal, or (cvar) the cumulative q-mass
+    lies within ``eps`` of it (equal or not) other than a copy of the same (z, zr) pair, or
+    (cvar) the cumulative q-mass
     passes ALPHA within 1e-5 at some item, float32 and float64 (or two float32 formulas of
     D) may choose differently: both are right for their own arithmetic, so such rows are
     left out of gradient comparisons. Asserts most rows remain.
@@ -109,9 +110,12 @@ def _well_posed_rows(z, zr, labels, risk, eps):
     r = zr.double() - torch.logsumexp(zr.double(), -1, keepdim=True)
     d = r - s
     t = saved[:, 2:3]
-    gap = (d - t).abs()
-    near = (gap > 0) & (gap < eps)
-    keep = ~near.any(-1)
+    # items within eps of the quantile that are not copies of one (z, zr) pair: their D may
+    # tie in one arithmetic and not in another (seen with bf16 inputs on an H200)
+    near = (d - t).abs() < eps
+    pairs = torch.stack([z.double(), zr.double()], -1)
+    keep = torch.tensor([len(torch.unique(pairs[i][near[i]], dim=0)) <= 1 for i in range(z.shape[0])],
+                        device=z.device)
     alpha = parse_risk(risk).param
     if risk.startswith("cvar") and alpha > 0:  # tau* flips where the q-mass F passes ALPHA closely
         order = d.sort(-1).indices
