@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from peak_memory import reset_peak, status_kib  # the same /proc readings as the logits script
+
 
 def make_step(variant, objective, risk, *, sequences=8, length=256, hidden_size=1024, vocab=32000,
               dtype=torch.float32, seed=0, beta=0.1):
@@ -75,26 +77,18 @@ def make_step(variant, objective, risk, *, sequences=8, length=256, hidden_size=
     return run, params
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def measure(variant, objective, risk, **sizes) -> dict:
     small, _ = make_step(variant, objective, risk, sequences=2, length=16, hidden_size=32, vocab=256)
     small()  # warm-up: thread pools, lazy imports, first-call allocations
     step, params = make_step(variant, objective, risk, **sizes)
     grad_bytes = sum(p.numel() * p.element_size() for p in params)
-    base = _status_kib("VmRSS") * 1024
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak resident set size to the current one (Linux >= 4.0)
+    base = status_kib("VmRSS") * 1024
+    if not reset_peak():
+        raise RuntimeError("cannot reset the peak resident set size (needs Linux >= 4.0)")
     start = time.perf_counter()
     step()
     seconds = time.perf_counter() - start
-    peak = _status_kib("VmHWM") * 1024
+    peak = status_kib("VmHWM") * 1024
     return {"variant": variant, "objective": objective, "risk": risk, "extra_bytes": peak - base - grad_bytes,
             "seconds": seconds, "threads": torch.get_num_threads()}
 
