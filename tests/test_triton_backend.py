@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 import rsa_kernels as rk  # noqa: E402
 from rsa_kernels import reference  # noqa: E402
-from rsa_kernels.backends import torch_rows, triton_rows  # noqa: E402
+from rsa_kernels.backends import torch_rows, triton_quantile, triton_rows  # noqa: E402
 from rsa_kernels.risk import parse_risk  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -196,19 +196,31 @@ def test_ties_in_d_give_the_same_atom_split(risk):
     _close(saved[keep][:, 4].double(), torch_saved[keep][:, 4].double(), 1e-2)
 
 
-@pytest.mark.parametrize("risk", ["cvar:0.9", "cvar:0", "ra_dpo_cvar:0.95"])
-def test_many_histogram_rounds(risk, monkeypatch):
-    """A tiny scratch buffer and few bins: the search must still end exactly (key bins)."""
-    monkeypatch.setattr(triton_rows, "NCAND", 16)
-    monkeypatch.setattr(triton_rows, "NBINS", 8)
-    monkeypatch.setattr(triton_rows, "MAX_IT", 2 * (2 + 11) + triton_rows.SAMPLED_IT)
-    z, zr, labels, w = _inputs(4, 3000, seed=13)
-    z[1, :1500] = z[1, 1500:]  # ties beyond the buffer's size
-    zr[1, :1500] = zr[1, 1500:]
+@pytest.mark.parametrize("nbins", [8, 16])
+@pytest.mark.parametrize("risk", ["cvar:0.9", "cvar:0", "cvar:0.5", "ra_dpo_cvar:0.95", "ra_dpo_cvar:0.5"])
+def test_every_path_of_the_quantile_search(risk, nbins, monkeypatch):
+    """Rows end in the first histogram, the second, or from the scratch copy; all exact.
+
+    Whatever the row, the forward reads it at most 4 times: pass 1, two histogram launches,
+    one collect (there is no other loop over the row)."""
+    monkeypatch.setattr(triton_quantile, "NBINS", nbins)
+    finished = []
+    finish = triton_quantile.finish_from_scratch
+    monkeypatch.setattr(triton_quantile, "finish_from_scratch",
+                        lambda rows, *a: (finished.append(rows.tolist()), finish(rows, *a)))
+    z, zr, labels, w = _inputs(6, 3000, seed=13, masked=(5,))
+    zr[0] = z[0]                                 # policy = reference (training's first step)
+    z[1, :1500], zr[1, :1500] = z[1, 1500:], zr[1, 1500:]  # every value twice
+    z[2, :2000], zr[2, :2000] = z[2, 0:1], zr[2, 0:1]      # one value 2000 times
+    z[3] = (z[3] * 1e-6).round(decimals=7)          # a few thousand items within few ulps
+    zr[3] = 0.0
     stats, grad = _run(z, zr, labels, risk, w, "triton")
     torch_stats, torch_grad = _run(z, zr, labels, risk, w, "torch")
     _close(stats, torch_stats, 2e-5, scale=10)
     _close(grad, torch_grad, 2e-5)
+    scratch = {r for rows in finished for r in rows}
+    assert 0 not in scratch and 5 not in scratch  # one key after the histograms; masked
+    assert 4 in scratch  # a spread-out row needs the scratch copy
 
 
 @pytest.mark.parametrize("risk", ["kl", "cvar:0.9", "ra_dpo_cvar:0.95"])
@@ -322,12 +334,16 @@ def test_kernels_compile_for_hopper(monkeypatch):
                       "stride_out": "i32", "V": "i32", "ignore_index": "i32", "mu": "fp32",
                       "RISK": "constexpr", "BLOCK": "constexpr"},
          [{"RISK": r, "BLOCK": triton_rows.BLOCK} for r in range(4)], {}),
-        (k.quantile, {"z_ptr": "*fp32", "zr_ptr": "*fp32", **rows, "kbuf_ptr": "*i64", "qbuf_ptr": "*fp32",
-                      "row0": "i32", **ints, "alpha": "fp32", "lo_rank": "i32", "hi_rank": "i32", "frac": "fp32",
-                      **{c: "constexpr" for c in ("RA", "NB", "NC", "NS", "SAMPLED_IT", "BLOCK", "MAX_IT", "VALUE_IT")}},
-         [{"RA": ra, "NB": triton_rows.NBINS, "NC": triton_rows.NCAND, "NS": triton_rows._pow2_floor((triton_rows.NBINS - 1) // 2), "SAMPLED_IT": triton_rows.SAMPLED_IT,
-           "BLOCK": triton_rows.HIST_BLOCK, "MAX_IT": triton_rows.MAX_IT, "VALUE_IT": 2} for ra in (False, True)],
+        (k.histogram, {"z_ptr": "*bf16", "zr_ptr": "*bf16", **rows, "ist_ptr": "*i64", "fst_ptr": "*fp32",
+                       **ints, "alpha": "fp32", "lo_rank": "i32", "hi_rank": "i32", "frac": "fp32",
+                       **{c: "constexpr" for c in ("FIRST", "RA", "NB", "BLOCK")}},
+         [{"FIRST": first, "RA": ra, "NB": triton_quantile.NBINS, "BLOCK": triton_quantile.HIST_BLOCK}
+          for first in (True, False) for ra in (False, True)],
          {"enable_fp_fusion": False}),
+        (k.collect, {"z_ptr": "*fp32", "zr_ptr": "*fp32", "rows_ptr": "*i64", "saved_ptr": "*fp32",
+                     "ist_ptr": "*i64", "d_ptr": "*fp32", "q_ptr": "*fp32", "stride_z": "i32", "stride_zr": "i32",
+                     "V": "i32", "cap": "i32", "RA": "constexpr", "BLOCK": "constexpr"},
+         [{"RA": ra, "BLOCK": triton_quantile.HIST_BLOCK} for ra in (False, True)], {"enable_fp_fusion": False}),
     ]
     for fn, signature, constant_sets, opts in variants:
         for constants in constant_sets:

@@ -2,7 +2,8 @@
 
 Forward: pass 1 (triton/stats.py) reads each row of z and zr once for A, Ar, logp,
 ref_logp, kl and the erm normaliser; cvar and ra_dpo_cvar add the exact quantile search of
-triton/quantile.py (typically 3 more passes, see docs/triton_kernels.md). Backward: one
+triton/histogram.py and triton/collect.py (at most 3 more reads of the row, see
+triton_quantile.py and docs/triton_kernels.md). Backward: one
 pass (triton/backward.py). Math in float32 for float32/bfloat16/float16 inputs; float64 is
 not supported (use the torch or cpu backend). Saved scalars mean what rsa_kernels.risk
 says, so forward/backward are drop-in for torch_rows', with one documented difference: the
@@ -24,19 +25,11 @@ import torch
 import triton  # noqa: F401  (ImportError here marks the backend unavailable)
 
 from ..risk import SAVED_WIDTH, Risk
+from .triton_quantile import quantile_forward
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_V = 262144
 BLOCK = 1024           # pass 1 and backward: elements per step
-HIST_BLOCK = 512       # quantile passes: a (HIST_BLOCK x NBINS) comparison per step
-INTERPRET_HIST_BLOCK = 1024  # the interpreter pays per operation, not per element
-NBINS = 8              # bins per histogram pass (an H200 sweep: 8 bins x 512 x 4 warps
-                       # ran 2.6x faster than 32 x 256 x 8, bench/triton_quantile_sweep.py)
-NCAND = 1024           # items a bracket may hold to be collected into scratch
-ROW_CHUNK = 4096       # rows per quantile launch (bounds the candidate scratch)
-SAMPLED_IT = 6         # scratch rounds with sampled thresholds before key bins
-MAX_IT = 32            # rounds; 2 * (2 + ceil(32 / log2 NBINS)) + SAMPLED_IT = 32 always end
-QUANT_WARPS = 4        # warps of the quantile kernel
 _kernel_cache: dict = {}
 
 
@@ -56,7 +49,8 @@ def _kernels():
         sys.modules[name] = pkg
         _kernel_cache[mode] = types.SimpleNamespace(
             stats=importlib.import_module(f"{name}.stats").stats_kernel,
-            quantile=importlib.import_module(f"{name}.quantile").quantile_kernel,
+            histogram=importlib.import_module(f"{name}.histogram").histogram_kernel,
+            collect=importlib.import_module(f"{name}.collect").collect_kernel,
             backward=importlib.import_module(f"{name}.backward").backward_kernel,
         )
     return _kernel_cache[mode]
@@ -106,24 +100,7 @@ def forward(z, zr, labels, risk: Risk, ignore_index: int, chunk_size: int | None
     k.stats[(n,)](z, zr, labels, stats, saved, aux, z.stride(0), zr.stride(0), v, ignore_index, mu,
                   RISK=risk.code, RANGE=quant, BLOCK=BLOCK, num_warps=8)
     if quant:
-        ra = risk.kind == "ra_dpo_cvar"
-        alpha, lo, hi, frac = risk.param, 0, 0, 0.0
-        if ra:  # reference.interpolated_quantile's ranks for level 1 - C
-            pos = (1.0 - risk.param) * (v - 1)
-            lo = int(pos)
-            hi = min(lo + 1, v - 1)
-            frac = pos - lo
-        rows = min(n, ROW_CHUNK)
-        kbuf = torch.empty(rows, NCAND, dtype=torch.int64, device=z.device)
-        qbuf = torch.empty(rows, NCAND, dtype=torch.float32, device=z.device)
-        for r0 in range(0, n, rows):
-            m = min(rows, n - r0)
-            k.quantile[(m,)](z, zr, labels, stats, saved, aux, kbuf, qbuf, r0,
-                             z.stride(0), zr.stride(0), v, ignore_index, alpha, lo, hi, frac,
-                             RA=ra, NB=NBINS, NC=NCAND, NS=_pow2_floor((NBINS - 1) // 2),
-                             SAMPLED_IT=SAMPLED_IT, MAX_IT=MAX_IT, VALUE_IT=2,
-                             BLOCK=INTERPRET_HIST_BLOCK if _interpreting() else HIST_BLOCK,
-                             num_warps=QUANT_WARPS, **_launch_opts())
+        quantile_forward(k, z, zr, labels, stats, saved, aux, risk, ignore_index, _interpreting(), _launch_opts())
     return stats, saved
 
 
@@ -142,7 +119,3 @@ def backward(z, zr, labels, saved, grads, risk: Risk, ignore_index: int,
                      RISK=risk.code, BLOCK=BLOCK, num_warps=8)
     return out
 
-
-def _pow2_floor(x: int) -> int:
-    """Sampled thresholds per scratch histogram (a power of two for tl.arange)."""
-    return 1 << (max(1, x).bit_length() - 1)

@@ -4,7 +4,7 @@ Online (per lane, merged at the end) logsumexp of z (A) and zr (Ar); the kl sum
 sum_v e^(zr_v - m)(zr_v - z_v), which needs no A or Ar because
 D_v = (zr_v - z_v) + (A - Ar) and sum_v q_v = 1; for erm a third online logsumexp of
 (1+MU) zr - MU z. For cvar and ra_dpo_cvar it also records the range, mean and spread of
-zr - z, which place the first histogram's bins of the quantile search (quantile.py).
+zr - z, which place the first histogram's bins of the quantile search (histogram.py).
 """
 import triton
 import triton.language as tl

@@ -1,0 +1,108 @@
+"""The exact quantile of cvar and ra_dpo_cvar for the triton backend: passes 2 to 4, then scratch.
+
+After pass 1 (triton/stats.py) has A and Ar, two histogram launches (triton/histogram.py)
+narrow a bracket of D around the target; most rows end there. The rest are copied out, their
+bracket's items only, by one more read (triton/collect.py) and finished here on that copy:
+sorted by key, the q-mass summed in float64. So every row is read at most 4 times in the
+forward, whatever its values. Only this step waits for the GPU (to size the scratch).
+
+Results land where the single-key finish of histogram.py puts them: stats[:, 3] = risk,
+saved[:, 2:5] = (tau, c_above, c_atom) or (Q, S, 0), with rsa_kernels.risk's meaning.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..risk import Risk
+
+NBINS = 16             # thresholds per histogram launch
+HIST_BLOCK = 256       # items per step: (HIST_BLOCK x NBINS) per-lane tiles
+INTERPRET_BLOCK = 1024  # the interpreter pays per operation, not per element
+HIST_WARPS = 8
+SCRATCH_BYTES = 256 << 20  # the scratch and its sort's temporaries, per batch of open rows
+_BYTES_PER_ITEM = 72       # d, q; keys, sorted keys, order, sorted q (f64), cumsums, ...
+_PAD_KEY = 1 << 33         # sorts after every real key
+
+
+def ranks(risk: Risk, v: int) -> tuple[int, int, float]:
+    """reference.interpolated_quantile's ranks LO, HI and weight for level 1 - C."""
+    pos = (1.0 - risk.param) * (v - 1)
+    lo = int(pos)
+    return lo, min(lo + 1, v - 1), pos - lo
+
+
+def quantile_forward(kernels, z, zr, labels, stats, saved, aux, risk: Risk, ignore_index: int,
+                     interpreting: bool, launch_opts: dict) -> None:
+    n, v = z.shape
+    ra = risk.kind == "ra_dpo_cvar"
+    alpha, (lo, hi, frac) = (0.0, ranks(risk, v)) if ra else (risk.param, (0, 0, 0.0))
+    ist = torch.empty(n, 4, dtype=torch.int64, device=z.device)
+    fst = torch.empty(n, 4, dtype=torch.float32, device=z.device)
+    block = INTERPRET_BLOCK if interpreting else HIST_BLOCK
+    for first in (True, False):
+        kernels.histogram[(n,)](z, zr, labels, stats, saved, aux, ist, fst, z.stride(0), zr.stride(0), v,
+                                ignore_index, alpha, lo, hi, frac, FIRST=first, RA=ra, NB=NBINS,
+                                BLOCK=block, num_warps=HIST_WARPS, **launch_opts)
+    count = ist[:, 3]
+    open_rows = (count > 0).nonzero().squeeze(1)
+    if open_rows.numel() == 0:
+        return
+    cap = int(count.index_select(0, open_rows).max())
+    per_batch = max(1, SCRATCH_BYTES // (cap * _BYTES_PER_ITEM))
+    for rows in open_rows.split(per_batch):
+        d = torch.empty(len(rows), cap, dtype=torch.float32, device=z.device)
+        q = torch.empty_like(d)
+        kernels.collect[(len(rows),)](z, zr, rows, saved, ist, d, q, z.stride(0), zr.stride(0), v, cap,
+                                      RA=ra, BLOCK=block, num_warps=HIST_WARPS, **launch_opts)
+        finish_from_scratch(rows, d, q, ist, fst, stats, saved, risk, alpha, lo, hi, frac)
+
+
+def sort_keys(d: torch.Tensor) -> torch.Tensor:
+    """triton/_common._key on the host: float32 -> int64, monotone, exact (D has no -0)."""
+    b = d.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return torch.where(b >= 0x80000000, 0xFFFFFFFF - b, b + 0x80000000)
+
+
+def finish_from_scratch(rows, d, q, ist, fst, stats, saved, risk: Risk, alpha, lo, hi, frac) -> None:
+    """Exact selection over each open row's bracket items (D, q), with the totals below/above."""
+    count = ist[rows, 3]
+    below_cnt = ist[rows, 2]
+    below_mass, below_max, above_qd, above_mass = (fst[rows, c].double() for c in range(4))
+    slots = torch.arange(d.shape[1], device=d.device)
+    filled = slots[None, :] < count[:, None]
+    keys = torch.where(filled, sort_keys(d), _PAD_KEY)
+    keys, order = keys.sort(dim=1)
+    valid = keys < _PAD_KEY
+    ds = d.gather(1, order)
+    qs = torch.where(valid, q.gather(1, order).double(), 0.0)
+    # q*D over q != 0 (a -inf item with q = 0 adds nothing, not NaN)
+    qd = torch.where(valid & (qs != 0), qs * ds.double(), 0.0)
+    if risk.kind == "cvar":
+        # F at each item's last tie; tau* = the first item whose F reaches alpha, else the largest
+        f_le = (below_mass[:, None] + qs.cumsum(1)).gather(1, torch.searchsorted(keys, keys, right=True) - 1)
+        hit = valid & (f_le >= alpha)
+        idx = torch.where(hit.any(1), hit.long().argmax(1), count - 1)[:, None]
+        tau_key = keys.gather(1, idx)
+        tau = ds.gather(1, idx).squeeze(1)
+        atom = torch.where(keys == tau_key, qs, 0.0).sum(1)
+        c_above = torch.full_like(atom, 1.0 / (1.0 - alpha))
+        c_atom = (f_le.gather(1, idx).squeeze(1) - alpha).clamp_min(0.0) / ((1.0 - alpha) * atom)
+        atom_w = atom * c_atom
+        value = (above_qd + torch.where(keys > tau_key, qd, 0.0).sum(1)) * c_above
+        value = value + torch.where(atom_w > 0, atom_w * tau.double(), 0.0)
+        cols = (tau, c_above, c_atom)
+    else:
+        v_hi = ds.gather(1, (hi - below_cnt)[:, None]).squeeze(1)
+        lo_pos = lo - below_cnt
+        v_lo = torch.where(lo_pos >= 0, ds.gather(1, lo_pos.clamp_min(0)[:, None]).squeeze(1),
+                           below_max.float())
+        quant = v_lo if frac == 0.0 else torch.where((v_lo == v_hi) | (v_lo == float("-inf")), v_lo,
+                                                      v_lo + frac * (v_hi - v_lo))
+        take = valid & (ds > quant[:, None])
+        defined = quant == quant  # as in torch, D > NaN selects nothing
+        value = torch.where(defined, above_qd + torch.where(take, qd, 0.0).sum(1), 0.0)
+        s_above = torch.where(defined, above_mass + torch.where(take, qs, 0.0).sum(1), 0.0)
+        cols = (quant, s_above, torch.zeros_like(s_above))
+    stats[rows, 3] = value.float()
+    for c, col in enumerate(cols):
+        saved[rows, 2 + c] = col.float()
