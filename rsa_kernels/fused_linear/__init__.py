@@ -14,6 +14,7 @@ from ..risk import parse_risk
 from ..token_stats import TokenStats
 from ..validation import check_objective_args
 from .checks import check_chunking, check_linear
+from .fused_kernel import kernel_rows_token_stats
 from .linear import MEMORY_BUDGET, budget_rows
 from .pairs import fused_pair_loss, pair_rows
 from .tokens import fused_rows_token_stats
@@ -25,17 +26,26 @@ def _rows(hidden, ref_hidden, labels):
 
 def fused_linear_token_stats(hidden, weight, ref_hidden, ref_weight, labels, *, bias=None, ref_bias=None,
                              risk="kl", ignore_index: int = -100, backend: str = "auto",
-                             chunk_size: int | None = None, memory_budget: int | None = None) -> TokenStats:
+                             chunk_size: int | None = None, memory_budget: int | None = None,
+                             schedule: str = "tokens") -> TokenStats:
     """token_stats of the logits hidden @ weight.T + bias (policy) and likewise (reference).
 
     hidden (..., H), weight (V, H), bias (V,) or None; labels of hidden's leading shape.
     Gradients flow to hidden, weight and bias of the policy only. Token chunks with
     recomputation in the backward: ``chunk_size`` rows of logits at a time, or as many as
     ``memory_budget`` bytes (default linear.MEMORY_BUDGET) allow for the two models' chunks.
+    ``schedule="kernel"``: the fused Triton kernel instead (fused_kernel.py; kl and erm only).
     """
     risk = parse_risk(risk)
     check_linear(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index=ignore_index)
     check_chunking(chunk_size, "tokens", memory_budget)
+    if schedule not in ("tokens", "kernel"):
+        raise ValueError(f"schedule must be 'tokens' or 'kernel', got {schedule!r}")
+    if schedule == "kernel":
+        h, rh, lab = _rows(hidden, ref_hidden, labels)
+        out = kernel_rows_token_stats(h, weight, bias, rh, ref_weight, ref_bias, lab, risk=risk,
+                                      ignore_index=ignore_index, backend=backend)
+        return TokenStats(*(t.view(labels.shape) for t in out))
     impl = get_backend(backend, hidden)
     rows = chunk_size or budget_rows(weight.shape[0], hidden.dtype, memory_budget)
     h, rh, lab = _rows(hidden, ref_hidden, labels)
@@ -65,24 +75,29 @@ def fused_linear_preference_loss(hidden, weight, ref_hidden, ref_weight, labels,
     hidden (N, H), labels (N,), ``sequence_ids`` (N,). ``schedule``: "pairs" (each chunk
     holds whole pairs; gradients computed in the forward), "tokens" (recomputation in the
     backward; memory independent of sequence length) or "auto" (pairs when the largest pair
-    fits ``chunk_size`` rows, or the ``memory_budget``). Gradients flow to hidden, weight
-    and bias of the policy only.
+    fits ``chunk_size`` rows, or the ``memory_budget``), or "kernel" (the fused Triton kernel
+    of fused_kernel.py: no logits in memory at all; kl and erm only). Gradients flow to
+    hidden, weight and bias of the policy only.
     """
     risk = parse_risk(risk)
     check_objective_args(objective, beta, alpha, gamma, label_smoothing)
     check_linear(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index=ignore_index)
-    check_chunking(chunk_size, schedule, memory_budget)
+    check_chunking(chunk_size, "tokens" if schedule == "kernel" else schedule, memory_budget)
     layout = make_layout(labels, ignore_index=ignore_index, shift=shift,
                          sequence_ids=sequence_ids, num_sequences=num_sequences)
     impl = get_backend(backend, hidden)
     rows = chunk_size or budget_rows(weight.shape[0], hidden.dtype, memory_budget)
     loss_args = dict(objective=objective, beta=beta, alpha=alpha, gamma=gamma, label_smoothing=label_smoothing)
     h, rh, _ = _rows(hidden, ref_hidden, labels)
-    if choose_schedule(layout, rows, schedule) == "pairs":
+    if schedule == "kernel":
+        out = kernel_rows_token_stats(h, weight, bias, rh, ref_weight, ref_bias, layout.labels.reshape(-1),
+                                      risk=risk, ignore_index=ignore_index, backend=backend)
+    elif choose_schedule(layout, rows, schedule) == "pairs":
         return fused_pair_loss(h, weight, bias, rh, ref_weight, ref_bias, layout, risk=risk,
                                ignore_index=ignore_index, backend=impl, rows=rows, loss_args=loss_args)
-    out = fused_rows_token_stats(h, weight, bias, rh, ref_weight, ref_bias, layout.labels.reshape(-1), risk=risk,
-                                 ignore_index=ignore_index, backend=impl, rows=rows)
+    else:
+        out = fused_rows_token_stats(h, weight, bias, rh, ref_weight, ref_bias, layout.labels.reshape(-1),
+                                     risk=risk, ignore_index=ignore_index, backend=impl, rows=rows)
     stats = TokenStats(*(t.view(layout.labels.shape) for t in out))
     return loss_from_token_stats(stats, layout, **loss_args)
 
