@@ -140,10 +140,13 @@ def histogram_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr, ist_pt
                                                                        FIRST, NB)))
         offs = tl.arange(0, BLOCK)
         # per-lane, per-bin sums, reduced once after the loop
-        cnt_b = tl.full([BLOCK, NB], 0.0, tl.float32)   # exact: counts < 2^24
-        mass_b = tl.full([BLOCK, NB], 0.0, tl.float32)
-        qd_b = tl.full([BLOCK, NB], 0.0, tl.float32)
-        max_b = tl.full([BLOCK, NB], float("-inf"), tl.float32)
+        # (bins, items) tiles: items along the contiguous axis, so that each thread holds
+        # every bin of its own items and broadcasting D over bins moves no data
+        cnt_b = tl.full([NB, BLOCK], 0.0, tl.float32)   # exact: counts < 2^24
+        mass_b = tl.full([NB, BLOCK], 0.0, tl.float32)
+        qd_b = tl.full([NB, BLOCK], 0.0, tl.float32)
+        max_b = tl.full([NB, BLOCK], float("-inf"), tl.float32)
+        qd_inf = tl.full([BLOCK], 0.0, tl.float32)
         d_min = tl.full([BLOCK], float("inf"), tl.float32)
         d_max = tl.full([BLOCK], float("-inf"), tl.float32)
         for start in range(0, V, BLOCK):
@@ -153,21 +156,26 @@ def histogram_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr, ist_pt
             zr = tl.load(rrow + cols, mask=inside, other=0.0).to(tl.float32)
             q, d = _deviation(z, zr, a, ar)
             inb = _in_bracket(d, q, inside, klo, khi, RA)
-            # where, not a product with the mask: 0 * inf (an item with p = 0 < q) is NaN
-            qd = tl.where(inb & (q != 0), q * d, 0.0)
+            # outside the bracket D becomes NaN, so that both comparisons below are false
+            d_in = tl.where(inb, d, float("nan"))
             q_in = tl.where(inb, q, 0.0)
-            in_bin = ((d[:, None] >= tv[None, :]) != (d[:, None] >= tv_next[None, :])) & inb[:, None]
-            cnt_b += in_bin.to(tl.float32)
-            mass_b += tl.where(in_bin, q_in[:, None], 0.0)
-            qd_b += tl.where(in_bin, qd[:, None], 0.0)
+            qd = tl.where(inb & (q != 0), q * d, 0.0)
+            # +inf items (p = 0 < q, FIRST's last bin) keep their q*D = +inf apart: in the
+            # tiles, 0 * inf would be NaN
+            qd_inf += tl.where(qd == float("inf"), qd, 0.0)
+            qd = tl.where(qd == float("inf"), 0.0, qd)
+            in_bin = tl.where((d_in[None, :] >= tv[:, None]) != (d_in[None, :] >= tv_next[:, None]), 1.0, 0.0)
+            cnt_b += in_bin
+            mass_b = tl.fma(in_bin, q_in[None, :], mass_b)  # explicit: fusion is off for _interp
+            qd_b = tl.fma(in_bin, qd[None, :], qd_b)
             if RA:
-                max_b = tl.maximum(max_b, tl.where(in_bin, d[:, None], float("-inf")))
+                max_b = tl.maximum(max_b, tl.where(in_bin != 0, d[None, :], float("-inf")))
             d_min = tl.minimum(d_min, tl.where(inb, d, float("inf")))
             d_max = tl.maximum(d_max, tl.where(inb, d, float("-inf")))
-        cnt = _sum(cnt_b, 0).to(tl.int64)
-        mass = _sum(mass_b, 0)
-        qdsum = _sum(qd_b, 0)
-        bmax = _max(max_b, 0)
+        cnt = _sum(cnt_b, 1).to(tl.int64)
+        mass = _sum(mass_b, 1)
+        qdsum = _sum(qd_b, 1) + tl.where(jb == NB - 1, _sum(qd_inf, 0), 0.0)
+        bmax = _max(max_b, 1)
         # per threshold j, the count and q-mass of the bracket items below it
         before = jb[None, :] < jb[:, None]
         cnt_lt = _sum(tl.where(before, cnt[None, :], 0), 1)
