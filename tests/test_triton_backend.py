@@ -223,6 +223,38 @@ def test_every_path_of_the_quantile_search(risk, nbins, monkeypatch):
     assert 4 in scratch  # a spread-out row needs the scratch copy
 
 
+@pytest.mark.parametrize("risk", ["cvar:0.9", "cvar:0", "ra_dpo_cvar:0.95"])
+def test_scratch_finish_ignores_the_collect_order(risk, monkeypatch):
+    """On a GPU the collect pass fills the scratch in an arbitrary order (atomic slots); the
+    finish sorts by (D, q), so any order of the same items gives bit-identical results."""
+    calls = []
+    finish = triton_quantile.finish_from_scratch
+    monkeypatch.setattr(triton_quantile, "finish_from_scratch",
+                        lambda *a: (calls.append([x.clone() if torch.is_tensor(x) else x for x in a]), finish(*a)))
+    z, zr, labels, _ = _inputs(4, 2000, seed=37, masked=())
+    z[:, 1000:1500], zr[:, 1000:1500] = z[:, 0:1], zr[:, 0:1]   # a tie, with equal q as well
+    zr[:, 1500:1600] = zr[:, 1600:1700] + 0.5                     # equal D, different q
+    z[:, 1500:1600] = z[:, 1600:1700] + 0.5
+    stats, saved = triton_rows.forward(z, zr, labels, parse_risk(risk), -100)
+    assert calls
+    rows, d, q, ist, fst, _, _, *rest = calls[0]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        order = torch.arange(d.shape[1]).repeat(d.shape[0], 1)
+        for i, c in enumerate(ist[rows, 3].tolist()):  # permute only the filled slots of each row
+            order[i, :c] = torch.randperm(c, generator=g)
+        order = order.to(d.device)
+        dp, qp = d.gather(1, order), q.gather(1, order)
+        st2, sv2 = stats.clone(), saved.clone()
+        finish(rows, dp, qp, ist, fst, st2, sv2, *rest)
+        assert torch.equal(st2, stats) and torch.equal(sv2, saved)
+        # the finish sums in one order whatever the slots: items sorted by (D, q)
+        filled = torch.arange(d.shape[1], device=d.device)[None, :] < ist[rows, 3][:, None]
+        first = triton_quantile._item_order(d, q, filled).sort(dim=1).indices
+        again = triton_quantile._item_order(dp, qp, filled).sort(dim=1).indices
+        assert torch.equal(q.gather(1, first)[filled], qp.gather(1, again)[filled])
+
+
 @pytest.mark.parametrize("risk", ["kl", "cvar:0.9", "ra_dpo_cvar:0.95"])
 def test_inplace_backward_matches(risk):
     z, zr, labels, w = _inputs(ROWS, 1000, dtype=torch.bfloat16, seed=17)
@@ -341,9 +373,9 @@ def test_kernels_compile_for_hopper(monkeypatch):
           for first in (True, False) for ra in (False, True)],
          {"enable_fp_fusion": False}),
         (k.collect, {"z_ptr": "*fp32", "zr_ptr": "*fp32", "rows_ptr": "*i64", "saved_ptr": "*fp32",
-                     "ist_ptr": "*i64", "d_ptr": "*fp32", "q_ptr": "*fp32", "stride_z": "i32", "stride_zr": "i32",
+                     "ist_ptr": "*i64", "d_ptr": "*fp32", "q_ptr": "*fp32", "fill_ptr": "*i32", "stride_z": "i32", "stride_zr": "i32",
                      "V": "i32", "cap": "i32", "RA": "constexpr", "BLOCK": "constexpr"},
-         [{"RA": ra, "BLOCK": triton_quantile.HIST_BLOCK} for ra in (False, True)], {"enable_fp_fusion": False}),
+         [{"RA": ra, "BLOCK": triton_quantile.COLLECT_BLOCK} for ra in (False, True)], {"enable_fp_fusion": False}),
     ]
     for fn, signature, constant_sets, opts in variants:
         for constants in constant_sets:

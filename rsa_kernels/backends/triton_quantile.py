@@ -19,6 +19,7 @@ NBINS = 16             # thresholds per histogram launch
 HIST_BLOCK = 256       # items per step: (HIST_BLOCK x NBINS) per-lane tiles
 INTERPRET_BLOCK = 1024  # the interpreter pays per operation, not per element
 HIST_WARPS = 8
+COLLECT_BLOCK = 1024   # items per step of the collect pass (its scan has barriers: amortise them)
 SCRATCH_BYTES = 256 << 20  # the scratch and its sort's temporaries, per batch of open rows
 _BYTES_PER_ITEM = 72       # d, q; keys, sorted keys, order, sorted q (f64), cumsums, ...
 _PAD_KEY = 1 << 33         # sorts after every real key
@@ -52,8 +53,10 @@ def quantile_forward(kernels, z, zr, labels, stats, saved, aux, risk: Risk, igno
     for rows in open_rows.split(per_batch):
         d = torch.empty(len(rows), cap, dtype=torch.float32, device=z.device)
         q = torch.empty_like(d)
-        kernels.collect[(len(rows),)](z, zr, rows, saved, ist, d, q, z.stride(0), zr.stride(0), v, cap,
-                                      RA=ra, BLOCK=block, num_warps=HIST_WARPS, **launch_opts)
+        fill = torch.zeros(len(rows), dtype=torch.int32, device=z.device)
+        kernels.collect[(len(rows),)](z, zr, rows, saved, ist, d, q, fill, z.stride(0), zr.stride(0), v, cap,
+                                      RA=ra, BLOCK=INTERPRET_BLOCK if interpreting else COLLECT_BLOCK,
+                                      num_warps=HIST_WARPS, **launch_opts)
         finish_from_scratch(rows, d, q, ist, fst, stats, saved, risk, alpha, lo, hi, frac)
 
 
@@ -63,6 +66,13 @@ def sort_keys(d: torch.Tensor) -> torch.Tensor:
     return torch.where(b >= 0x80000000, 0xFFFFFFFF - b, b + 0x80000000)
 
 
+def _item_order(d: torch.Tensor, q: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+    """One int64 per item ordering by D, then by q (q >= 0: its bits sort as integers), so
+    that items tie only if equal in both: the result cannot depend on the collect order."""
+    return torch.where(filled, ((sort_keys(d) - (1 << 31)) << 32) | q.view(torch.int32).to(torch.int64),
+                       torch.iinfo(torch.int64).max)
+
+
 def finish_from_scratch(rows, d, q, ist, fst, stats, saved, risk: Risk, alpha, lo, hi, frac) -> None:
     """Exact selection over each open row's bracket items (D, q), with the totals below/above."""
     count = ist[rows, 3]
@@ -70,10 +80,10 @@ def finish_from_scratch(rows, d, q, ist, fst, stats, saved, risk: Risk, alpha, l
     below_mass, below_max, above_qd, above_mass = (fst[rows, c].double() for c in range(4))
     slots = torch.arange(d.shape[1], device=d.device)
     filled = slots[None, :] < count[:, None]
-    keys = torch.where(filled, sort_keys(d), _PAD_KEY)
-    keys, order = keys.sort(dim=1)
-    valid = keys < _PAD_KEY
+    order = _item_order(d, q, filled).sort(dim=1).indices
     ds = d.gather(1, order)
+    valid = filled  # the filled slots sort first
+    keys = torch.where(valid, sort_keys(ds), _PAD_KEY)
     qs = torch.where(valid, q.gather(1, order).double(), 0.0)
     # q*D over q != 0 (a -inf item with q = 0 adds nothing, not NaN)
     qd = torch.where(valid & (qs != 0), qs * ds.double(), 0.0)

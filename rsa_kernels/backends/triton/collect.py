@@ -2,20 +2,23 @@
 
 One program per open row (their indices in rows_ptr): re-read z and zr, recompute D and q
 with the same float32 operations as every other pass (so the same bits), and store the
-bracket's items (D, q) contiguously into the row's slice of the scratch buffers. The
-caller sized the scratch to the largest bracket, so every item fits; what is left of the
-search runs on those few items (triton_quantile.finish_from_scratch) and never reads the
-row again.
+bracket's items (D, q) into the row's slice of the scratch buffers, each at a slot taken
+from the row's counter with an atomic add. Only bracket items (a few hundred of 10^5,
+typically) touch the counter, so the pass costs about what pass 1 does; a prefix sum per
+block would put barriers in the loop. The slots' order is arbitrary: the finish sorts by
+(D, q), so the result does not depend on it. The caller sized the scratch to the largest
+bracket, so every item fits; what is left of the search runs on those few items
+(triton_quantile.finish_from_scratch) and never reads the row again.
 """
 import triton
 import triton.language as tl
 
-from ._common import _cumsum, _deviation, _sum
+from ._common import _deviation
 from .histogram import _in_bracket
 
 
 @triton.jit
-def collect_kernel(z_ptr, zr_ptr, rows_ptr, saved_ptr, ist_ptr, d_ptr, q_ptr,
+def collect_kernel(z_ptr, zr_ptr, rows_ptr, saved_ptr, ist_ptr, d_ptr, q_ptr, fill_ptr,
                    stride_z, stride_zr, V, cap,
                    RA: tl.constexpr, BLOCK: tl.constexpr):
     slot = tl.program_id(0).to(tl.int64)
@@ -29,7 +32,7 @@ def collect_kernel(z_ptr, zr_ptr, rows_ptr, saved_ptr, ist_ptr, d_ptr, q_ptr,
     d_out = d_ptr + slot * cap
     q_out = q_ptr + slot * cap
     offs = tl.arange(0, BLOCK)
-    n = 0
+    fill = fill_ptr + slot + offs * 0
     for start in range(0, V, BLOCK):
         cols = start + offs
         inside = cols < V
@@ -37,8 +40,6 @@ def collect_kernel(z_ptr, zr_ptr, rows_ptr, saved_ptr, ist_ptr, d_ptr, q_ptr,
         zr = tl.load(rrow + cols, mask=inside, other=0.0).to(tl.float32)
         q, d = _deviation(z, zr, a, ar)
         inb = _in_bracket(d, q, inside, klo, khi, RA)
-        flag = inb.to(tl.int32)
-        pos = n + _cumsum(flag, 0) - 1
+        pos = tl.atomic_add(fill, 1, mask=inb)
         tl.store(d_out + pos, d, mask=inb)
         tl.store(q_out + pos, q, mask=inb)
-        n += _sum(flag, 0)
