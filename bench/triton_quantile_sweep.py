@@ -1,11 +1,11 @@
-"""Time the triton quantile pass (cvar / ra_dpo_cvar forward) under several launch shapes.
+"""Time the triton cvar / ra_dpo_cvar forward under several histogram launch shapes.
 
 A measurement for tuning, not a test: each configuration must reproduce the default's
-statistics exactly; prints one line per configuration. GPU only.
+statistics exactly; prints one line per configuration (NBINS thresholds per histogram,
+HIST_BLOCK items per step, warps), with the kl forward (pass 1 alone) as the floor. GPU only.
     python bench/triton_quantile_sweep.py [--n 4096] [--v 128256]
 """
 import argparse
-import math
 import os
 import sys
 import time
@@ -13,15 +13,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from rsa_kernels.backends import triton_rows as tr  # noqa: E402
+from rsa_kernels.backends import triton_quantile as tq, triton_rows as tr  # noqa: E402
 from rsa_kernels.risk import parse_risk  # noqa: E402
 
-CONFIGS = [(8, 512, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 2), (2, 1024, 4), (4, 256, 2)]
+CONFIGS = [(16, 256, 8), (8, 256, 8), (16, 512, 8), (16, 128, 4), (8, 512, 8), (32, 128, 8), (16, 256, 4)]
 
 
 def configure(nb, hb, warps):
-    tr.NBINS, tr.HIST_BLOCK, tr.QUANT_WARPS = nb, hb, warps
-    tr.MAX_IT = 2 * (2 + math.ceil(32 / math.log2(nb))) + tr.SAMPLED_IT
+    tq.NBINS, tq.HIST_BLOCK, tq.HIST_WARPS = nb, hb, warps
 
 
 def main():
@@ -33,10 +32,10 @@ def main():
     z = (torch.randn(args.n, args.v, device="cuda", generator=g) * 3).bfloat16()
     zr = (z.float() + torch.randn(args.n, args.v, device="cuda", generator=g) * 1.5).bfloat16()
     y = torch.randint(0, args.v, (args.n,), device="cuda", generator=g)
-    for name in ("cvar:0.9", "ra_dpo_cvar:0.95"):
+    for name in ("kl", "cvar:0.9", "ra_dpo_cvar:0.95"):
         risk = parse_risk(name)
         base = None
-        for cfg in CONFIGS:
+        for cfg in CONFIGS[:1] if name == "kl" else CONFIGS:
             configure(*cfg)
             t0 = time.perf_counter()
             stats, saved = tr.forward(z, zr, y, risk, -100)
