@@ -385,3 +385,26 @@ def test_kernels_compile_for_hopper(monkeypatch):
             src = compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
             out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, **opts})
             assert "ptx" in out.asm
+
+
+@pytest.mark.skipif(CUDA, reason="static analysis for machines without a GPU; gpu_bench.py measures")
+def test_histogram_loop_has_no_barrier_or_shared_memory(monkeypatch):
+    """The design property that made the quantile search cheaper: compiled for sm_90, the
+    histogram's loop over the row keeps its sums in registers (no barrier, no shared memory),
+    read from the SASS by bench/triton_static_cost.py."""
+    pytest.importorskip("triton.compiler")
+    import importlib.util
+    import pathlib
+    import tempfile
+    path = pathlib.Path(__file__).parents[1] / "bench" / "triton_static_cost.py"
+    spec = importlib.util.spec_from_file_location("triton_static_cost", path)
+    cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cost)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    hist = [v for v in cost.variants() if v[0].startswith("histogram") and f"NB={triton_quantile.NBINS})" in v[0]]
+    assert len(hist) == 2
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in hist:
+            cells = [c.strip() for c in cost.analyse(*variant, 16384, 128256, tmp).strip("|").split("|")]
+            loop, bars, shared = int(cells[5]), int(cells[7]), int(cells[8])
+            assert loop > 0 and bars == 0 and shared == 0, cells
