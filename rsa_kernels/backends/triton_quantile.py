@@ -44,11 +44,12 @@ def quantile_forward(kernels, z, zr, labels, stats, saved, aux, risk: Risk, igno
         kernels.histogram[(n,)](z, zr, labels, stats, saved, aux, ist, fst, z.stride(0), zr.stride(0), v,
                                 ignore_index, alpha, lo, hi, frac, FIRST=first, RA=ra, NB=NBINS,
                                 BLOCK=block, num_warps=HIST_WARPS, **launch_opts)
-    count = ist[:, 3]
+    count = ist[:, 3].cpu()  # the forward's one wait for the GPU: it sizes the scratch
     open_rows = (count > 0).nonzero().squeeze(1)
     if open_rows.numel() == 0:
         return
-    cap = int(count.index_select(0, open_rows).max())
+    cap = int(count[open_rows].max())
+    open_rows = open_rows.to(z.device)
     per_batch = max(1, SCRATCH_BYTES // (cap * _BYTES_PER_ITEM))
     for rows in open_rows.split(per_batch):
         d = torch.empty(len(rows), cap, dtype=torch.float32, device=z.device)
