@@ -212,9 +212,12 @@ def main(argv=None):
     configure(args)
     t0 = time.perf_counter()
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu (interpreter)"
-    print(f"# fused lm-head kernel vs chunked path: {name}, torch {torch.__version__}, "
-          f"kernel blocks {fused_kernel.BLOCKS if not fused_kernel._interpreting() else fused_kernel.INTERPRET_BLOCKS}, "
-          f"warps {fused_kernel.NUM_WARPS}, float32 dot {fused_kernel.FLOAT32_PRECISION}", flush=True)
+    names = {v: k for k, v in DTYPES.items()}
+    blocks = ({"all": fused_kernel.INTERPRET_BLOCKS} if fused_kernel._interpreting()
+              else {names[d]: b for d, b in fused_kernel.BLOCKS.items()})
+    print(f"# fused lm-head kernel vs chunked path: {name}, torch {torch.__version__}, kernel blocks (rows, "
+          f"items, hidden) {', '.join(f'{k} {b}' for k, b in blocks.items())}, warps {fused_kernel.NUM_WARPS}, "
+          f"float32 dot {fused_kernel.FLOAT32_PRECISION}", flush=True)
     ok = True
     if not args.no_agreement:
         size = TINY_AGREEMENT_SIZE if args.tiny else AGREEMENT_SIZE
