@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# One check for a lent GPU (nothing is installed from the network), each step time-boxed:
-#   1. versions; 2. the triton backend's tests compiled on cuda tensors;
+# One check for a lent GPU (nothing is installed from the network), each step time-boxed so
+# that the whole run fits one 600 s device command (the boxes add up to 540 s):
+#   1. versions; 2. the triton backend's and the fused lm-head kernel's tests compiled on cuda;
 #   3. bench/gpu_bench.py: forward/backward at N=16384, V=128256, bf16 vs copy bandwidth and naive;
-#   4. bench/gpu_check_fused_linear.py: fused-linear agreement on CUDA, time and memory vs naive/Liger;
-#      4b. bench/gpu_check_fused_kernel.py: the fused lm-head kernel vs the chunked path (its log joins fused.log);
-#   5. `rsa bench --quick` on CUDA: the same report as on CPU, labelled with the device.
+#   4. bench/gpu_check_fused_kernel.py: the fused lm-head kernel vs the chunked path (log joins fused.log);
+#   5. bench/triton_quantile_sweep.py: cvar/ra_dpo_cvar forward under several histogram launch shapes;
+#   6. bench/gpu_check_fused_linear.py: fused-linear agreement on CUDA, time and memory vs naive/Liger;
+#   7. `rsa bench --quick` on CUDA: the same report as on CPU, labelled with the device.
 # Liger Kernel is optional: carry its wheel in .whl/ (see docs/bench.md). Writes logs under $OUT.
 set -u
 cd "$(dirname "$0")/.."
@@ -29,16 +31,18 @@ step() {  # step NAME SECONDS CMD...: run time-boxed, log to $LOGDIR/NAME.log, r
   [ "$rc" = 0 ] || FAILED=1
 }
 RESULTS="" FAILED=0
-step tests ${T_TESTS:-150} $PY -m pytest tests/test_triton_backend.py -q -x -p no:cacheprovider --durations=5
-step bench ${T_BENCH:-120} $PY bench/gpu_bench.py --out "$LOGDIR"
-step fused ${T_FUSED:-100} $PY bench/gpu_check_fused_linear.py
+step tests ${T_TESTS:-120} $PY -m pytest tests/test_triton_backend.py tests/test_fused_kernel.py -q -x -p no:cacheprovider --durations=5
+step bench ${T_BENCH:-100} $PY bench/gpu_bench.py --out "$LOGDIR"
 step fused_kernel ${T_FUSED_KERNEL:-90} $PY bench/gpu_check_fused_kernel.py
-step rsa_bench ${T_RSA_BENCH:-200} $PY -m rsa.cli bench --quick --device cuda --out "$LOGDIR/rsa-bench"
+step sweep ${T_SWEEP:-60} $PY bench/triton_quantile_sweep.py
+step fused ${T_FUSED:-80} $PY bench/gpu_check_fused_linear.py
+step rsa_bench ${T_RSA_BENCH:-90} $PY -m rsa.cli bench --quick --device cuda --out "$LOGDIR/rsa-bench"
 if [ -n "${OUT:-}" ]; then  # the device tool returns at most 8 files: keep the report's four
   find "$LOGDIR/rsa-bench" -type f ! -name results.json ! -name report.md ! -name '*.png' -delete 2>/dev/null
   find "$LOGDIR/rsa-bench" -mindepth 1 -type d -empty -delete 2>/dev/null
   rm -f "$LOGDIR/rsa_bench.log"
   cat "$LOGDIR/fused_kernel.log" >> "$LOGDIR/fused.log" 2>/dev/null && rm -f "$LOGDIR/fused_kernel.log"
+  cat "$LOGDIR/sweep.log" >> "$LOGDIR/bench.log" 2>/dev/null && rm -f "$LOGDIR/sweep.log"
 fi
 echo "== summary:$RESULTS"
 exit $FAILED

@@ -82,7 +82,7 @@ def fused_linear_preference_loss(hidden, weight, ref_hidden, ref_weight, labels,
     risk = parse_risk(risk)
     check_objective_args(objective, beta, alpha, gamma, label_smoothing)
     check_linear(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index=ignore_index)
-    check_chunking(chunk_size, "tokens" if schedule == "kernel" else schedule, memory_budget)
+    check_chunking(chunk_size, schedule, memory_budget)
     layout = make_layout(labels, ignore_index=ignore_index, shift=shift,
                          sequence_ids=sequence_ids, num_sequences=num_sequences)
     impl = get_backend(backend, hidden)

@@ -48,8 +48,8 @@ def check_linear(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels,
 def check_chunking(chunk_size, schedule: str, memory_budget) -> None:
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer (rows of logits per chunk) or None, got {chunk_size!r}")
-    if schedule not in ("auto", "pairs", "tokens"):
-        raise ValueError(f"schedule must be 'auto', 'pairs' or 'tokens', got {schedule!r}")
+    if schedule not in ("auto", "pairs", "tokens", "kernel"):
+        raise ValueError(f"schedule must be 'auto', 'pairs', 'tokens' or 'kernel', got {schedule!r}")
     if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
                                       or memory_budget < 1):
         raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
