@@ -213,7 +213,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu (interpreter)"
     names = {v: k for k, v in DTYPES.items()}
-    blocks = ({"all": fused_kernel.INTERPRET_BLOCKS} if fused_kernel._interpreting()
+    blocks = ({"all": fused_kernel.INTERPRET_BLOCKS} if fused_kernel.interpreting()
               else {names[d]: b for d, b in fused_kernel.BLOCKS.items()})
     print(f"# fused lm-head kernel vs chunked path: {name}, torch {torch.__version__}, kernel blocks (rows, "
           f"items, hidden) {', '.join(f'{k} {b}' for k, b in blocks.items())}, warps {fused_kernel.NUM_WARPS}, "

@@ -34,6 +34,9 @@ def ranks(risk: Risk, v: int) -> tuple[int, int, float]:
 
 def quantile_forward(kernels, z, zr, labels, stats, saved, aux, risk: Risk, ignore_index: int,
                      interpreting: bool, launch_opts: dict) -> None:
+    if NBINS < 8 or NBINS & (NBINS - 1):
+        raise ValueError(f"NBINS must be a power of two >= 8 (the first histogram keeps 4 bins for "
+                         f"-inf, +inf and the tails), got {NBINS}")
     n, v = z.shape
     ra = risk.kind == "ra_dpo_cvar"
     alpha, (lo, hi, frac) = (0.0, ranks(risk, v)) if ra else (risk.param, (0, 0, 0.0))

@@ -12,48 +12,32 @@ q underflows float32, where this is closer to the float64 definition).
 
 Kernels run compiled on CUDA tensors, or interpreted on CPU tensors when the environment
 has TRITON_INTERPRET=1 (the tests). Because @triton.jit picks the mode when it decorates,
-the kernel folder is loaded once per mode, as a separate package (_kernels below).
+the kernel folder is loaded once per mode, as a separate package (rsa_kernels.triton_modes).
 """
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 import types
 
 import torch
 import triton  # noqa: F401  (ImportError here marks the backend unavailable)
 
 from ..risk import SAVED_WIDTH, Risk
+from ..triton_modes import interpreting, row_kernel_module
 from .triton_quantile import quantile_forward
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_V = 262144
 BLOCK = 1024           # pass 1 and backward: elements per step
-_kernel_cache: dict = {}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _kernels():
-    """The kernel modules for the current mode, loaded once per mode."""
-    mode = "interpret" if _interpreting() else "compiled"
-    if mode not in _kernel_cache:
-        here = os.path.join(os.path.dirname(__file__), "triton")
-        name = f"{__package__}._triton_{mode}"
-        pkg = types.ModuleType(name)
-        pkg.__path__ = [here]
-        pkg.__package__ = name
-        sys.modules[name] = pkg
-        _kernel_cache[mode] = types.SimpleNamespace(
-            stats=importlib.import_module(f"{name}.stats").stats_kernel,
-            histogram=importlib.import_module(f"{name}.histogram").histogram_kernel,
-            collect=importlib.import_module(f"{name}.collect").collect_kernel,
-            backward=importlib.import_module(f"{name}.backward").backward_kernel,
-        )
-    return _kernel_cache[mode]
+    """The kernels for the current mode (see rsa_kernels.triton_modes)."""
+    return types.SimpleNamespace(
+        stats=row_kernel_module("stats").stats_kernel,
+        histogram=row_kernel_module("histogram").histogram_kernel,
+        collect=row_kernel_module("collect").collect_kernel,
+        backward=row_kernel_module("backward").backward_kernel,
+    )
 
 
 def unsupported(tensor) -> str | None:
@@ -63,7 +47,7 @@ def unsupported(tensor) -> str | None:
         return f"the triton backend takes vocabularies up to {MAX_V}, got {tensor.shape[-1]}"
     if tensor.is_cuda:
         return None
-    if tensor.device.type == "cpu" and _interpreting():
+    if tensor.device.type == "cpu" and interpreting():
         return None
     return (f"the triton backend needs a CUDA tensor (got {tensor.device}); "
             "CPU tensors only under TRITON_INTERPRET=1")
@@ -81,7 +65,7 @@ def _check(z, zr, labels):
 
 def _launch_opts():
     # no FMA contraction in the quantile: a + frac (b - a) must round as torch rounds it
-    return {} if _interpreting() else {"enable_fp_fusion": False}
+    return {} if interpreting() else {"enable_fp_fusion": False}
 
 
 def forward(z, zr, labels, risk: Risk, ignore_index: int, chunk_size: int | None = None):
@@ -100,7 +84,7 @@ def forward(z, zr, labels, risk: Risk, ignore_index: int, chunk_size: int | None
     k.stats[(n,)](z, zr, labels, stats, saved, aux, z.stride(0), zr.stride(0), v, ignore_index, mu,
                   RISK=risk.code, RANGE=quant, BLOCK=BLOCK, num_warps=8)
     if quant:
-        quantile_forward(k, z, zr, labels, stats, saved, aux, risk, ignore_index, _interpreting(), _launch_opts())
+        quantile_forward(k, z, zr, labels, stats, saved, aux, risk, ignore_index, interpreting(), _launch_opts())
     return stats, saved
 
 

@@ -18,15 +18,14 @@ kernel_rows_token_stats below.
 """
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 import types
 
 import torch
 
 from ..risk import SAVED_WIDTH, Risk, parse_risk
 from ..token_stats import TokenStats
+from ..triton_modes import interpreting, kernel_module
 from .checks import check_chunking, check_linear
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -41,30 +40,15 @@ GROUP = 8                 # backward: row blocks per group of programs (L2 reuse
 PROGRAMS_PER_SM = 4       # forward: split the vocabulary until the grid has this many programs
 INTERPRET_SPLITS = 3      # forward splits under the interpreter (so that the tests merge splits)
 FLOAT32_PRECISION = "ieee"  # tl.dot on float32: true float32 products, as torch's default matmul
-_kernel_cache: dict = {}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+_KERNELS = os.path.join(os.path.dirname(__file__), "kernel")
 
 
 def _kernels():
-    """The kernel modules for the current mode, loaded once per mode as a separate package."""
-    mode = "interpret" if _interpreting() else "compiled"
-    if mode not in _kernel_cache:
-        import triton  # noqa: F401  (an ImportError here: the kernel schedule is unavailable)
-
-        here = os.path.join(os.path.dirname(__file__), "kernel")
-        name = f"{__package__}._kernel_{mode}"
-        pkg = types.ModuleType(name)
-        pkg.__path__ = [here]
-        pkg.__package__ = name
-        sys.modules[name] = pkg
-        _kernel_cache[mode] = types.SimpleNamespace(
-            forward=importlib.import_module(f"{name}.forward").forward_kernel,
-            backward=importlib.import_module(f"{name}.backward").backward_kernel,
-        )
-    return _kernel_cache[mode]
+    """The kernels for the current mode (see rsa_kernels.triton_modes)."""
+    return types.SimpleNamespace(
+        forward=kernel_module(_KERNELS, __package__, "forward").forward_kernel,
+        backward=kernel_module(_KERNELS, __package__, "backward").backward_kernel,
+    )
 
 
 def check_kernel_args(risk: Risk, backend: str, hidden: torch.Tensor, ref_hidden: torch.Tensor) -> None:
@@ -80,7 +64,7 @@ def check_kernel_args(risk: Risk, backend: str, hidden: torch.Tensor, ref_hidden
         if t.dtype not in _DTYPES:
             raise ValueError(f"{name}: the fused kernel takes float32, bfloat16 or float16, not {t.dtype} "
                              "(float64: use schedule='tokens')")
-    if not (hidden.is_cuda or (hidden.device.type == "cpu" and _interpreting())):
+    if not (hidden.is_cuda or (hidden.device.type == "cpu" and interpreting())):
         raise RuntimeError(f"the fused kernel needs CUDA tensors (got {hidden.device}); "
                            "CPU tensors only under TRITON_INTERPRET=1")
     try:
@@ -90,7 +74,7 @@ def check_kernel_args(risk: Risk, backend: str, hidden: torch.Tensor, ref_hidden
 
 
 def _config(dtype):
-    return INTERPRET_BLOCKS if _interpreting() else BLOCKS[dtype]
+    return INTERPRET_BLOCKS if interpreting() else BLOCKS[dtype]
 
 
 def _precision(hidden, ref_hidden) -> str:
@@ -99,7 +83,7 @@ def _precision(hidden, ref_hidden) -> str:
 
 def _splits(n_blocks: int, n_tiles: int, device) -> int:
     """Forward programs per row block: enough to fill the GPU, each over a run of tiles."""
-    if _interpreting():
+    if interpreting():
         want = INTERPRET_SPLITS
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count

@@ -15,6 +15,15 @@ KEY_PINF = tl.constexpr(0xFF800000)
 
 
 @helper
+def _block(zrow, rrow, cols, V):
+    """One block of a row's z and zr in float32 (0 past the vocabulary), and where it lies."""
+    inside = cols < V
+    z = tl.load(zrow + cols, mask=inside, other=0.0).to(tl.float32)
+    zr = tl.load(rrow + cols, mask=inside, other=0.0).to(tl.float32)
+    return z, zr, inside
+
+
+@helper
 def _deviation(z, zr, a, ar):
     """q = exp(r) and D = r - s (-inf where q == 0), as torch_rows._deviation computes them.
 

@@ -7,7 +7,7 @@ gradient may be written over z itself (inplace): each block is read before it is
 import triton
 import triton.language as tl
 
-from ._common import _deviation
+from ._common import _block, _deviation
 
 
 @triton.jit
@@ -31,9 +31,7 @@ def backward_kernel(z_ptr, zr_ptr, y_ptr, saved_ptr, grads_ptr, out_ptr,
         g_risk = tl.load(grads_ptr + row * 3 + 2)
         for start in range(0, V, BLOCK):
             cols = start + offs
-            inside = cols < V
-            z = tl.load(zrow + cols, mask=inside, other=0.0).to(tl.float32)
-            zr = tl.load(rrow + cols, mask=inside, other=0.0).to(tl.float32)
+            z, zr, inside = _block(zrow, rrow, cols, V)
             q, d = _deviation(z, zr, a, ar)
             p = tl.exp(z - a)
             total = 1.0

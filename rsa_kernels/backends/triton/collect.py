@@ -13,7 +13,7 @@ bracket, so every item fits; what is left of the search runs on those few items
 import triton
 import triton.language as tl
 
-from ._common import _deviation
+from ._common import _block, _deviation
 from .histogram import _in_bracket
 
 
@@ -35,9 +35,7 @@ def collect_kernel(z_ptr, zr_ptr, rows_ptr, saved_ptr, ist_ptr, d_ptr, q_ptr, fi
     fill = fill_ptr + slot + offs * 0
     for start in range(0, V, BLOCK):
         cols = start + offs
-        inside = cols < V
-        z = tl.load(zrow + cols, mask=inside, other=0.0).to(tl.float32)
-        zr = tl.load(rrow + cols, mask=inside, other=0.0).to(tl.float32)
+        z, zr, inside = _block(zrow, rrow, cols, V)
         q, d = _deviation(z, zr, a, ar)
         inb = _in_bracket(d, q, inside, klo, khi, RA)
         pos = tl.atomic_add(fill, 1, mask=inb)

@@ -31,7 +31,7 @@ d >= val(k) <=> key(d) >= k for every non-NaN d (-0 is made +0 in _deviation).
 import triton
 import triton.language as tl
 
-from ._common import KEY_NINF, KEY_PINF, _deviation, _key, _max, _min, _sum, _val, helper
+from ._common import KEY_NINF, KEY_PINF, _block, _deviation, _key, _max, _min, _sum, _val, helper
 
 
 @helper
@@ -151,9 +151,7 @@ def histogram_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr, ist_pt
         d_max = tl.full([BLOCK], float("-inf"), tl.float32)
         for start in range(0, V, BLOCK):
             cols = start + offs
-            inside = cols < V
-            z = tl.load(zrow + cols, mask=inside, other=0.0).to(tl.float32)
-            zr = tl.load(rrow + cols, mask=inside, other=0.0).to(tl.float32)
+            z, zr, inside = _block(zrow, rrow, cols, V)
             q, d = _deviation(z, zr, a, ar)
             inb = _in_bracket(d, q, inside, klo, khi, RA)
             # outside the bracket D becomes NaN, so that both comparisons below are false

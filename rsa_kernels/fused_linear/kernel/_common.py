@@ -1,28 +1,13 @@
 """Device helpers shared by the fused kernels: reductions, the matrix product, a logits tile."""
-import os
-
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from rsa_kernels.triton_modes import interpreting, row_kernel_module
 
-# Helpers called from kernels: @triton.jit when compiled (inlined); plain Python under the
-# interpreter, where each call of an interpreted jit function costs about a millisecond.
-helper = (lambda fn: fn) if INTERPRET else triton.jit
-
-
-# tl.reduce with the standard library's combine functions rather than tl.sum/tl.max (and
-# tl.full rather than tl.zeros, arithmetic rather than tl.cdiv): those
-# are @triton.jit functions fixed in compiled mode when triton was imported without
-# TRITON_INTERPRET, and the interpreter then cannot call them (backends/triton/_common.py).
-@helper
-def _sum(x, axis: tl.constexpr):
-    return tl.reduce(x, axis, tl.standard._sum_combine)
-
-
-@helper
-def _max(x, axis: tl.constexpr):
-    return tl.reduce(x, axis, tl.standard._elementwise_max)
+INTERPRET = interpreting()
+# the row kernels' helper decorator and reductions, imported in this same mode
+_row = row_kernel_module("_common")
+helper, _sum, _max = _row.helper, _row._sum, _row._max
 
 
 if INTERPRET:
