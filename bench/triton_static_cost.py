@@ -40,7 +40,7 @@ def variants():
              "RISK": "constexpr", "RANGE": "constexpr", "BLOCK": "constexpr"}
     for risk, code in (("kl", 0), ("erm", 1), ("cvar", 2)):
         yield (f"stats ({risk})", k.stats, stats, {"RISK": code, "RANGE": code == 2, "BLOCK": tr.BLOCK},
-               tr.BLOCK, 8, {})
+               tr.BLOCK, 8, {"enable_fp_fusion": True})
     hist = {"z_ptr": "*bf16", "zr_ptr": "*bf16", **ROWS, "ist_ptr": "*i64", "fst_ptr": "*fp32", **INTS,
             "alpha": "fp32", "lo_rank": "i32", "hi_rank": "i32", "frac": "fp32",
             **{c: "constexpr" for c in ("FIRST", "RA", "NB", "BLOCK")}}
@@ -58,7 +58,8 @@ def variants():
             "out_ptr": "*bf16", "stride_z": "i32", "stride_zr": "i32", "stride_out": "i32", "V": "i32",
             "ignore_index": "i32", "mu": "fp32", "RISK": "constexpr", "BLOCK": "constexpr"}
     for risk, code in (("kl", 0), ("cvar", 2)):
-        yield (f"backward ({risk})", k.backward, back, {"RISK": code, "BLOCK": tr.BLOCK}, tr.BLOCK, 8, {})
+        yield (f"backward ({risk})", k.backward, back, {"RISK": code, "BLOCK": tr.BLOCK}, tr.BLOCK, 8,
+               {"enable_fp_fusion": True})
 
 
 def largest_loop(sass: str) -> list[str]:

@@ -63,9 +63,11 @@ def _check(z, zr, labels):
         raise ValueError("logits: rows must be unit-stride in the vocabulary")
 
 
-def _launch_opts():
-    # no FMA contraction in the quantile: a + frac (b - a) must round as torch rounds it
-    return {} if interpreting() else {"enable_fp_fusion": False}
+def _launch_opts(fusion: bool) -> dict:
+    """Compile options: the quantile search turns FMA contraction off, so that a + frac (b - a)
+    rounds as torch rounds it (its sums use explicit tl.fma); the other kernels keep it on, as
+    measured (Triton 3.10 changes the default, hence explicit)."""
+    return {} if interpreting() else {"enable_fp_fusion": fusion}
 
 
 def forward(z, zr, labels, risk: Risk, ignore_index: int, chunk_size: int | None = None):
@@ -82,9 +84,9 @@ def forward(z, zr, labels, risk: Risk, ignore_index: int, chunk_size: int | None
     aux = torch.empty(n if quant else 1, 2, dtype=torch.float32, device=z.device)
     mu = risk.param if risk.kind == "erm" else 0.0
     k.stats[(n,)](z, zr, labels, stats, saved, aux, z.stride(0), zr.stride(0), v, ignore_index, mu,
-                  RISK=risk.code, RANGE=quant, BLOCK=BLOCK, num_warps=8)
+                  RISK=risk.code, RANGE=quant, BLOCK=BLOCK, num_warps=8, **_launch_opts(True))
     if quant:
-        quantile_forward(k, z, zr, labels, stats, saved, aux, risk, ignore_index, interpreting(), _launch_opts())
+        quantile_forward(k, z, zr, labels, stats, saved, aux, risk, ignore_index, interpreting(), _launch_opts(False))
     return stats, saved
 
 
@@ -100,6 +102,6 @@ def backward(z, zr, labels, saved, grads, risk: Risk, ignore_index: int,
     mu = risk.param if risk.kind == "erm" else 0.0
     k.backward[(n,)](z, zr, labels.contiguous(), saved.float().contiguous(), grads.float().contiguous(),
                      out, z.stride(0), zr.stride(0), out.stride(0), v, ignore_index, mu,
-                     RISK=risk.code, BLOCK=BLOCK, num_warps=8)
+                     RISK=risk.code, BLOCK=BLOCK, num_warps=8, **_launch_opts(True))
     return out
 

@@ -141,8 +141,14 @@ def _forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, row
         m, v, hidden.shape[1], ref_hidden.shape[1], tiles,
         *_strides(hidden, weight, ref_hidden, ref_weight), mu,
         RISK=risk.code, HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None,
-        PRECISION=_precision(hidden, ref_hidden), BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=NUM_WARPS)
+        PRECISION=_precision(hidden, ref_hidden), BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=NUM_WARPS,
+        **_fusion())
     return _merge(part, risk)
+
+
+def _fusion() -> dict:
+    """FMA contraction on, explicitly (Triton 3.10 turns its default off); not an interpreter option."""
+    return {} if interpreting() else {"enable_fp_fusion": True}
 
 
 def _backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, rows, saved, grads, risk: Risk,
@@ -171,7 +177,7 @@ def _backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ro
         RISK=risk.code, HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None,
         NEED_H=gh is not None, NEED_W=gw is not None, NEED_B=gb is not None,
         PRECISION=_precision(hidden, ref_hidden), GROUP=GROUP, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
-        num_warps=NUM_WARPS)
+        num_warps=NUM_WARPS, **_fusion())
     return gh, gw, gb
 
 
