@@ -171,33 +171,46 @@ def agreement(device, size):
     return rows, ok
 
 
-def measure(x, variant, device, rounds):
-    """(median seconds, extra peak MiB) of forward + backward of one variant."""
-    def run():
-        for k in ("hidden", "weight"):
-            x[k].grad = None
-        step(x, variant)[1].backward()
-
-    run()  # warm-up: compiles, and leaves the gradients allocated (part of the baseline)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+def _timed(fn, device, rounds):
+    """Median seconds of fn() over ``rounds`` runs (CUDA events on a GPU)."""
     times = []
     for _ in range(rounds):
         if device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            run()
+            fn()
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         else:
             t0 = time.perf_counter()
-            run()
+            fn()
             times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(x, variant, device, rounds):
+    """(median seconds of the forward alone, of forward + backward, extra peak MiB) of one variant.
+
+    The forward alone tells whether fusing pays there even if the backward's atomics do not."""
+    def run():
+        for k in ("hidden", "weight"):
+            x[k].grad = None
+        step(x, variant)[1].backward()
+
+    def forward_only():
+        with torch.no_grad():
+            step(x, variant)
+
+    run()  # warm-up: compiles, and leaves the gradients allocated (part of the baseline)
+    forward_only()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    total = _timed(run, device, rounds)
     extra = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else float("nan")
-    return statistics.median(times), extra
+    return _timed(forward_only, device, rounds), total, extra
 
 
 def main(argv=None):
@@ -228,12 +241,14 @@ def main(argv=None):
         print("\n".join(rows), flush=True)
         print(f"\nagreement: {'all passed' if ok else 'FAILED'} ({time.perf_counter() - t0:.0f} s so far)", flush=True)
     print("\n## Forward + backward, risk kl, every row labelled; extra = peak CUDA memory above inputs and grads\n")
-    print("| N x H x V | dtype | variant | median ms | extra MiB | time / chunks | memory / chunks |")
-    print("|-----------|-------|---------|-----------|-----------|---------------|-----------------|", flush=True)
+    print("| N x H x V | dtype | variant | fwd ms | fwd / chunks | fwd+bwd ms | extra MiB | time / chunks "
+          "| memory / chunks |")
+    print("|-----------|-------|---------|--------|--------------|------------|-----------|---------------"
+          "|-----------------|", flush=True)
     for n, h, v, dt in args.configs:
         label = f"{n}x{h}x{v}"
         if time.perf_counter() - t0 > args.budget:
-            print(f"| {label} | {dt} | skipped: past the --budget of {args.budget:.0f} s | | | | |", flush=True)
+            print(f"| {label} | {dt} | skipped: past the --budget of {args.budget:.0f} s | | | | | | |", flush=True)
             continue
         x = make(n, h, v, DTYPES[dt], args.device)
         for k in ("hidden", "weight"):
@@ -241,18 +256,19 @@ def main(argv=None):
         base = None
         for variant in args.variants:
             try:
-                sec, mib = measure(x, variant, args.device, args.rounds)
+                fwd, sec, mib = measure(x, variant, args.device, args.rounds)
             except Exception as err:  # e.g. out of memory for materialised logits: report, go on
-                print(f"| {label} | {dt} | {variant} | error: {repr(err)[:120]} | | | |", flush=True)
+                print(f"| {label} | {dt} | {variant} | error: {repr(err)[:120]} | | | | | |", flush=True)
                 continue
             finally:
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
             if variant == "chunks":
-                base = (sec, mib)
-            ratio = (f"{sec / base[0]:.2f}", f"{mib / base[1]:.3f}" if base[1] > 0 else "-") if base else ("-", "-")
-            print(f"| {label} | {dt} | {variant} | {sec * 1e3:9.2f} | {mib:9.1f} | {ratio[0]:>13} | "
-                  f"{ratio[1]:>15} |", flush=True)
+                base = (fwd, sec, mib)
+            ratio = ((f"{fwd / base[0]:.2f}", f"{sec / base[1]:.2f}", f"{mib / base[2]:.3f}" if base[2] > 0 else "-")
+                     if base else ("-", "-", "-"))
+            print(f"| {label} | {dt} | {variant} | {fwd * 1e3:7.2f} | {ratio[0]:>12} | {sec * 1e3:10.2f} | "
+                  f"{mib:9.1f} | {ratio[1]:>13} | {ratio[2]:>15} |", flush=True)
         del x
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     return 0 if ok else 1
