@@ -146,7 +146,6 @@ def histogram_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr, ist_pt
         mass_b = tl.full([NB, BLOCK], 0.0, tl.float32)
         qd_b = tl.full([NB, BLOCK], 0.0, tl.float32)
         max_b = tl.full([NB, BLOCK], float("-inf"), tl.float32)
-        qd_inf = tl.full([BLOCK], 0.0, tl.float32)
         d_min = tl.full([BLOCK], float("inf"), tl.float32)
         d_max = tl.full([BLOCK], float("-inf"), tl.float32)
         for start in range(0, V, BLOCK):
@@ -158,21 +157,19 @@ def histogram_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr, ist_pt
             d_in = tl.where(inb, d, float("nan"))
             q_in = tl.where(inb, q, 0.0)
             qd = tl.where(inb & (q != 0), q * d, 0.0)
-            # +inf items (p = 0 < q, FIRST's last bin) keep their q*D = +inf apart: in the
-            # tiles, 0 * inf would be NaN
-            qd_inf += tl.where(qd == float("inf"), qd, 0.0)
-            qd = tl.where(qd == float("inf"), 0.0, qd)
-            in_bin = tl.where((d_in[None, :] >= tv[:, None]) != (d_in[None, :] >= tv_next[:, None]), 1.0, 0.0)
-            cnt_b += in_bin
-            mass_b = tl.fma(in_bin, q_in[None, :], mass_b)  # explicit: fusion is off for _interp
-            qd_b = tl.fma(in_bin, qd[None, :], qd_b)
+            # predicated adds (a select of the sum, not a product with a 0/1 mask): one
+            # instruction per sum and bin, and 0 * inf (q*D of a p = 0 < q item) never arises
+            in_bin = (d_in[None, :] >= tv[:, None]) != (d_in[None, :] >= tv_next[:, None])
+            cnt_b = tl.where(in_bin, cnt_b + 1.0, cnt_b)
+            mass_b = tl.where(in_bin, mass_b + q_in[None, :], mass_b)
+            qd_b = tl.where(in_bin, qd_b + qd[None, :], qd_b)
             if RA:
-                max_b = tl.maximum(max_b, tl.where(in_bin != 0, d[None, :], float("-inf")))
+                max_b = tl.where(in_bin, tl.maximum(max_b, d[None, :]), max_b)
             d_min = tl.minimum(d_min, tl.where(inb, d, float("inf")))
             d_max = tl.maximum(d_max, tl.where(inb, d, float("-inf")))
         cnt = _sum(cnt_b, 1).to(tl.int64)
         mass = _sum(mass_b, 1)
-        qdsum = _sum(qd_b, 1) + tl.where(jb == NB - 1, _sum(qd_inf, 0), 0.0)
+        qdsum = _sum(qd_b, 1)
         bmax = _max(max_b, 1)
         # per threshold j, the count and q-mass of the bracket items below it
         before = jb[None, :] < jb[:, None]
