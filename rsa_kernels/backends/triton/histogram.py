@@ -9,18 +9,19 @@ q-mass, largest D) and above it (sum of q*D, q-mass), in the state tensors:
     ist (N, 4) int64:    klo, khi, below_cnt, count (items in the bracket; 0 = nothing left)
     fst (N, 4) float32:  below_mass, below_max, above_qd, above_mass
 
-One launch is one read of the row: it splits the bracket at NB thresholds, sums per
-threshold the count, q-mass and q*D of the bracket items at or above it (and, for
-ra_dpo_cvar, the largest D below it), and keeps the bin that holds the target. A bracket
+One launch is one read of the row: it splits the bracket into NB bins at NB thresholds,
+sums per bin the count, q-mass and q*D of its items (and, for ra_dpo_cvar, takes their
+largest D), and keeps the bin that holds the target. A bracket
 of a single key is the answer, with its mass (the quantile atom, all ties included): the
 row's risk and saved scalars are written and its count set to 0. Rows still open after
 the second launch are finished from a scratch copy of their bracket (collect.py, then
 triton_quantile.py), so no row is ever read more than 4 times in the forward.
 
-Speed: the sums are kept per lane, as (BLOCK, NB) tiles reduced once after the loop: no
+Speed: the sums are kept per lane, as (NB, BLOCK) tiles reduced once after the loop: no
 cross-thread reduction inside the loop (the previous design reduced 7 times per block and
-was compute-bound). Each item costs NB comparisons and ~4 NB adds: O(NB), not O(1); Triton
-has no per-thread dynamic indexing for a true scatter into bins.
+was compute-bound). Compiled for sm_90 each item costs 2 comparisons and 3 predicated adds
+per bin (bench/triton_static_cost.py): O(NB), not O(1), since Triton has no per-thread
+dynamic indexing for a true scatter into bins.
 
 Thresholds: FIRST launch, by value over the bulk of D (pass 1's hint), with -inf and +inf
 in bins of their own; second launch, one bin per key when the bracket holds at most NB keys
