@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -33,6 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import rsa_kernels as rk  # noqa: E402
 from rsa_kernels.fused_linear import fused_kernel  # noqa: E402
+from gpu_bench import timed  # noqa: E402  (this folder is sys.path[0] when run as a script)
 
 DEFAULT_CONFIGS = ("2048x1024x32000:bf16,2048x1024x32000:fp32,2048x1024x128000:bf16,"
                    "2048x1024x128000:fp32,8192x4096x128000:bf16,2048x4096x128000:bf16")
@@ -171,24 +171,6 @@ def agreement(device, size):
     return rows, ok
 
 
-def _timed(fn, device, rounds):
-    """Median seconds of fn() over ``rounds`` runs (CUDA events on a GPU)."""
-    times = []
-    for _ in range(rounds):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def measure(x, variant, device, rounds):
     """(median seconds of the forward alone, of forward + backward, extra peak MiB) of one variant.
 
@@ -208,9 +190,9 @@ def measure(x, variant, device, rounds):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    total = _timed(run, device, rounds)
+    total = timed(run, device, warmup=0, reps=rounds)
     extra = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else float("nan")
-    return _timed(forward_only, device, rounds), total, extra
+    return timed(forward_only, device, warmup=0, reps=rounds), total, extra
 
 
 def main(argv=None):
