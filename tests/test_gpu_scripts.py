@@ -1,0 +1,43 @@
+"""The scripts a lent GPU runs (bench/gpu_check.sh), dry-run on the CPU under the interpreter.
+
+A GPU is lent rarely and briefly: a script that fails on an import or an argument there
+wastes the session. Each runs here at tiny sizes, as a subprocess, and must print its table.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _dry_run(script, *args):
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--device", "cpu", "--tiny", *args],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return out.stdout
+
+
+def test_gpu_bench_dry_run():
+    text = _dry_run("gpu_bench.py")
+    for risk in ("kl", "erm:1", "cvar:0.9", "ra_dpo_cvar:0.95"):
+        assert f"| {risk} |" in text
+
+
+def test_fused_kernel_check_dry_run():
+    text = _dry_run("gpu_check_fused_kernel.py", "--rounds", "1", "--configs", "40x24x300:bf16")
+    assert "agreement: all passed" in text
+    for variant in ("chunks", "kernel", "logits"):
+        assert f"| 40x24x300 | bf16 | {variant} |" in text
+
+
+def test_quantile_sweep_dry_run():
+    lines = [line for line in _dry_run("triton_quantile_sweep.py").splitlines() if " ms for N=" in line]
+    assert [line.split()[0] for line in lines] == ["kl", "cvar:0.9", "cvar:0.9", "ra_dpo_cvar:0.95", "ra_dpo_cvar:0.95"]
