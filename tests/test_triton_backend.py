@@ -7,6 +7,8 @@ same tests run compiled on cuda tensors, at larger sizes too.
 """
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -224,6 +226,52 @@ def test_every_path_of_the_quantile_search(risk, nbins, monkeypatch):
     assert 0 not in scratch and 5 not in scratch  # one key after the histograms; masked
     assert 4 in scratch  # a spread-out row needs the scratch copy
     assert nbins != 8 or len(finished) == len(scratch) > 1
+
+
+def _own_arithmetic(z, zr, saved, risk):
+    """(quantile, risk, rows where F is not within 1e-5 of ALPHA) by sorting the kernel's own float32 D (from its saved A and Ar): the
+    exact selection for that arithmetic, where values equal in exact arithmetic may split."""
+    a, ar = saved[:, :1].float(), saved[:, 1:2].float()
+    r, s = zr.float() - ar, z.float() - a
+    q = r.exp()
+    d = torch.where(q != 0, r - s, float("-inf")) + 0.0
+    qd = torch.where(q != 0, q.double() * d.double(), 0.0)
+    r = parse_risk(risk)
+    if r.kind == "cvar":
+        tau, c_above, c_atom = torch_rows._cvar_threshold(d, q, r.param)
+        atom = torch.where(d == tau[:, None], q.double(), 0.0).sum(-1) * c_atom
+        value = torch.where(d > tau[:, None], qd, 0.0).sum(-1) * c_above + torch.where(atom > 0, atom * tau, 0.0)
+        # tau* moves if q's last bits (exp differs between devices) move F across ALPHA
+        f = q.double().gather(-1, d.sort(-1).indices).cumsum(-1)
+        return tau, value, ~((f - r.param).abs() < 1e-5).any(-1) | (r.param == 0)  # ALPHA = 0: the least D
+    quant = reference.interpolated_quantile(d, 1.0 - r.param)  # D alone decides: always exact
+    return quant, torch.where(d > quant[:, None], qd, 0.0).sum(-1), torch.ones_like(quant, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("kind", ["discrete", "near_ties", "heavy_tails", "wide", "no_support", "equal"])
+@pytest.mark.parametrize("risk", ["cvar:0", "cvar:0.7", "ra_dpo_cvar:0.95", "ra_dpo_cvar:0.2"])
+def test_quantile_is_exact_for_its_own_arithmetic(kind, risk):
+    """Against the exact selection on the kernel's own float32 D: no tolerance on the quantile.
+    (Against other backends, values tied in exact arithmetic can split differently by an ulp
+    of A - Ar: a jump of one item's q*D in the risk, right for either arithmetic.)"""
+    g = torch.Generator().manual_seed(zlib.crc32(f"{kind} {risk}".encode()))
+    n, v = 4, 333
+    z = torch.randn(n, v, generator=g) * 3
+    zr = {"discrete": lambda: torch.randint(-3, 3, (n, v), generator=g).float(),
+          "near_ties": lambda: z + torch.randn(n, v, generator=g) * 1e-6,
+          "heavy_tails": lambda: z + torch.randn(n, v, generator=g) / torch.rand(n, v, generator=g).clamp_min(1e-3),
+          "wide": lambda: z * 50 + torch.randn(n, v, generator=g),
+          "no_support": lambda: torch.where(torch.rand(n, v, generator=g) < 0.4, float("-inf"), z + 1.0),
+          "equal": lambda: z.clone()}[kind]()
+    if kind == "discrete":
+        z = torch.randint(-3, 3, (n, v), generator=g).float()
+    z, zr = z.to(DEVICE), zr.to(DEVICE)
+    labels = torch.randint(0, v, (n,), generator=g).to(DEVICE)
+    stats, saved = triton_rows.forward(z, zr, labels, parse_risk(risk), -100)
+    quant, value, posed = _own_arithmetic(z, zr, saved, risk)
+    assert posed.sum() >= n // 2
+    assert torch.equal(saved[posed, 2], quant[posed].float())
+    _close(stats[posed, 3].double(), value[posed], 1e-5, scale=10)
 
 
 @pytest.mark.parametrize("risk", ["cvar:0.9", "cvar:0", "ra_dpo_cvar:0.95"])

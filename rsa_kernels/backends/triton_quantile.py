@@ -19,7 +19,7 @@ NBINS = 16             # thresholds per histogram launch
 HIST_BLOCK = 256       # items per step: (HIST_BLOCK x NBINS) per-lane tiles
 INTERPRET_BLOCK = 1024  # the interpreter pays per operation, not per element
 HIST_WARPS = 8
-COLLECT_BLOCK = 1024   # items per step of the collect pass (its scan has barriers: amortise them)
+COLLECT_BLOCK = 1024   # items per step of the collect pass (four per thread: wide loads)
 SCRATCH_BYTES = 256 << 20  # the scratch and its sort's temporaries, per batch of open rows
 _BYTES_PER_ITEM = 72       # d, q; keys, sorted keys, order, sorted q (f64), cumsums, ...
 _PAD_KEY = 1 << 33         # sorts after every real key
@@ -41,7 +41,7 @@ def quantile_forward(kernels, z, zr, labels, stats, saved, aux, risk: Risk, igno
     ra = risk.kind == "ra_dpo_cvar"
     alpha, (lo, hi, frac) = (0.0, ranks(risk, v)) if ra else (risk.param, (0, 0, 0.0))
     ist = torch.empty(n, 4, dtype=torch.int64, device=z.device)
-    fst = torch.empty(n, 4, dtype=torch.float32, device=z.device)
+    fst = torch.empty(n, 3, dtype=torch.float32, device=z.device)
     block = INTERPRET_BLOCK if interpreting else HIST_BLOCK
     for first in (True, False):
         kernels.histogram[(n,)](z, zr, labels, stats, saved, aux, ist, fst, z.stride(0), zr.stride(0), v,
@@ -81,7 +81,7 @@ def finish_from_scratch(rows, d, q, ist, fst, stats, saved, risk: Risk, alpha, l
     """Exact selection over each open row's bracket items (D, q), with the totals below/above."""
     count = ist[rows, 3]
     below_cnt = ist[rows, 2]
-    below_mass, below_max, above_qd, above_mass = (fst[rows, c].double() for c in range(4))
+    below_mass, above_qd, above_mass = (fst[rows, c].double() for c in range(3))
     slots = torch.arange(d.shape[1], device=d.device)
     filled = slots[None, :] < count[:, None]
     order = _item_order(d, q, filled).sort(dim=1).indices
@@ -106,10 +106,9 @@ def finish_from_scratch(rows, d, q, ist, fst, stats, saved, risk: Risk, alpha, l
         value = value + torch.where(atom_w > 0, atom_w * tau.double(), 0.0)
         cols = (tau, c_above, c_atom)
     else:
+        # both ranks lie in the bracket (histogram.py keeps them there)
+        v_lo = ds.gather(1, (lo - below_cnt)[:, None]).squeeze(1)
         v_hi = ds.gather(1, (hi - below_cnt)[:, None]).squeeze(1)
-        lo_pos = lo - below_cnt
-        v_lo = torch.where(lo_pos >= 0, ds.gather(1, lo_pos.clamp_min(0)[:, None]).squeeze(1),
-                           below_max.float())
         quant = v_lo if frac == 0.0 else torch.where((v_lo == v_hi) | (v_lo == float("-inf")), v_lo,
                                                       v_lo + frac * (v_hi - v_lo))
         take = valid & (ds > quant[:, None])

@@ -3,15 +3,15 @@
 cvar:ALPHA needs tau* = the smallest D (over q != 0) whose q-mass F(D) = sum q [D_u <= D]
 reaches ALPHA; ra_dpo_cvar:C needs the order statistics of ranks LO and HI = LO + 1 of all
 V values of D (-inf where q = 0). Each row keeps a bracket of sortable keys [klo, khi]
-(_common._key) that holds the target, and exact running totals of what lies below it (count,
-q-mass, largest D) and above it (sum of q*D, q-mass), in the state tensors:
+(_common._key) that holds the target (for ra_dpo_cvar both ranks), and exact running totals
+of what lies below it (count, q-mass) and above it (sum of q*D, q-mass), in the state tensors:
 
     ist (N, 4) int64:    klo, khi, below_cnt, count (items in the bracket; 0 = nothing left)
-    fst (N, 4) float32:  below_mass, below_max, above_qd, above_mass
+    fst (N, 3) float32:  below_mass, above_qd, above_mass
 
 One launch is one read of the row: it splits the bracket into NB bins at NB thresholds,
-sums per bin the count, q-mass and q*D of its items (and, for ra_dpo_cvar, takes their
-largest D), and keeps the bin that holds the target. A bracket
+sums per bin the count, q-mass and q*D of its items, and keeps the bin that holds the
+target (ra_dpo_cvar: the bins from rank LO's to rank HI's, usually one). A bracket
 of a single key is the answer, with its mass (the quantile atom, all ties included): the
 row's risk and saved scalars are written and its count set to 0. Rows still open after
 the second launch are finished from a scratch copy of their bracket (collect.py, then
@@ -104,7 +104,6 @@ def histogram_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr, ist_pt
         # masked rows have nothing to find; a NaN row (pass 1 made kl NaN) has no quantile
         count = tl.where((y != ignore_index) & (kl == kl), V, 0).to(tl.int64)
         below_mass = tl.full([], 0.0, tl.float32)
-        below_max = tl.full([], float("-inf"), tl.float32)
         above_qd = tl.full([], 0.0, tl.float32)
         above_mass = tl.full([], 0.0, tl.float32)
         if (y != ignore_index) & (kl != kl):
@@ -121,10 +120,9 @@ def histogram_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr, ist_pt
         khi = tl.load(ist_ptr + row * 4 + 1)
         below_cnt = tl.load(ist_ptr + row * 4 + 2)
         count = tl.load(ist_ptr + row * 4 + 3)
-        below_mass = tl.load(fst_ptr + row * 4 + 0)
-        below_max = tl.load(fst_ptr + row * 4 + 1)
-        above_qd = tl.load(fst_ptr + row * 4 + 2)
-        above_mass = tl.load(fst_ptr + row * 4 + 3)
+        below_mass = tl.load(fst_ptr + row * 3 + 0)
+        above_qd = tl.load(fst_ptr + row * 3 + 1)
+        above_mass = tl.load(fst_ptr + row * 3 + 2)
     if count > 0:
         zrow = z_ptr + row * stride_z
         rrow = zr_ptr + row * stride_zr
@@ -146,7 +144,6 @@ def histogram_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr, ist_pt
         cnt_b = tl.full([NB, BLOCK], 0.0, tl.float32)   # exact: counts < 2^24
         mass_b = tl.full([NB, BLOCK], 0.0, tl.float32)
         qd_b = tl.full([NB, BLOCK], 0.0, tl.float32)
-        max_b = tl.full([NB, BLOCK], float("-inf"), tl.float32)
         d_min = tl.full([BLOCK], float("inf"), tl.float32)
         d_max = tl.full([BLOCK], float("-inf"), tl.float32)
         for start in range(0, V, BLOCK):
@@ -164,45 +161,45 @@ def histogram_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr, ist_pt
             cnt_b = tl.where(in_bin, cnt_b + 1.0, cnt_b)
             mass_b = tl.where(in_bin, mass_b + q_in[None, :], mass_b)
             qd_b = tl.where(in_bin, qd_b + qd[None, :], qd_b)
-            if RA:
-                max_b = tl.where(in_bin, tl.maximum(max_b, d[None, :]), max_b)
             d_min = tl.minimum(d_min, tl.where(inb, d, float("inf")))
             d_max = tl.maximum(d_max, tl.where(inb, d, float("-inf")))
         cnt = _sum(cnt_b, 1).to(tl.int64)
         mass = _sum(mass_b, 1)
         qdsum = _sum(qd_b, 1)
-        bmax = _max(max_b, 1)
         # per threshold j, the count and q-mass of the bracket items below it
         before = jb[None, :] < jb[:, None]
         cnt_lt = _sum(tl.where(before, cnt[None, :], 0), 1)
         mass_lt = _sum(tl.where(before, mass[None, :], 0.0), 1)
-        # the bin b holding the target: the last nonempty bin the target lies at or above
+        # the bins b..b_top holding the target: the last nonempty bin it lies at or above
         if RA:
-            cond = below_cnt + cnt_lt <= hi_rank
+            # rank LO's bin and rank HI's (LO + 1: the same bin or a later one), so that both
+            # order statistics stay in the bracket and nothing below it is ever needed
+            b = _max(tl.where((below_cnt + cnt_lt <= lo_rank) & (cnt > 0), jb, 0), 0)
+            b_top = _max(tl.where((below_cnt + cnt_lt <= hi_rank) & (cnt > 0), jb, 0), 0)
         else:
             # tau* >= kt[j] iff every item below kt[j] has F < alpha; when no item reaches
             # alpha (rounding), torch takes the largest: the last nonempty bin
             cond = ((below_mass + mass_lt) < alpha) | ((below_cnt + cnt_lt) == 0)
-        b = _max(tl.where(cond & (cnt > 0), jb, 0), 0)
+            b = _max(tl.where(cond & (cnt > 0), jb, 0), 0)
+            b_top = b
         lower = jb < b
-        upper = jb > b
-        below_max = tl.maximum(below_max, _max(tl.where(lower, bmax, float("-inf")), 0))
+        upper = jb > b_top
+        kept = (jb >= b) & (jb <= b_top)
         below_cnt += _sum(tl.where(lower, cnt, 0), 0)
         below_mass += _sum(tl.where(lower, mass, 0.0), 0)
         above_qd += _sum(tl.where(upper, qdsum, 0.0), 0)
         above_mass += _sum(tl.where(upper, mass, 0.0), 0)
-        count = _pick(cnt, jb, b)
-        bin_mass = _pick(mass, jb, b)
-        bin_qd = _pick(qdsum, jb, b)
-        has_next = b + 1 < NB
+        count = _sum(tl.where(kept, cnt, 0), 0)
+        bin_mass = _sum(tl.where(kept, mass, 0.0), 0)
+        bin_qd = _sum(tl.where(kept, qdsum, 0.0), 0)
+        has_next = b_top + 1 < NB
         klo = tl.maximum(_pick(kt, jb, b), _key(_min(d_min, 0)))
-        khi = tl.minimum(tl.where(has_next, _pick(kt, jb, b + 1) - 1, khi), _key(_max(d_max, 0)))
+        khi = tl.minimum(tl.where(has_next, _pick(kt, jb, b_top + 1) - 1, khi), _key(_max(d_max, 0)))
         if klo == khi:
             # one value left in the bracket: the target, all of its ties included
             v = _val(klo)
             if RA:
-                v_lo = tl.where(lo_rank >= below_cnt, v, below_max)
-                quant = _interp(v_lo, v, frac)
+                quant = _interp(v, v, frac)  # both ranks: v, or NaN
                 take = v > quant
                 value = above_qd + tl.where(take, bin_qd, 0.0)
                 s_above = above_mass + tl.where(take, bin_mass, 0.0)
@@ -227,7 +224,6 @@ def histogram_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr, ist_pt
     tl.store(ist_ptr + row * 4 + 1, khi)
     tl.store(ist_ptr + row * 4 + 2, below_cnt)
     tl.store(ist_ptr + row * 4 + 3, count)
-    tl.store(fst_ptr + row * 4 + 0, below_mass)
-    tl.store(fst_ptr + row * 4 + 1, below_max)
-    tl.store(fst_ptr + row * 4 + 2, above_qd)
-    tl.store(fst_ptr + row * 4 + 3, above_mass)
+    tl.store(fst_ptr + row * 3 + 0, below_mass)
+    tl.store(fst_ptr + row * 3 + 1, above_qd)
+    tl.store(fst_ptr + row * 3 + 2, above_mass)
