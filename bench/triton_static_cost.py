@@ -37,9 +37,9 @@ def variants():
     """(name, kernel, signature, constexprs, items per loop step, warps, options)."""
     k = tr._kernels()
     stats = {"z_ptr": "*bf16", "zr_ptr": "*bf16", **ROWS, **INTS, "mu": "fp32",
-             "RISK": "constexpr", "RANGE": "constexpr", "BLOCK": "constexpr"}
+             "RISK": "constexpr", "RANGE": "constexpr", "BLOCK": "constexpr", "GROUP": "constexpr"}
     for risk, code in (("kl", 0), ("erm", 1), ("cvar", 2)):
-        yield (f"stats ({risk})", k.stats, stats, {"RISK": code, "RANGE": code == 2, "BLOCK": tr.BLOCK},
+        yield (f"stats ({risk})", k.stats, stats, {"RISK": code, "RANGE": code == 2, "BLOCK": tr.BLOCK, "GROUP": tr.GROUP},
                tr.BLOCK, 8, {"enable_fp_fusion": True})
     hist = {"z_ptr": "*bf16", "zr_ptr": "*bf16", **ROWS, "ist_ptr": "*i64", "fst_ptr": "*fp32", **INTS,
             "alpha": "fp32", "lo_rank": "i32", "hi_rank": "i32", "frac": "fp32",

@@ -28,6 +28,7 @@ from .triton_quantile import quantile_forward
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_V = 262144
 BLOCK = 1024           # pass 1 and backward: elements per step
+GROUP = 4              # pass 1: items per lane and step (one logsumexp rescale per group)
 
 
 def _kernels():
@@ -84,7 +85,7 @@ def forward(z, zr, labels, risk: Risk, ignore_index: int, chunk_size: int | None
     aux = torch.empty(n if quant else 1, 2, dtype=torch.float32, device=z.device)
     mu = risk.param if risk.kind == "erm" else 0.0
     k.stats[(n,)](z, zr, labels, stats, saved, aux, z.stride(0), zr.stride(0), v, ignore_index, mu,
-                  RISK=risk.code, RANGE=quant, BLOCK=BLOCK, num_warps=8, **_launch_opts(True))
+                  RISK=risk.code, RANGE=quant, BLOCK=BLOCK, GROUP=GROUP, num_warps=8, **_launch_opts(True))
     if quant:
         quantile_forward(k, z, zr, labels, stats, saved, aux, risk, ignore_index, interpreting(), _launch_opts(False))
     return stats, saved

@@ -16,10 +16,11 @@ NEG_INF = tl.constexpr(float("-inf"))
 
 @helper
 def _merge(m, s, x):
-    """Online logsumexp step per lane: (m, s) holds sum e^(x - m); -inf lanes stay exact."""
-    m_new = tl.maximum(m, x)
+    """Online logsumexp step per lane over its GROUP items x (GROUP, LANES): (m, s) holds
+    sum e^(x - m); one rescale per group, not per item; -inf lanes stay exact."""
+    m_new = tl.maximum(m, _max(x, 0))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    return m_new, s * tl.exp(m - m_safe) + tl.exp(x - m_safe), m_safe
+    return m_new, s * tl.exp(m - m_safe) + _sum(tl.exp(x - m_safe[None, :]), 0), m_safe
 
 
 @helper
@@ -32,26 +33,30 @@ def _finish(m, s):
 @triton.jit
 def stats_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr,
                  stride_z, stride_zr, V, ignore_index, mu,
-                 RISK: tl.constexpr, RANGE: tl.constexpr, BLOCK: tl.constexpr):
+                 RISK: tl.constexpr, RANGE: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(y_ptr + row).to(tl.int64)
     zrow = z_ptr + row * stride_z
     rrow = zr_ptr + row * stride_zr
-    offs = tl.arange(0, BLOCK)
+    # (GROUP, LANES) tiles, items contiguous along the lanes: each thread holds all GROUP
+    # items of its lanes, so the per-group reductions below stay in registers and the online
+    # rescale costs one exp per group instead of one per item; lanes merge after the loop
+    LANES: tl.constexpr = BLOCK // GROUP
+    offs = tl.arange(0, GROUP)[:, None] * LANES + tl.arange(0, LANES)[None, :]
     if y != ignore_index:
-        m_z = tl.full([BLOCK], NEG_INF, tl.float32)
-        s_z = tl.full([BLOCK], 0.0, tl.float32)
-        m_r = tl.full([BLOCK], NEG_INF, tl.float32)
-        s_r = tl.full([BLOCK], 0.0, tl.float32)
-        t_r = tl.full([BLOCK], 0.0, tl.float32)
-        m_e = tl.full([BLOCK], NEG_INF, tl.float32)
-        s_e = tl.full([BLOCK], 0.0, tl.float32)
-        inf_zr = tl.full([BLOCK], NEG_INF, tl.float32)  # max zr where z = -inf < zr (D = +inf)
-        x_min = tl.full([BLOCK], float("inf"), tl.float32)
-        x_max = tl.full([BLOCK], NEG_INF, tl.float32)
-        x_sum = tl.full([BLOCK], 0.0, tl.float32)
-        x_sq = tl.full([BLOCK], 0.0, tl.float32)
-        x_n = tl.full([BLOCK], 0.0, tl.float32)
+        m_z = tl.full([LANES], NEG_INF, tl.float32)
+        s_z = tl.full([LANES], 0.0, tl.float32)
+        m_r = tl.full([LANES], NEG_INF, tl.float32)
+        s_r = tl.full([LANES], 0.0, tl.float32)
+        t_r = tl.full([LANES], 0.0, tl.float32)
+        m_e = tl.full([LANES], NEG_INF, tl.float32)
+        s_e = tl.full([LANES], 0.0, tl.float32)
+        inf_zr = tl.full([LANES], NEG_INF, tl.float32)  # max zr where z = -inf < zr (D = +inf)
+        x_min = tl.full([LANES], float("inf"), tl.float32)
+        x_max = tl.full([LANES], NEG_INF, tl.float32)
+        x_sum = tl.full([LANES], 0.0, tl.float32)
+        x_sq = tl.full([LANES], 0.0, tl.float32)
+        x_n = tl.full([LANES], 0.0, tl.float32)
         for start in range(0, V, BLOCK):
             cols = start + offs
             inside = cols < V
@@ -59,25 +64,25 @@ def stats_kernel(z_ptr, zr_ptr, y_ptr, stats_ptr, saved_ptr, aux_ptr,
             zr = tl.load(rrow + cols, mask=inside, other=NEG_INF).to(tl.float32)
             m_z, s_z, _ = _merge(m_z, s_z, z)
             # reference logsumexp and the q-weighted sum of zr - z, rescaled together
-            m_new = tl.maximum(m_r, zr)
+            m_new = tl.maximum(m_r, _max(zr, 0))
             m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
             scale = tl.exp(m_r - m_safe)
-            e = tl.exp(zr - m_safe)
+            e = tl.exp(zr - m_safe[None, :])
             finite = (zr > NEG_INF) & (z > NEG_INF)
             x = tl.where(finite, zr - z, 0.0)
-            s_r = s_r * scale + e
-            t_r = t_r * scale + tl.where(finite, e * x, 0.0)
+            s_r = s_r * scale + _sum(e, 0)
+            t_r = t_r * scale + _sum(tl.where(finite, e * x, 0.0), 0)
             m_r = m_new
-            inf_zr = tl.maximum(inf_zr, tl.where((z == NEG_INF) & (zr > NEG_INF), zr, NEG_INF))
+            inf_zr = tl.maximum(inf_zr, _max(tl.where((z == NEG_INF) & (zr > NEG_INF), zr, NEG_INF), 0))
             if RISK == 1:
                 t = tl.where(finite, (1.0 + mu) * zr - mu * z, NEG_INF)
                 m_e, s_e, _ = _merge(m_e, s_e, t)
             if RANGE:
-                x_min = tl.minimum(x_min, tl.where(finite, x, float("inf")))
-                x_max = tl.maximum(x_max, tl.where(finite, x, NEG_INF))
-                x_sum += x
-                x_sq += x * x
-                x_n += finite.to(tl.float32)
+                x_min = tl.minimum(x_min, _min(tl.where(finite, x, float("inf")), 0))
+                x_max = tl.maximum(x_max, _max(tl.where(finite, x, NEG_INF), 0))
+                x_sum += _sum(x, 0)
+                x_sq += _sum(x * x, 0)
+                x_n += _sum(finite.to(tl.float32), 0)
         a = _finish(m_z, s_z)
         big = _max(m_r, 0)
         big_safe = tl.where(big == NEG_INF, 0.0, big)
