@@ -255,7 +255,7 @@ def test_quantile_is_exact_for_its_own_arithmetic(kind, risk):
     (Against other backends, values tied in exact arithmetic can split differently by an ulp
     of A - Ar: a jump of one item's q*D in the risk, right for either arithmetic.)"""
     g = torch.Generator().manual_seed(zlib.crc32(f"{kind} {risk}".encode()))
-    n, v = 4, 333
+    n, v = 8, 333
     z = torch.randn(n, v, generator=g) * 3
     zr = {"discrete": lambda: torch.randint(-3, 3, (n, v), generator=g).float(),
           "near_ties": lambda: z + torch.randn(n, v, generator=g) * 1e-6,
@@ -269,7 +269,10 @@ def test_quantile_is_exact_for_its_own_arithmetic(kind, risk):
     labels = torch.randint(0, v, (n,), generator=g).to(DEVICE)
     stats, saved = triton_rows.forward(z, zr, labels, parse_risk(risk), -100)
     quant, value, posed = _own_arithmetic(z, zr, saved, risk)
-    assert posed.sum() >= n // 2
+    if CUDA:  # tl.exp may flush a subnormal q to 0 where torch keeps it (docs/triton_kernels.md)
+        q = (zr.float() - saved[:, 1:2]).exp()
+        posed &= ~((q > 0) & (q < torch.finfo(torch.float32).tiny)).any(-1)
+    assert posed.sum() >= 2
     assert torch.equal(saved[posed, 2], quant[posed].float())
     _close(stats[posed, 3].double(), value[posed], 1e-5, scale=10)
 
