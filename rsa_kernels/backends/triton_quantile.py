@@ -1,9 +1,10 @@
 """The exact quantile of cvar and ra_dpo_cvar for the triton backend: passes 2 to 4, then scratch.
 
 After pass 1 (triton/stats.py) has A and Ar, two histogram launches (triton/histogram.py)
-narrow a bracket of D around the target; most rows end there. The rest are copied out, their
-bracket's items only, by one more read (triton/collect.py) and finished here on that copy:
-sorted by key, the q-mass summed in float64. So every row is read at most 4 times in the
+narrow a bracket of D around the target; a row whose bracket shrinks to one value ends
+there (policy = reference, heavy ties). The rest, typically a few hundred items of 10^5,
+are copied out by one more read (triton/collect.py) and finished here on that copy: sorted
+by (D, q), the q-mass summed in float64. So every row is read at most 4 times in the
 forward, whatever its values. Only this step waits for the GPU (to size the scratch).
 
 Results land where the single-key finish of histogram.py puts them: stats[:, 3] = risk,
@@ -16,7 +17,7 @@ import torch
 from ..risk import Risk
 
 NBINS = 16             # thresholds per histogram launch
-HIST_BLOCK = 256       # items per step: (HIST_BLOCK x NBINS) per-lane tiles
+HIST_BLOCK = 256       # items per step: (NBINS x HIST_BLOCK) per-lane tiles
 INTERPRET_BLOCK = 1024  # the interpreter pays per operation, not per element
 HIST_WARPS = 8
 COLLECT_BLOCK = 1024   # items per step of the collect pass (four per thread: wide loads)
