@@ -31,14 +31,18 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import rsa_kernels as rk  # noqa: E402
+from rsa_kernels.backends import get_backend  # noqa: E402
 from rsa_kernels.fused_linear import fused_kernel  # noqa: E402
+from rsa_kernels.fused_linear.hybrid import hybrid_rows_token_stats  # noqa: E402
+from rsa_kernels.fused_linear.linear import budget_rows  # noqa: E402
+from rsa_kernels.risk import parse_risk  # noqa: E402
 from gpu_bench import timed  # noqa: E402  (this folder is sys.path[0] when run as a script)
 
 DEFAULT_CONFIGS = ("2048x1024x32000:bf16,2048x1024x32000:fp32,2048x1024x128000:bf16,"
                    "2048x1024x128000:fp32,8192x4096x128000:bf16,2048x4096x128000:bf16")
 TINY_CONFIGS = "40x24x300:fp32,40x24x300:bf16"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-VARIANTS = ("chunks", "kernel", "logits")
+VARIANTS = ("chunks", "kernel", "hybrid", "logits")  # hybrid: the kernel's forward, the chunks' backward
 
 
 def parse_args(argv=None):
@@ -125,6 +129,11 @@ def step(x, variant, risk="kl", weights=None):
         out = rk.fused_linear_token_stats(*args, **kw, schedule="tokens")
     elif variant == "kernel":
         out = rk.fused_linear_token_stats(*args, **kw, schedule="kernel")
+    elif variant == "hybrid":
+        h, rh = x["hidden"], x["ref_hidden"]
+        out = hybrid_rows_token_stats(h, x["weight"], x["bias"], rh, x["ref_weight"], x["ref_bias"], x["labels"],
+                                      risk=parse_risk(risk), ignore_index=-100, backend=get_backend("auto", h),
+                                      rows=budget_rows(x["weight"].shape[0], h.dtype, None))
     else:  # the float64 oracle: the token path on float64 copies (the torch row kernel)
         d = {k: t if t is None or k == "labels" else t.detach().double().requires_grad_(t.requires_grad)
              for k, t in x.items()}
@@ -152,7 +161,7 @@ def agreement(device, size):
             x[k].requires_grad_(True)
         w = torch.randn(x["labels"].shape[0], 3, device=device, generator=torch.Generator(device).manual_seed(2))
         results = {}
-        for variant in ("float64", "chunks", "kernel"):
+        for variant in ("float64", "chunks", "kernel", "hybrid"):
             stats, loss, xs = step(x, variant, risk, w)
             grads = torch.autograd.grad(loss, [xs[k] for k in leaves])
             results[variant] = (stats.double(), [g.double() for g in grads])
@@ -160,7 +169,7 @@ def agreement(device, size):
         tol_stats, tol_grad = (2e-4, 1e-4) if dtype == torch.float32 else (2e-2, 2e-2)
         # each path against float64, then the kernel against the chunks directly
         for variant, (want_stats, want_grads) in (("chunks", results["float64"]), ("kernel", results["float64"]),
-                                                  ("k vs c", results["chunks"])):
+                                                  ("hybrid", results["float64"]), ("k vs c", results["chunks"])):
             stats, grads = results["kernel" if variant == "k vs c" else variant]
             stat_err = ((stats - want_stats).abs() / (1 + want_stats.abs())).max().item()
             grad_err = [((g - e).norm() / e.norm()).item() for g, e in zip(grads, want_grads)]

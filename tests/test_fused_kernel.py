@@ -247,3 +247,29 @@ def test_kernels_compile_for_hopper(monkeypatch):
         src = compiler.ASTSource(fn=fn, signature=signature, constexprs=constants)
         out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": fused_kernel.NUM_WARPS})
         assert "ptx" in out.asm
+
+
+@pytest.mark.parametrize("risk", ["kl", "erm:0.7"])
+def test_kernel_forward_with_token_backward_matches_token_chunks(risk):
+    """hybrid.py (a measurement variant): the kernel's statistics and saved scalars drive the
+    token schedule's backward; values and gradients are the token path's."""
+    from rsa_kernels.backends import get_backend
+    from rsa_kernels.fused_linear.hybrid import hybrid_rows_token_stats
+    from rsa_kernels.risk import parse_risk
+
+    x, up = make_inputs(n=9, masked=(1, 4), seed=11)
+    want, want_grads = run(x, up, ("tokens", risk))
+    t = {k: v if v is None or k == "labels" else v.detach().clone() for k, v in x.items()}
+    leaves = [t[k].requires_grad_(True) for k in ("hidden", "weight", "bias")]
+    out = hybrid_rows_token_stats(t["hidden"], t["weight"], t["bias"], t["ref_hidden"], t["ref_weight"],
+                                  t["ref_bias"], t["labels"], risk=parse_risk(risk), ignore_index=-100,
+                                  backend=get_backend("torch", t["hidden"]), rows=4)
+    stats = torch.stack([s.double() for s in out], 1)
+    grads = torch.autograd.grad((stats[:, [0, 2, 3]] * up).sum(), leaves)
+    assert_close(stats, want, 2e-5, atol=1e-4)
+    for g, w in zip(grads, want_grads):
+        assert_close(g.double(), w, 2e-5, atol=5e-5)
+    with pytest.raises(ValueError, match="risk"):
+        hybrid_rows_token_stats(t["hidden"], t["weight"], t["bias"], t["ref_hidden"], t["ref_weight"],
+                                t["ref_bias"], t["labels"], risk=parse_risk("cvar:0.9"), ignore_index=-100,
+                                backend=get_backend("torch", t["hidden"]), rows=4)

@@ -34,7 +34,7 @@ def test_gpu_bench_dry_run():
 def test_fused_kernel_check_dry_run():
     text = _dry_run("gpu_check_fused_kernel.py", "--rounds", "1", "--configs", "40x24x300:bf16")
     assert "agreement: all passed" in text
-    for variant in ("chunks", "kernel", "logits"):
+    for variant in ("chunks", "kernel", "hybrid", "logits"):
         assert f"| 40x24x300 | bf16 | {variant} |" in text
 
 
