@@ -15,18 +15,22 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def interpolation_ranks(v: int, level: float) -> tuple[int, int, float]:
+    """The ranks LO, HI = LO + 1 (at most v - 1) and weight that torch.quantile's linear
+    interpolation reads for ``level`` among v sorted values."""
+    pos = level * (v - 1)
+    lo = int(pos)
+    return lo, min(lo + 1, v - 1), pos - lo
+
+
 def interpolated_quantile(x: torch.Tensor, level: float) -> torch.Tensor:
     """torch.quantile(x, level, dim=-1) with linear interpolation, without its size limit.
 
     -inf entries are allowed: a quantile that interpolates from -inf is -inf, as in
     torch.quantile (the formula alone would give -inf + inf = NaN there).
     """
-    v = x.shape[-1]
     xs = x.sort(dim=-1).values
-    pos = level * (v - 1)
-    lo = int(pos)
-    hi = min(lo + 1, v - 1)
-    frac = pos - lo
+    lo, hi, frac = interpolation_ranks(x.shape[-1], level)
     a, b = xs[..., lo], xs[..., hi]
     if frac == 0.0:
         return a

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..reference import interpolation_ranks
 from ..risk import Risk
 
 NBINS = 16             # thresholds per histogram launch
@@ -26,13 +27,6 @@ _BYTES_PER_ITEM = 72       # d, q; keys, sorted keys, order, sorted q (f64), cum
 _PAD_KEY = 1 << 33         # sorts after every real key
 
 
-def ranks(risk: Risk, v: int) -> tuple[int, int, float]:
-    """reference.interpolated_quantile's ranks LO, HI and weight for level 1 - C."""
-    pos = (1.0 - risk.param) * (v - 1)
-    lo = int(pos)
-    return lo, min(lo + 1, v - 1), pos - lo
-
-
 def quantile_forward(kernels, z, zr, labels, stats, saved, aux, risk: Risk, ignore_index: int,
                      interpreting: bool, launch_opts: dict) -> None:
     if NBINS < 8 or NBINS & (NBINS - 1):
@@ -40,7 +34,7 @@ def quantile_forward(kernels, z, zr, labels, stats, saved, aux, risk: Risk, igno
                          f"-inf, +inf and the tails), got {NBINS}")
     n, v = z.shape
     ra = risk.kind == "ra_dpo_cvar"
-    alpha, (lo, hi, frac) = (0.0, ranks(risk, v)) if ra else (risk.param, (0, 0, 0.0))
+    alpha, (lo, hi, frac) = (0.0, interpolation_ranks(v, 1.0 - risk.param)) if ra else (risk.param, (0, 0, 0.0))
     ist = torch.empty(n, 4, dtype=torch.int64, device=z.device)
     fst = torch.empty(n, 3, dtype=torch.float32, device=z.device)
     block = INTERPRET_BLOCK if interpreting else HIST_BLOCK

@@ -70,8 +70,3 @@ def _max(x, axis: tl.constexpr):
 @helper
 def _min(x, axis: tl.constexpr):
     return tl.reduce(x, axis, tl.standard._elementwise_min)
-
-
-@helper
-def _cumsum(x, axis: tl.constexpr):
-    return tl.associative_scan(x, axis, tl.standard._sum_combine)
