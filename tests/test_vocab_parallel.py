@@ -1,0 +1,91 @@
+"""Vocabulary-parallel statistics (SPEC section 7) across 2 and 3 real processes (gloo, CPU).
+
+Each world size is one launch of tests/vocab_parallel_worker.py (few process groups: the
+start-up dominates); the worker records every check on every rank, and the tests below
+assert on those records. A rank that hangs is killed after LAUNCH_TIMEOUT and fails the
+test, and a collective gives up after the worker's COLLECTIVE_TIMEOUT.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+WORKER = Path(__file__).with_name("vocab_parallel_worker.py")
+LAUNCH_TIMEOUT = 240
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+def launch(world: int, tmp: Path) -> list[list[dict]]:
+    """Start ``world`` ranks (torchrun's environment, a file rendezvous), return each rank's records."""
+    init = tmp / "rendezvous"
+    env = dict(os.environ, WORLD_SIZE=str(world), INIT_FILE=str(init), OUT=str(tmp), GLOO_SOCKET_IFNAME="lo",
+               MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1", COLLECTIVE_TIMEOUT="60",
+               PYTHONPATH=os.pathsep.join([str(WORKER.parent.parent), os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen([sys.executable, str(WORKER)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    logs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            logs.append(out)
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"a rank hung: killed after {LAUNCH_TIMEOUT} s")
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{log[-4000:]}"
+    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"{w}ranks")
+def records(request, tmp_path_factory):
+    t0 = time.perf_counter()
+    out = launch(request.param, tmp_path_factory.mktemp(f"vocab_parallel_{request.param}"))
+    print(f"\n{request.param} ranks: {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def failures(records, test):
+    rows = [(r, rec) for r, recs in enumerate(records) for rec in recs if rec["test"] == test]
+    assert rows, f"no records of {test}"
+    return [f"rank {r} {rec['case']}: {rec['error']}" for r, rec in rows if not rec["ok"]]
+
+
+@pytest.mark.parametrize("test", ["token_stats", "preference_loss", "fused_token_stats", "fused_preference_loss"])
+def test_equals_single_process(records, test):
+    """Statistics (the same on every rank) and each slice's gradient equal one process's result."""
+    bad = failures(records, test)
+    assert not bad, "\n".join(bad)
+
+
+def test_every_risk_dtype_and_input_kind_was_checked(records):
+    cases = {rec["case"] for rec in records[0] if rec["test"] == "token_stats" and rec["ok"]}
+    for risk in ("kl", "erm:0.5", "cvar:0", "cvar:0.95", "ra_dpo_cvar:0.1", "ra_dpo_cvar:0.9"):
+        for dtype in ("torch.float64", "torch.float32"):
+            for kind in ("random", "ties", "extreme"):
+                assert f"{risk} {dtype} {kind}" in cases
+
+
+def test_bad_input_raises_value_error_on_every_rank(records):
+    bad = failures(records, "bad_input")
+    assert not bad, "\n".join(bad)
+    per_rank = [{rec["case"] for rec in recs if rec["test"] == "bad_input"} for recs in records]
+    assert all(cases == per_rank[0] for cases in per_rank) and len(per_rank[0]) >= 15
+
+
+def test_communication_matches_the_stated_formula(records):
+    """Collectives and bytes counted at torch.distributed equal costs.forward_communication."""
+    bad = failures(records, "communication")
+    assert not bad, "\n".join(bad)
+    for rec in records[0]:
+        if rec["test"] == "communication" and "rounds" in rec:
+            print(f"{rec['case']}: {rec['rounds']} rounds, {rec['bytes_per_row']:.0f} B/row")
