@@ -20,7 +20,6 @@ from .comm import all_gather_rows, meta_device
 MAX_SETTINGS = 24        # named arguments that must agree across ranks
 MESSAGE_BYTES = 256      # an error message travels in this many bytes
 _HEAD = 4                # status, width, largest label, number of settings
-_INT64_MAX = 2**63 - 1
 
 
 @dataclass
@@ -86,7 +85,7 @@ def _decode(words) -> str:
 
 
 def _row(local: Local | None, error: BaseException | None) -> list[int]:
-    width = _INT64_MAX
+    """[status, width, largest label, number of settings, settings..., message...]."""
     if local is not None:
         if len(local.settings) > MAX_SETTINGS:
             raise AssertionError("too many settings for the agreement vector")
@@ -97,7 +96,7 @@ def _row(local: Local | None, error: BaseException | None) -> list[int]:
         head = [0, local.width, top, len(settings)]
         return head + settings + [0] * (MAX_SETTINGS - len(settings)) + _encode("")
     message = f"{type(error).__name__}: {error}" if not isinstance(error, ValueError) else str(error)
-    return [1, width, -1, 0] + [0] * MAX_SETTINGS + _encode(message)
+    return [1, 0, -1, 0] + [0] * MAX_SETTINGS + _encode(message)
 
 
 def agree(group, check: Callable[[], tuple[Local, Any]]) -> tuple[VocabLayout, Any]:

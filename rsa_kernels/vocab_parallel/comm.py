@@ -27,8 +27,7 @@ class Comm:
 
     def reduce(self, values: torch.Tensor, op: str) -> torch.Tensor:
         """The element-wise ``op`` ("sum", "max", "min") of ``values`` over the group's ranks."""
-        wire = values.to(torch.float64) if values.is_floating_point() else values.to(torch.int64)
-        wire = wire.contiguous().clone()
+        wire = values.to(torch.float64 if values.is_floating_point() else torch.int64, copy=True).contiguous()
         dist.all_reduce(wire, op=_OPS[op], group=self.group)
         return wire.to(values.dtype)
 

@@ -55,7 +55,7 @@ class VocabParallelRows:
 
     def _local_labels(self, labels: torch.Tensor, width: int):
         """(this rank owns the label, its local column, clamped so that gather is safe)."""
-        local = labels - self.layout.start
+        local = labels.long() - self.layout.start
         own = (local >= 0) & (local < width)
         return own, local.clamp(0, width - 1)
 
