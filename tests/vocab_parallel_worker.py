@@ -1,7 +1,8 @@
-"""One rank of the vocabulary-parallel tests: tests/test_vocab_parallel.py starts 2 or 3.
+"""One rank of the vocabulary-parallel tests: tests/test_vocab_parallel.py starts 3.
 
 Run as a script with RANK, WORLD_SIZE, INIT_FILE and OUT in the environment (gloo over a
-file rendezvous on 127.0.0.1, so parallel test runs never fight over a port). Every rank
+file rendezvous on 127.0.0.1, so parallel test runs never fight over a port); the checks
+run in a 2-rank group (global ranks 1 and 2), then in the 3-rank world. Every rank
 builds the same full inputs from the same seeds, computes the single-process result
 itself, and compares it with the vocabulary-parallel result of its own slice. Each check
 is recorded (never raised), so one failure cannot leave the other ranks waiting; the
@@ -33,9 +34,11 @@ TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-
 
 
 class Ctx:
-    def __init__(self):
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.group = dist.group.WORLD
+    """One process group's run: this process's rank in it, and the records of its checks."""
+
+    def __init__(self, group):
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self.group = group
         self.results = []
 
     def widths(self, v):
@@ -367,16 +370,13 @@ def measure_fused(ctx, risk):
     return {"backward": bwd.calls}
 
 
-def main():
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", init_method=f"file://{os.environ['INIT_FILE']}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=int(os.environ.get("COLLECTIVE_TIMEOUT", "60"))))
-    torch.set_num_threads(1)
-    ctx = Ctx()
-    # 2 ranks run the whole matrix; 3 ranks (slower to start and to synchronise) the cases
-    # where a middle slice matters: ties across three slices, extremes, every risk in both
-    # dtypes once, and one of each of the other forms
-    full = world == 2
+def run_group(ctx: Ctx, full: bool) -> None:
+    """Every check, in the same order on every rank of ``ctx.group``.
+
+    full: the whole matrix (the 2-rank group); otherwise (3 ranks) the cases where a middle
+    slice matters: ties across three slices, extremes, every risk in both dtypes once, one
+    of each of the other forms, all bad inputs and the communication counts.
+    """
     seed = 0
     for dtype in (torch.float64, torch.float32):
         kinds = ("random", "ties", "extreme") if full else (("ties", "extreme") if dtype == torch.float64 else ("random",))
@@ -414,8 +414,31 @@ def main():
         for risk in ("kl", "erm:1", "cvar:0.9", "ra_dpo_cvar:0.3"):
             ctx.record("communication", f"{risk} {dtype}", lambda: measure(ctx, risk, dtype))
     ctx.record("communication", "fused cvar:0.9 float64", lambda: measure_fused(ctx, "cvar:0.9"))
+
+
+def main():
+    """WORLD_SIZE = 3: the 2-rank group is ranks 1 and 2 (its ranks differ from the global
+    ones), then the 3-rank group is the world; three processes, one torch import each."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # the world group only waits (rank 0 for the pair's checks): a long timeout; the groups
+    # the checks run in give up on a collective after COLLECTIVE_TIMEOUT
+    dist.init_process_group("gloo", init_method=f"file://{os.environ['INIT_FILE']}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=600))
+    torch.set_num_threads(1)
+    timeout = timedelta(seconds=int(os.environ.get("COLLECTIVE_TIMEOUT", "60")))
+    pair = dist.new_group([world - 2, world - 1], timeout=timeout)  # every rank takes part in creating both
+    everyone = dist.new_group(list(range(world)), timeout=timeout)
+    out = {}
+    if rank >= world - 2:
+        ctx = Ctx(pair)
+        run_group(ctx, full=True)
+        out[2] = ctx.results
+    dist.barrier()
+    ctx = Ctx(everyone)
+    run_group(ctx, full=world == 2)
+    out[world] = ctx.results
     with open(os.path.join(os.environ["OUT"], f"rank{rank}.json"), "w") as f:
-        json.dump(ctx.results, f, indent=1)
+        json.dump(out, f, indent=1)
     dist.destroy_process_group()
 
 
