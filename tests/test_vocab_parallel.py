@@ -3,8 +3,9 @@
 One launch of 3 processes runs tests/vocab_parallel_worker.py (process start-up dominates,
 so few processes): first in a 2-rank group of global ranks 1 and 2 (the whole matrix of
 risks, dtypes and input kinds), then in the 3-rank world (a subset). The worker records
-every check on every rank, and the tests below assert on those records. A rank that hangs is killed after LAUNCH_TIMEOUT and fails the
-test, and a collective gives up after the worker's COLLECTIVE_TIMEOUT.
+every check on every rank, and the tests below assert on those records. A rank that hangs
+is killed after LAUNCH_TIMEOUT and fails the test; a collective gives up after the
+worker's COLLECTIVE_TIMEOUT.
 """
 from __future__ import annotations
 

@@ -180,7 +180,7 @@ def _fused_compare(ctx, dtype, call_single, call_split, outputs):
     hidden, weight, bias, rh, rw, rb, labels = linear_inputs(dtype)
     cols = ctx.cols(100)
     leaves1 = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-    leaves2 = [hidden.clone().requires_grad_(), weight[cols].clone().requires_grad_(), bias[cols].clone().requires_grad_()]
+    leaves2 = [t.clone().requires_grad_() for t in (hidden, weight[cols], bias[cols])]
     out1 = call_single(*leaves1, rh, rw, rb, labels)
     out2 = call_split(*leaves2, rh, rw[cols], rb[cols], labels)
     outputs(out1).backward()
@@ -379,7 +379,8 @@ def run_group(ctx: Ctx, full: bool) -> None:
     """
     seed = 0
     for dtype in (torch.float64, torch.float32):
-        kinds = ("random", "ties", "extreme") if full else (("ties", "extreme") if dtype == torch.float64 else ("random",))
+        some = ("ties", "extreme") if dtype == torch.float64 else ("random",)
+        kinds = ("random", "ties", "extreme") if full else some
         for kind in kinds:
             for risk in RISKS:
                 seed += 1
