@@ -74,18 +74,26 @@ def preference_loss(logits, ref_logits, labels, *, objective: str = "rsa2", risk
                     beta: float = 0.1, alpha: float = 0.5, gamma: float = 1.0,
                     label_smoothing: float = 0.0, ignore_index: int = -100, shift: bool = False,
                     backend: str = "auto", sequence_ids=None, num_sequences: int | None = None,
-                    chunk_size: int | None = None):
+                    chunk_size: int | None = None, process_group=None):
     """Mean pair loss and metrics of SPEC section 3 from policy and reference logits.
 
     Padded input: logits (2B, T, V), labels (2B, T), chosen sequences first. Packed input:
     logits (N, V), labels (N,), ``sequence_ids`` (N,) in [0, 2B), each sequence's tokens in order.
+    ``process_group``: the logits are this rank's vocabulary slice (SPEC section 7).
     """
-    risk = parse_risk(risk)
-    check_objective_args(objective, beta, alpha, gamma, label_smoothing)
-    check_logits(logits, ref_logits, labels, ignore_index=ignore_index)
-    layout = make_layout(labels, ignore_index=ignore_index, shift=shift,
-                         sequence_ids=sequence_ids, num_sequences=num_sequences)
-    impl = get_backend(backend, logits)
+    if process_group is None:
+        risk = parse_risk(risk)
+        check_objective_args(objective, beta, alpha, gamma, label_smoothing)
+        check_logits(logits, ref_logits, labels, ignore_index=ignore_index)
+        layout = make_layout(labels, ignore_index=ignore_index, shift=shift,
+                             sequence_ids=sequence_ids, num_sequences=num_sequences)
+        impl = get_backend(backend, logits)
+    else:
+        from .vocab_parallel.entry import preference_setup
+        risk, layout, impl = preference_setup(
+            process_group, logits, ref_logits, labels, risk=risk, objective=objective, beta=beta, alpha=alpha,
+            gamma=gamma, label_smoothing=label_smoothing, ignore_index=ignore_index, shift=shift, backend=backend,
+            sequence_ids=sequence_ids, num_sequences=num_sequences, chunk_size=chunk_size)
     v = logits.shape[-1]
     rows = rows_token_stats(logits.reshape(-1, v), ref_logits.reshape(-1, v), layout.labels.reshape(-1),
                             risk, ignore_index, impl, chunk_size)

@@ -54,16 +54,22 @@ def rows_token_stats(z, zr, labels, risk: Risk, ignore_index: int, backend, chun
 
 def token_stats(logits, ref_logits, labels, *, risk="kl", ignore_index: int = -100,
                 backend: str = "auto", chunk_size: int | None = None,
-                inplace_backward: bool = False) -> TokenStats:
+                inplace_backward: bool = False, process_group=None) -> TokenStats:
     """Per-token (logp, ref_logp, kl, risk) of SPEC section 1, for logits (..., V).
 
     Gradients flow to ``logits`` only. ``chunk_size`` bounds the rows processed at once (the
     torch and cpu backends); ``inplace_backward=True`` writes the gradient into ``logits``'
     storage, so use it only when nothing else reads those logits after the backward.
+    ``process_group``: the logits are this rank's vocabulary slice (SPEC section 7).
     """
-    risk = parse_risk(risk)
-    check_logits(logits, ref_logits, labels, ignore_index=ignore_index)
-    impl = get_backend(backend, logits)
+    if process_group is None:
+        risk = parse_risk(risk)
+        check_logits(logits, ref_logits, labels, ignore_index=ignore_index)
+        impl = get_backend(backend, logits)
+    else:
+        from .vocab_parallel.entry import logits_backend
+        risk, impl = logits_backend(process_group, logits, ref_logits, labels, risk=risk, ignore_index=ignore_index,
+                                    backend=backend, chunk_size=chunk_size, inplace=inplace_backward)
     v = logits.shape[-1]
     lead = labels.shape
     out = rows_token_stats(logits.reshape(-1, v), ref_logits.reshape(-1, v), labels.reshape(-1),

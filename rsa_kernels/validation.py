@@ -8,7 +8,10 @@ import torch
 OBJECTIVES = ("dpo", "rsa1", "rsa2")
 
 
-def check_logits(logits, ref_logits, labels, *, ignore_index: int, names=("logits", "ref_logits")):
+def check_logits(logits, ref_logits, labels, *, ignore_index: int, names=("logits", "ref_logits"),
+                 global_labels: bool = False):
+    """``global_labels``: the logits are one rank's vocabulary slice (SPEC section 7), so labels
+    are checked against the global vocabulary later, by the group (rsa_kernels.vocab_parallel)."""
     for name, t in zip(names, (logits, ref_logits)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor")
@@ -16,17 +19,19 @@ def check_logits(logits, ref_logits, labels, *, ignore_index: int, names=("logit
             raise ValueError(f"{name} must have shape (..., V) with V >= 1, got {tuple(t.shape)}")
     if ref_logits.shape != logits.shape:
         raise ValueError(f"{names[1]} has shape {tuple(ref_logits.shape)}, {names[0]} {tuple(logits.shape)}: they must match")
-    check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index=ignore_index)
+    check_labels(labels, logits.shape[:-1], None if global_labels else logits.shape[-1], ignore_index=ignore_index)
 
 
-def check_labels(labels, leading, vocab: int, *, ignore_index: int):
+def check_labels(labels, leading, vocab: int | None, *, ignore_index: int):
+    """``vocab=None``: only the lower bound (the global vocabulary is not known here)."""
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError("labels must be an integer tensor")
     if labels.shape != leading:
         raise ValueError(f"labels has shape {tuple(labels.shape)}, expected the leading shape {tuple(leading)}")
-    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    bad = ((labels < 0) if vocab is None else (labels < 0) | (labels >= vocab)) & (labels != ignore_index)
     if bool(bad.any()):
-        raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}, "
+        bound = "global vocabulary" if vocab is None else vocab
+        raise ValueError(f"labels must lie in [0, {bound}) or equal ignore_index={ignore_index}, "
                          f"found {labels[bad].flatten()[0].item()}")
 
 

@@ -27,7 +27,7 @@ def _rows(hidden, ref_hidden, labels):
 def fused_linear_token_stats(hidden, weight, ref_hidden, ref_weight, labels, *, bias=None, ref_bias=None,
                              risk="kl", ignore_index: int = -100, backend: str = "auto",
                              chunk_size: int | None = None, memory_budget: int | None = None,
-                             schedule: str = "tokens") -> TokenStats:
+                             schedule: str = "tokens", process_group=None) -> TokenStats:
     """token_stats of the logits hidden @ weight.T + bias (policy) and likewise (reference).
 
     hidden (..., H), weight (V, H), bias (V,) or None; labels of hidden's leading shape.
@@ -35,7 +35,13 @@ def fused_linear_token_stats(hidden, weight, ref_hidden, ref_weight, labels, *, 
     recomputation in the backward: ``chunk_size`` rows of logits at a time, or as many as
     ``memory_budget`` bytes (default linear.MEMORY_BUDGET) allow for the two models' chunks.
     ``schedule="kernel"``: the fused Triton kernel instead (fused_kernel.py; kl and erm only).
+    ``process_group``: the weights and biases are this rank's vocabulary rows (SPEC section 7).
     """
+    if process_group is not None:
+        from ..vocab_parallel.entry import fused_token_stats
+        return fused_token_stats(process_group, hidden, weight, ref_hidden, ref_weight, labels, bias=bias,
+                                 ref_bias=ref_bias, risk=risk, ignore_index=ignore_index, backend=backend,
+                                 chunk_size=chunk_size, memory_budget=memory_budget, schedule=schedule)
     risk = parse_risk(risk)
     check_linear(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index=ignore_index)
     check_chunking(chunk_size, "tokens", memory_budget)
@@ -68,7 +74,7 @@ def fused_linear_preference_loss(hidden, weight, ref_hidden, ref_weight, labels,
                                  ignore_index: int = -100, shift: bool = False, backend: str = "auto",
                                  sequence_ids=None, num_sequences: int | None = None,
                                  chunk_size: int | None = None, schedule: str = "auto",
-                                 memory_budget: int | None = None):
+                                 memory_budget: int | None = None, process_group=None):
     """preference_loss of the logits hidden @ weight.T + bias, without materialising them.
 
     Padded input: hidden (2B, T, H), labels (2B, T), chosen sequences first. Packed input:
@@ -77,8 +83,17 @@ def fused_linear_preference_loss(hidden, weight, ref_hidden, ref_weight, labels,
     backward; memory independent of sequence length) or "auto" (pairs when the largest pair
     fits ``chunk_size`` rows, or the ``memory_budget``), or "kernel" (the fused Triton kernel
     of fused_kernel.py: no logits in memory at all; kl and erm only). Gradients flow to
-    hidden, weight and bias of the policy only.
+    hidden, weight and bias of the policy only. ``process_group``: the weights and biases are
+    this rank's vocabulary rows (SPEC section 7).
     """
+    if process_group is not None:
+        from ..vocab_parallel.entry import fused_preference_loss
+        return fused_preference_loss(process_group, hidden, weight, ref_hidden, ref_weight, labels, bias=bias,
+                                     ref_bias=ref_bias, objective=objective, risk=risk, beta=beta, alpha=alpha,
+                                     gamma=gamma, label_smoothing=label_smoothing, ignore_index=ignore_index,
+                                     shift=shift, backend=backend, sequence_ids=sequence_ids,
+                                     num_sequences=num_sequences, chunk_size=chunk_size, schedule=schedule,
+                                     memory_budget=memory_budget)
     risk = parse_risk(risk)
     check_objective_args(objective, beta, alpha, gamma, label_smoothing)
     check_linear(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index=ignore_index)

@@ -11,8 +11,10 @@ def _check_matrix(name: str, t) -> None:
         raise ValueError(f"{name} must be a floating-point tensor")
 
 
-def check_linear(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, *, ignore_index: int) -> None:
-    """hidden (..., H) with weight (V, H) and bias (V,); the reference may have its own H."""
+def check_linear(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, *, ignore_index: int,
+                 global_labels: bool = False) -> None:
+    """hidden (..., H) with weight (V, H) and bias (V,); the reference may have its own H.
+    ``global_labels``: the weights are one rank's vocabulary rows (validation.check_logits)."""
     for name, t in (("hidden", hidden), ("weight", weight), ("ref_hidden", ref_hidden), ("ref_weight", ref_weight)):
         _check_matrix(name, t)
     if hidden.dim() < 1 or hidden.shape[-1] < 1:
@@ -42,7 +44,7 @@ def check_linear(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels,
                     ("bias", bias), ("ref_bias", ref_bias), ("labels", labels)):
         if t is not None and isinstance(t, torch.Tensor) and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device}, hidden on {hidden.device}: they must share a device")
-    check_labels(labels, hidden.shape[:-1], vocab, ignore_index=ignore_index)
+    check_labels(labels, hidden.shape[:-1], None if global_labels else vocab, ignore_index=ignore_index)
 
 
 def check_chunking(chunk_size, schedule: str, memory_budget) -> None:
