@@ -220,11 +220,14 @@ def test_verdict_follows_the_outcomes():
         def entry(o):
             n = 0 if o == "no overlap" else 3
             return {"outcome": o, "seeds": 3, "overlapping_seeds": n, "diff_mean": None if n == 0 else -1.0,
-                    "diff_std": None if n == 0 else 0.5, "rsa_lower_seeds": n if o == "rsa lower" else 0}
+                    "diff_std": None if n == 0 else 0.5, "rsa_lower_seeds": n if o == "rsa lower" else 0,
+                    "sacpo_lower_seeds": n if o == "sacpo lower" else 0, "rsa_lower_everywhere_seeds": 0,
+                    "sacpo_lower_everywhere_seeds": 0}
         fam = lambda o: {"cost_cvar95": entry(o), "catastrophic_rate": entry(o)}
         return {"reward": {"H->S": fam(outcome_hs), "P": fam(outcome_p)}, "kl": {"H->S": fam(outcome_hs), "P": fam(outcome_p)}}
     last = lambda m: report.verdict(m).splitlines()[-1]
     assert last(matched("rsa lower", "rsa lower")).startswith("Verdict: at matched helpfulness RSA has a lower")
+    assert "H->S: 3 of 3 overlapping seeds" in last(matched("rsa lower", "rsa lower"))
     assert "reach no common reward" in last(matched("rsa lower", "no overlap"))
     assert last(matched("sacpo lower", "sacpo lower")).startswith("Verdict: at matched helpfulness SACPO, not RSA")
     assert last(matched("rsa lower", "sacpo lower")).startswith("Verdict: neither")

@@ -93,23 +93,29 @@ def verdict(matched: dict) -> str:
         for family, metrics in families.items():
             lines.append(f"matched {AXIS_NAMES[axis]}, {family}: "
                          + "; ".join(_phrase(e, m) for m, e in metrics.items()) + ".")
-    outcome = {f: m["cost_cvar95"]["outcome"] for f, m in matched["reward"].items()}
-    seeds = {f: (m["cost_cvar95"]["overlapping_seeds"], m["cost_cvar95"]["seeds"]) for f, m in matched["reward"].items()}
-    compared = {f: o for f, o in outcome.items() if o != "no overlap"}
-    apart = [f for f in outcome if f not in compared]
-    where = lambda fams: " and ".join(f"{f} (overlap in {seeds[f][0]} of {seeds[f][1]} seeds)" for f in fams)
+    cvar = {f: m["cost_cvar95"] for f, m in matched["reward"].items()}
+    compared = [f for f, e in cvar.items() if e["outcome"] != "no overlap"]
+    apart = [f for f in cvar if f not in compared]
     tail = f"; the {' and '.join(apart)} frontiers reach no common reward" if apart and compared else ""
+
+    def counts(who: str) -> str:
+        return "; ".join(f"{f}: {cvar[f][f'{who}_lower_seeds']} of {cvar[f]['overlapping_seeds']} overlapping seeds, "
+                         f"lower at every shared reward in {cvar[f][f'{who}_lower_everywhere_seeds']}" for f in compared)
+
+    plural = "s" if len(compared) > 1 else ""
     if not compared:
         lines.append("Verdict: RSA's and SACPO's frontiers reach no common reward in any seed, so this demo "
                      "cannot compare their cost tails at matched helpfulness.")
-    elif all(o == "rsa lower" for o in compared.values()):
-        lines.append(f"Verdict: at matched helpfulness RSA has a lower cost CVaR95 than SACPO on the "
-                     f"{where(compared)} frontier{'s' if len(compared) > 1 else ''}, in every seed where they overlap{tail}.")
-    elif all(o == "sacpo lower" for o in compared.values()):
-        lines.append(f"Verdict: at matched helpfulness SACPO, not RSA, has the lower cost CVaR95 on the "
-                     f"{where(compared)} frontier{'s' if len(compared) > 1 else ''}, in every seed where they overlap{tail}.")
+    elif all(cvar[f]["outcome"] == "rsa lower" for f in compared):
+        lines.append(f"Verdict: at matched helpfulness RSA has a lower cost CVaR95 than SACPO, on average over "
+                     f"the rewards both reach, on the {' and '.join(compared)} frontier{plural} in every seed where "
+                     f"they overlap ({counts('rsa')}){tail}.")
+    elif all(cvar[f]["outcome"] == "sacpo lower" for f in compared):
+        lines.append(f"Verdict: at matched helpfulness SACPO, not RSA, has the lower cost CVaR95, on average over "
+                     f"the rewards both reach, on the {' and '.join(compared)} frontier{plural} in every seed where "
+                     f"they overlap ({counts('sacpo')}){tail}.")
     else:
-        parts = ", ".join(f"{f}: {o}" for f, o in outcome.items())
+        parts = ", ".join(f"{f}: {e['outcome']}" for f, e in cvar.items())
         lines.append(f"Verdict: neither RSA nor SACPO has the lower cost CVaR95 at matched helpfulness across "
                      f"seeds and frontiers ({parts}).")
     return "\n".join(lines)
@@ -202,13 +208,17 @@ def plot_frontier(out: Path, fronts: dict, anchors: dict) -> Path:
             marker, color = marks.get(name, ("D", "k"))
             ax.errorbar([e[x]], [sy * e[y]], xerr=[e["std"][x]], yerr=[sy * e["std"][y]], marker=marker, ms=8,
                         mfc="none" if name != "sft" else color, color=color, ls="none", capsize=2, label=name)
-        ax.set_xlabel(xl)
+        if x == "kl_to_sft":
+            # KL spans two orders of magnitude across methods; linear below 1 keeps the SFT model's 0
+            ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel(xl + (" (linear below 1, log above)" if x == "kl_to_sft" else ""))
         ax.set_ylabel(yl)
         ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle("Helpfulness-safety frontiers (mean ± spread over seeds; labels: β/λ for H->S, merge weight for P)",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path = Path(out) / "frontier.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
