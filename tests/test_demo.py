@@ -257,11 +257,16 @@ def test_report_tables_and_plots(tmp_path):
 def test_settings_change_starts_over(tmp_path):
     s = runs.Settings.quick()
     (tmp_path / "seed0").mkdir()
+    assert "no settings.json" in runs.check_settings(tmp_path, s, fresh=False)   # of unknown make
+    assert not (tmp_path / "seed0").exists()
+    (tmp_path / "seed0").mkdir()
     assert runs.check_settings(tmp_path, s, fresh=False) is None and (tmp_path / "seed0").is_dir()
     assert runs.check_settings(tmp_path, runs.Settings.quick(seeds=2), fresh=False) is None   # more seeds reuse
     assert (tmp_path / "seed0").is_dir()
     note = runs.check_settings(tmp_path, runs.Settings.quick(max_steps=7), fresh=False)
     assert "settings differ" in note and not (tmp_path / "seed0").exists()
+    (tmp_path / "seed0").mkdir()
+    assert "--fresh" in runs.check_settings(tmp_path, runs.Settings.quick(max_steps=7), fresh=True)
     with pytest.raises(ValueError, match="safety_grid"):
         runs.Settings(safety_grid=(0.5, 0.5))
     with pytest.raises(ValueError, match="merge_weights"):

@@ -374,19 +374,20 @@ SEED_DIR = re.compile(r"^seed\d+$")
 
 def check_settings(out: Path, s: Settings, fresh: bool) -> str | None:
     """Keep the earlier run's results only if they were made with these settings (the number
-    of seeds aside: more seeds reuse the first ones). Returns a note when results were dropped."""
+    of seeds aside: more seeds reuse the first ones); seed folders without a settings.json
+    are of unknown make and dropped too. Returns a note when results were dropped."""
     path = out / "settings.json"
     current = json.loads(json.dumps({k: v for k, v in asdict(s).items() if k != "seeds"}))
+    earlier = json.loads(path.read_text()) if path.is_file() else None
     note = None
-    if path.is_file() or fresh:
-        earlier = json.loads(path.read_text()) if path.is_file() else None
-        if fresh or earlier != current:
-            dropped = [p for p in out.iterdir() if p.is_dir() and SEED_DIR.match(p.name)]
-            for p in dropped:
-                shutil.rmtree(p)
-            if dropped:
-                why = "--fresh" if fresh else "the settings differ from the earlier run's"
-                note = f"{why}: the earlier results in {out} were removed and the run starts over"
+    if fresh or earlier != current:
+        dropped = [p for p in out.iterdir() if p.is_dir() and SEED_DIR.match(p.name)]
+        for p in dropped:
+            shutil.rmtree(p)
+        if dropped:
+            why = ("--fresh" if fresh else "no settings.json" if earlier is None
+                   else "the settings differ from the earlier run's")
+            note = f"{why}: the earlier results in {out} were removed and the run starts over"
     _write_atomic(path, json.dumps(current, indent=2) + "\n")
     return note
 
