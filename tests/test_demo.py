@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from rsa.demo import data, evaluate, frontier, report, runs, sft, task  # noqa: E402
+from rsa.demo import data, evaluate, frontier, protocol, report, runs, sft, task  # noqa: E402
 
 
 def test_reward_and_cost_follow_the_task_definition():
@@ -195,7 +195,7 @@ def _rows(seeds=2):
                 ("sacpo", "P", 0.25, 3.0, 5.0), ("sacpo", "P", 0.75, 2.0, 6.0),
                 ("rsa", "P", 0.25, 1.5, 5.5), ("rsa", "P", 0.75, 0.5, 7.0)):
             cvar = 10 - 2 * reward + (shift if method == "rsa" else 0.0)
-            rows.append({"seed": seed, "key": runs.model_key(method, family, setting), "label": method,
+            rows.append({"seed": seed, "key": protocol.model_key(method, family, setting), "label": method,
                          "method": method, "family": family, "setting": setting, "reward_mean": reward,
                          "cost_mean": 1.0, "cost_cvar95": cvar, "catastrophic_rate": 0.01, "kl_to_sft": kl})
     return rows
@@ -255,30 +255,30 @@ def test_report_tables_and_plots(tmp_path):
 
 
 def test_settings_change_starts_over(tmp_path):
-    s = runs.Settings.quick()
+    s = protocol.Settings.quick()
     (tmp_path / "seed0").mkdir()
     assert "no settings.json" in runs.check_settings(tmp_path, s, fresh=False)   # of unknown make
     assert not (tmp_path / "seed0").exists()
     (tmp_path / "seed0").mkdir()
     assert runs.check_settings(tmp_path, s, fresh=False) is None and (tmp_path / "seed0").is_dir()
-    assert runs.check_settings(tmp_path, runs.Settings.quick(seeds=2), fresh=False) is None   # more seeds reuse
+    assert runs.check_settings(tmp_path, protocol.Settings.quick(seeds=2), fresh=False) is None   # more seeds reuse
     assert (tmp_path / "seed0").is_dir()
-    note = runs.check_settings(tmp_path, runs.Settings.quick(max_steps=7), fresh=False)
+    note = runs.check_settings(tmp_path, protocol.Settings.quick(max_steps=7), fresh=False)
     assert "settings differ" in note and not (tmp_path / "seed0").exists()
     (tmp_path / "seed0").mkdir()
-    assert "--fresh" in runs.check_settings(tmp_path, runs.Settings.quick(max_steps=7), fresh=True)
+    assert "--fresh" in runs.check_settings(tmp_path, protocol.Settings.quick(max_steps=7), fresh=True)
     with pytest.raises(ValueError, match="safety_grid"):
-        runs.Settings(safety_grid=(0.5, 0.5))
+        protocol.Settings(safety_grid=(0.5, 0.5))
     with pytest.raises(ValueError, match="merge_weights"):
-        runs.Settings(merge_weights=(0.0, 0.5))
+        protocol.Settings(merge_weights=(0.0, 0.5))
 
 
 def test_protocol_configs_start_every_safety_step_from_the_helpfulness_model():
     from rsa.config import load_config
     from rsa.stepwise import stage_args
 
-    s = runs.Settings()
-    cfg = load_config(runs.run_config(s, 0, "rsa2", "rsa"))
+    s = protocol.Settings()
+    cfg = load_config(protocol.run_config(s, 0, "rsa2", "rsa"))
     assert [st["name"] for st in cfg["stages"]] == ["helpful", "safe-0.5", "safe-0.25", "safe-0.125", "safe-0.05"]
     assert all(st["reference"] == "helpful" for st in cfg["stages"][1:])
     betas = [stage_args(st, cfg, Path("x"), False).beta for st in cfg["stages"]]
