@@ -1,4 +1,5 @@
-"""`rsa demo`: the embedded safety task, SFT vs DPO vs SACPO vs RSA on one CPU."""
+"""`rsa demo`: the embedded safety task on the paper's protocol: the helpfulness-safety
+frontiers of SACPO and RSA, compared at matched helpfulness and at matched KL, on one CPU."""
 from __future__ import annotations
 
 import argparse
@@ -9,13 +10,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=None,
                         help="number of seeds (default 3, or 1 with --quick)")
     parser.add_argument("--quick", action="store_true",
-                        help="one seed, fewer steps and samples (about 2 minutes; what the tests run)")
-    parser.add_argument("--risk", default=None, help="risk of the rsa run (default cvar:0.9)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+                        help="one seed, fewer steps, samples and frontier points (under a minute; what the tests run)")
+    parser.add_argument("--risk", default=None, help="risk of the rsa runs (default cvar:0.9)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over instead of continuing the run found in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
-    from rsa.demo.report import table
+    from rsa.demo.report import frontier_table, matched_table
     from rsa.demo.runs import Settings, run_demo
 
     if args.seeds is not None and args.seeds < 1:
@@ -27,10 +30,13 @@ def run(args) -> int:
         from rsa_kernels.risk import parse_risk
         kw["rsa_risk"] = str(parse_risk(args.risk, "--risk"))
     settings = Settings.quick(**kw) if args.quick else Settings(**kw)
-    result = run_demo(args.out, settings, progress=not args.no_progress)
+    result = run_demo(args.out, settings, progress=not args.no_progress, fresh=args.fresh)
     print()
-    print(table(result["methods"]))
+    print(frontier_table(result["rows"]))
+    print()
+    print(matched_table(result["matched"]))
     print()
     print(result["verdict"])
-    print(f"\n{args.out}/report.json, tail.png, training.png written in {result['elapsed_s']:.0f} s")
+    print(f"\n{args.out}/report.json, frontier.png, tail.png, training.png written in {result['elapsed_s']:.0f} s "
+          f"({result['cpu_s']:.0f} s of CPU)")
     return 0

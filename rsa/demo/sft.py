@@ -57,8 +57,10 @@ def demonstrations(rng: np.random.Generator, n: int):
 
 
 def train_sft(seed: int, steps: int = 200, batch_size: int = 64, lr: float = 5e-3,
-              n_data: int = 8000, progress: bool = True):
-    """Train the SFT model on fresh demonstrator data; returns (model, final loss)."""
+              n_data: int = 8000, progress: bool = True, on_step=None):
+    """Train the SFT model on fresh demonstrator data; returns (model, final loss).
+
+    ``on_step``: called after every step (the demo's progress across the whole run)."""
     rng = np.random.default_rng(seed)
     model = build_model(seed)
     ids, labels = demonstrations(rng, n_data)
@@ -79,6 +81,8 @@ def train_sft(seed: int, steps: int = 200, batch_size: int = 64, lr: float = 5e-
         sched.step()
         loss_value = loss.item()
         bar.set_postfix(loss=f"{loss_value:.3f}")
+        if on_step is not None:
+            on_step()
     model.eval()
     return model, loss_value
 

@@ -1,0 +1,157 @@
+"""Frontiers and the comparison of two of them at matched helpfulness (or matched KL).
+
+A frontier is one method's models along one knob (the safety step's beta / lambda, or the
+merge weight); in one seed each model is a point (x, y), x the reward (or the KL to the SFT
+model) and y a tail metric (cost CVaR95, catastrophic rate). The frontier's curve is the
+piecewise-linear interpolation through its points in order of x, whatever order the knob
+puts them in (a frontier need not be monotone); points with the same x are averaged into one.
+
+Two curves are compared only over the x both reach, [max of the lows, min of the highs]: the
+difference a - b is piecewise linear there, so its exact mean over that interval (the
+trapezoid rule on the union of both curves' nodes) and its extremes (at the nodes) are
+computed without a grid. Curves that do not reach a common x are not compared at all:
+nothing is extrapolated. A single point is a curve defined at one x only.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# The per-seed result of comparing curve a with curve b over their common x.
+A_LOWER, B_LOWER, EQUAL, CROSSING = "a lower", "b lower", "equal", "crossing"
+
+
+def curve(xs, ys) -> tuple[np.ndarray, np.ndarray]:
+    """The nodes (x ascending, unique; y averaged over equal x) of the curve through the points."""
+    x, y = np.asarray(xs, float).ravel(), np.asarray(ys, float).ravel()
+    if x.size == 0:
+        raise ValueError("xs: a frontier needs at least one point")
+    if x.shape != y.shape:
+        raise ValueError(f"ys: {y.size} values for {x.size} xs")
+    for name, v in (("xs", x), ("ys", y)):
+        if not np.all(np.isfinite(v)):
+            raise ValueError(f"{name}: values must be finite, got {v.tolist()}")
+    ux, inverse = np.unique(x, return_inverse=True)
+    uy = np.bincount(inverse, weights=y) / np.bincount(inverse)
+    return ux, uy
+
+
+def compare(a, b) -> dict | None:
+    """Curve a against curve b (each given as (xs, ys)) over the x both reach; None if none.
+
+    Returns {"range": [lo, hi], "mean_diff": mean of a - b over [lo, hi] (its value there when
+    lo == hi), "min_diff", "max_diff", "dominance"}, dominance being "a lower" (a is nowhere
+    above b and somewhere below), "b lower", "equal" or "crossing" (each is lower somewhere).
+    """
+    ax, ay = curve(*a)
+    bx, by = curve(*b)
+    lo, hi = max(ax[0], bx[0]), min(ax[-1], bx[-1])
+    if lo > hi:
+        return None
+    inside = lambda x: x[(x >= lo) & (x <= hi)]
+    nodes = np.unique(np.concatenate([[lo, hi], inside(ax), inside(bx)]))
+    d = np.interp(nodes, ax, ay) - np.interp(nodes, bx, by)
+    if hi > lo:
+        mean = float(np.sum((d[1:] + d[:-1]) / 2 * np.diff(nodes)) / (hi - lo))
+    else:
+        mean = float(d[0])
+    lowest, highest = float(d.min()), float(d.max())
+    if lowest == highest == 0:
+        dominance = EQUAL
+    elif highest <= 0:
+        dominance = A_LOWER
+    elif lowest >= 0:
+        dominance = B_LOWER
+    else:
+        dominance = CROSSING
+    return {"range": [float(lo), float(hi)], "mean_diff": mean, "min_diff": lowest, "max_diff": highest,
+            "dominance": dominance}
+
+
+def over_seeds(per_seed: list[dict | None], a: str = "rsa", b: str = "sacpo") -> dict:
+    """Summarise one comparison (a - b) over seeds: the spread of the mean difference over the
+    seeds where the curves overlap, and in how many seeds a is lower.
+
+    ``outcome``: "no overlap" (in no seed), "<a> lower" / "<b> lower" (the mean difference has
+    that sign in every seed with an overlap), or "neither" (signs differ, or a tie).
+    """
+    rows = [r for r in per_seed if r is not None]
+    diffs = np.array([r["mean_diff"] for r in rows], float)
+    out = {
+        "seeds": len(per_seed), "overlapping_seeds": len(rows),
+        "diff_mean": float(diffs.mean()) if rows else None,
+        # ddof=0, as for every spread of the demo: one seed gives 0, not NaN
+        "diff_std": float(diffs.std()) if rows else None,
+        f"{a}_lower_seeds": int(np.sum(diffs < 0)), f"{b}_lower_seeds": int(np.sum(diffs > 0)),
+        f"{a}_lower_everywhere_seeds": sum(r["dominance"] == A_LOWER for r in rows),
+        f"{b}_lower_everywhere_seeds": sum(r["dominance"] == B_LOWER for r in rows),
+        "crossing_seeds": sum(r["dominance"] == CROSSING for r in rows),
+        "per_seed": [r if r is None else {**r, "dominance": _name(r["dominance"], a, b)} for r in per_seed],
+    }
+    if not rows:
+        out["outcome"] = "no overlap"
+    elif np.all(diffs < 0):
+        out["outcome"] = f"{a} lower"
+    elif np.all(diffs > 0):
+        out["outcome"] = f"{b} lower"
+    else:
+        out["outcome"] = "neither"
+    return out
+
+
+def _name(dominance: str, a: str, b: str) -> str:
+    return {A_LOWER: f"{a} lower", B_LOWER: f"{b} lower"}.get(dominance, dominance)
+
+
+# ---------------------------------------------------------------------------- the demo's frontiers
+
+KNOB = {"H->S": "beta_over_lambda", "P": "merge_weight"}   # family -> its knob's report.json name
+METHODS = ("sacpo", "rsa")
+POINT_METRICS = ("reward_mean", "cost_cvar95", "catastrophic_rate", "kl_to_sft")
+AXES = {"reward": "reward_mean", "kl": "kl_to_sft"}         # matched at equal reward / equal KL to SFT
+TAIL_METRICS = ("cost_cvar95", "catastrophic_rate")
+
+
+def frontiers(rows: list[dict]) -> dict:
+    """report.json's "frontier": {FAMILY: [{"method", KNOB, metric means over seeds, "std":
+    {metric: spread over seeds}, "seeds": [per-seed values]}]} in knob order, sacpo first.
+
+    ``rows``: one per model and seed, with "seed", "method", "family", "setting" and the metrics.
+    """
+    out = {}
+    for family, knob in KNOB.items():
+        entries = []
+        for method in METHODS:
+            mine = [r for r in rows if r["family"] == family and r["method"] == method]
+            for setting in dict.fromkeys(r["setting"] for r in mine):
+                per_seed = sorted((r for r in mine if r["setting"] == setting), key=lambda r: r["seed"])
+                entry = {"method": method, knob: setting}
+                entry.update({m: float(np.mean([r[m] for r in per_seed])) for m in POINT_METRICS})
+                entry["std"] = {m: float(np.std([r[m] for r in per_seed])) for m in POINT_METRICS}
+                entry["seeds"] = [{"seed": r["seed"], **{m: r[m] for m in POINT_METRICS}} for r in per_seed]
+                entries.append(entry)
+        out[family] = entries
+    return out
+
+
+def points(rows: list[dict], family: str, method: str, seed: int, x: str, y: str):
+    """(xs, ys) of one method's frontier in one seed."""
+    mine = [r for r in rows if r["family"] == family and r["method"] == method and r["seed"] == seed]
+    return [r[x] for r in mine], [r[y] for r in mine]
+
+
+def matched(rows: list[dict], seeds: int) -> dict:
+    """report.json's "matched": {"reward" | "kl": {FAMILY: {METRIC: over_seeds(...)}}}: per seed,
+    RSA's curve minus SACPO's, over the reward (or KL to SFT) both frontiers reach."""
+    out = {}
+    for axis, x in AXES.items():
+        out[axis] = {}
+        for family in KNOB:
+            out[axis][family] = {}
+            for y in TAIL_METRICS:
+                per_seed = []
+                for seed in range(seeds):
+                    a = points(rows, family, "rsa", seed, x, y)
+                    b = points(rows, family, "sacpo", seed, x, y)
+                    per_seed.append(compare(a, b) if a[0] and b[0] else None)
+                out[axis][family][y] = over_seeds(per_seed, "rsa", "sacpo")
+    return out

@@ -1,0 +1,141 @@
+"""The demo's protocol (the paper's, after SACPO): which models are made, with which settings.
+
+Per seed, on the same data, steps, batch size, learning rate and seed:
+  sft                 the SFT model, no alignment
+  dpo (H)             helpfulness step, objective dpo                  (SACPO's first step)
+  ra-dpo (H)          helpfulness step, objective rsa2 with the risk   (RSA's first step)
+  sacpo (H->S) G      dpo (H), then a safety step with objective dpo at beta / lambda = G
+  rsa (H->S) G        ra-dpo (H), then a safety step with objective rsa2 at beta / lambda = G
+  sacpo (P) W         (1 - W) dpo (H) + W sacpo (H->S) at the grid's smallest G   (rsa merge)
+  rsa (P) W           (1 - W) ra-dpo (H) + W rsa (H->S) at the grid's smallest G
+
+Each safety step starts from its method's helpfulness model, which is also its reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import sft, task
+
+
+@dataclass
+class Settings:
+    seeds: int = 3
+    sft_steps: int = 200
+    pairs_per_prompt: int = 96       # sampled pairs per prompt, per preference file, before ties are dropped
+    max_steps: int = 60              # per alignment stage
+    batch_size: int = 16             # pairs per step
+    # Chosen, before comparing RSA, as the setting of a small sweep (lr 3e-4 / 1e-3, beta
+    # 0.1 / 0.5, seed 0) where the risk-neutral baseline SACPO was healthiest: highest reward,
+    # lowest catastrophic rate, no collapse. See docs/demo.md for the whole sweep.
+    learning_rate: float = 1e-3
+    beta: float = 0.5                # the helpfulness step's beta
+    # The safety step's beta / lambda. The paper's grid (0.1, 0.05, 0.025, 0.01) is 1, 1/2,
+    # 1/4 and 1/10 of its helpfulness beta (0.1); these are the same fractions of this demo's
+    # helpfulness beta (0.5). Fixed before any frontier was computed (docs/demo.md).
+    safety_grid: tuple = (0.5, 0.25, 0.125, 0.05)
+    # P: the helpfulness model merged with the safety model at the grid's smallest beta / lambda
+    # (the strongest safety step), the same rule for both methods.
+    merge_weights: tuple = (0.25, 0.5, 0.75)
+    rsa_risk: str = "cvar:0.9"
+    rsa_alpha: float = 0.5
+    eval_per_prompt: int = 512
+    extra: dict = field(default_factory=dict)   # more trainer settings for every stage
+
+    def __post_init__(self):
+        self.safety_grid = tuple(float(g) for g in self.safety_grid)
+        self.merge_weights = tuple(float(w) for w in self.merge_weights)
+        for name, v in (("seeds", self.seeds), ("sft_steps", self.sft_steps), ("max_steps", self.max_steps),
+                        ("eval_per_prompt", self.eval_per_prompt), ("pairs_per_prompt", self.pairs_per_prompt)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not self.safety_grid or any(not g > 0 for g in self.safety_grid) or len(set(self.safety_grid)) < len(self.safety_grid):
+            raise ValueError(f"safety_grid must be distinct positive beta / lambda values, got {self.safety_grid}")
+        if not self.merge_weights or any(not 0 < w < 1 for w in self.merge_weights):
+            raise ValueError(f"merge_weights must be weights in (0, 1), got {self.merge_weights}")
+
+    @classmethod
+    def quick(cls, **kw):
+        """Fewer steps, samples and frontier points (two per family): what the tests run."""
+        base = dict(seeds=1, sft_steps=150, pairs_per_prompt=48, max_steps=30, eval_per_prompt=128,
+                    safety_grid=(0.5, 0.05), merge_weights=(0.25, 0.75))
+        return cls(**{**base, **kw})
+
+    @property
+    def merge_from(self) -> float:
+        """beta / lambda of the safety model each method's helpfulness model is merged with."""
+        return min(self.safety_grid)
+
+
+# ---------------------------------------------------------------------------- the models
+
+
+@dataclass(frozen=True)
+class Model:
+    key: str                 # unique and folder-safe: names the evaluation cache
+    label: str               # what the table and the plots call it
+    method: str              # sft, dpo, ra-dpo, sacpo or rsa
+    family: str | None       # "H", "H->S", "P" (None for sft)
+    setting: float | None    # beta / lambda (H->S) or merge weight (P)
+    path: str                # the model folder, relative to the seed folder
+
+
+HELPFUL = {"sacpo": ("dpo", "dpo"), "rsa": ("ra-dpo", "rsa2")}   # method -> (its H model's name, objective)
+
+
+def safe_stage(g: float) -> str:
+    return f"safe-{g:g}"
+
+
+def model_key(method: str, family: str | None = None, setting: float | None = None) -> str:
+    tag = {None: None, "H": "H", "H->S": "HS", "P": "P"}[family]
+    return "-".join([method] + ([tag] if tag else []) + ([f"{setting:g}"] if setting is not None else []))
+
+
+def models(s: Settings) -> list[Model]:
+    out = [Model("sft", "sft", "sft", None, None, "sft")]
+    out += [Model(model_key(h, "H"), f"{h} (H)", h, "H", None, f"{m}/helpful") for m, (h, _) in HELPFUL.items()]
+    for m in HELPFUL:
+        out += [Model(model_key(m, "H->S", g), f"{m} (H->S) {g:g}", m, "H->S", g, f"{m}/{safe_stage(g)}")
+                for g in s.safety_grid]
+    for m in HELPFUL:
+        out += [Model(model_key(m, "P", w), f"{m} (P) {w:g}", m, "P", w, f"merge/{m}-{w:g}")
+                for w in s.merge_weights]
+    return out
+
+
+def legacy_methods(s: Settings) -> dict[str, str]:
+    """report.json's "methods" (today's keys, plus ra-dpo): sacpo and rsa are the H->S models at
+    the grid's largest beta / lambda, with the default grid the single operating point of the
+    earlier demo (beta 0.5, lambda 1)."""
+    g = max(s.safety_grid)
+    return {"sft": "sft", "dpo": model_key("dpo", "H"), "ra-dpo": model_key("ra-dpo", "H"),
+            "sacpo": model_key("sacpo", "H->S", g), "rsa": model_key("rsa", "H->S", g)}
+
+
+# ---------------------------------------------------------------------------- configs
+
+
+def stage_defaults(s: Settings, seed: int, objective: str) -> dict:
+    d = {"objective": objective, "beta": s.beta, "learning_rate": s.learning_rate,
+         "per_device_train_batch_size": s.batch_size, "max_steps": s.max_steps, "seed": seed,
+         "max_length": sft.MAX_LEN, "max_prompt_length": 1 + task.PROMPT_LEN, "logging_steps": 1,
+         "lr_scheduler_type": "constant", "warmup_steps": 0, "weight_decay": 0.0,
+         "save_strategy": "no", "report_to": "none", "use_cpu": True, "dataloader_num_workers": 0}
+    if objective != "dpo":
+        d.update(risk=s.rsa_risk, alpha=s.rsa_alpha)
+    d.update(s.extra)
+    return d
+
+
+def run_config(s: Settings, seed: int, objective: str, name: str) -> dict:
+    """The `rsa train` config of one method: the helpfulness stage, then one safety stage per
+    beta / lambda, each starting from the helpfulness model, which is also its reference. Paths
+    are relative to the seed folder, where the YAML file is written."""
+    safety = [{"name": safe_stage(g), "data": {"path": "data/safe.jsonl", "preference": "safe"},
+               # the stage's beta is beta / lambda; rounded so that beta / lambda is g exactly
+               "lambda": round(s.beta / g, 12), "reference": "helpful"} for g in s.safety_grid]
+    return {
+        "model": "sft", "output_dir": name, "defaults": stage_defaults(s, seed, objective),
+        "stages": [{"name": "helpful", "data": {"path": "data/helpful.jsonl", "preference": "helpful"}}, *safety],
+    }
