@@ -5,8 +5,10 @@ AcceleratorState promotes MULTI_GPU and kin to FSDP, never MULTI_CPU), so `fsdp`
 `use_cpu: true` under torchrun would quietly train with DDP, and `fsdp` in a process started
 without a launcher would train unsharded. On CPU processes with a process group we switch
 FSDP on ourselves: torch's FSDP1 (device_id=cpu) and FSDP2 both run over gloo, and the rest
-of accelerate's FSDP path (wrapping, clipping, full state-dict saving) only needs the state
-to say FSDP. Anything else that would drop the requested sharding is refused.
+of accelerate's FSDP path (wrapping, clipping, FSDP2 saving) only needs the state to say
+FSDP; FSDP1 needs its weights broadcast by us (sync_module_states) and a final save without
+the copy "to CPU" that crashes it. Anything else that would drop the requested sharding is
+refused with a ValueError naming the setting. Tested: tests/test_trainer_fsdp.py.
 """
 from __future__ import annotations
 
@@ -49,9 +51,9 @@ def enforce_requested_sharding(trainer) -> bool:
         return False
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
     if state.distributed_type != DistributedType.MULTI_CPU:
-        raise ValueError(f"fsdp is set but this run is {state.distributed_type.value} with "
-                         f"{state.num_processes} process(es), where FSDP does not apply: start it with "
-                         "torchrun or accelerate launch, or remove fsdp")
+        raise ValueError(f"fsdp is set but accelerate runs this process as {state.distributed_type.value} "
+                         f"({state.num_processes} process(es)), without FSDP: start it with torchrun or "
+                         "accelerate launch, or remove fsdp")
     if state.mixed_precision == "fp16":
         # Accelerate built a non-sharded gradient scaler already; bf16 or float32 need none.
         raise ValueError("fsdp with use_cpu does not support fp16; use bf16 or float32")

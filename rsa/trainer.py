@@ -2,7 +2,8 @@
 
 The loss is computed from the final hidden states of the policy and of the frozen reference
 and from their lm-head weights by rsa_kernels.fused_linear_preference_loss, so no full logits
-tensor is built for either model. Distribution (DDP, FSDP, DeepSpeed) is the Trainer's.
+tensor is built for either model. Distribution (DDP, FSDP, DeepSpeed) is the Trainer's;
+rsa/sharding.py makes sure it is the one the arguments ask for (docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -59,10 +60,12 @@ class RSATrainer(Trainer):
             broadcast_module_states(self.model)
 
     def save_model(self, output_dir=None, _internal_call=False):
-        state_dict = fsdp1_cpu_state_dict(self)
+        state_dict = fsdp1_cpu_state_dict(self)  # None unless FSDP1 on CPU, where accelerate's crashes
         if state_dict is None:
             return super().save_model(output_dir, _internal_call)
         self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
+        if self.args.push_to_hub and not _internal_call:  # as Trainer.save_model does
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     # ------------------------------------------------------------------ loss
 

@@ -10,8 +10,8 @@ torchrun's start-up costs more than the cases, so every case runs in this one jo
    processes' mean loss and the gathered gradient of every parameter, compared here with a
    single-process oracle on the global batch (the models' ordinary forward, full logits,
    rsa_kernels.preference_loss);
-2. FSDP1 on CPU with checkpoints is refused with a ValueError (torch's FSDP1 crashes
-   gathering them on CPU);
+2. refused with a ValueError: FSDP1 on CPU with checkpoints (torch's FSDP1 crashes gathering
+   them on CPU), and an lm head in an FSDP unit of its own (resharded before the loss reads it);
 3. `rsa train`'s stage runner (rsa.stepwise.run_stages) on the first stage of
    examples/tiny.yaml with FSDP2 (checkpoint at step 2) and with FSDP1 (no checkpoints);
    the test compares the saved weights with a single-process run.
@@ -201,6 +201,25 @@ def fsdp1_checkpoints_refused(workdir: Path) -> dict:
     return {"refused": None}
 
 
+def head_in_its_own_unit_refused() -> dict:
+    """An lm head in an FSDP2 unit of its own is resharded when the forward returns: the loss
+    would read freed memory, so hidden_and_head refuses it."""
+    from torch.distributed.fsdp import fully_shard
+    from rsa.models import hidden_and_head
+    tok = build_tokenizer()
+    model = build_model(len(tok))
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model.lm_head, reshard_after_forward=True)
+    fully_shard(model)
+    batch = {"input_ids": torch.randint(4, len(tok), (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    try:
+        hidden_and_head(model, model.lm_head, batch)
+    except ValueError as err:
+        return {"refused": str(err)}
+    return {"refused": None}
+
+
 def main(workdir: str, results: str, configs: list[str]):
     workdir = Path(workdir)
     # A process that fails mid-collective must not leave the other waiting for half an hour.
@@ -209,7 +228,8 @@ def main(workdir: str, results: str, configs: list[str]):
     f64, f32 = torch.float64, torch.float32
     cases = [(2, "rsa2", "cvar:0.9", f64), (2, "dpo", "kl", f64), (1, "rsa2", "cvar:0.9", f32), (1, "dpo", "kl", f32)]
     jobs = [(f"fsdp{v}-{o}", lambda v=v, o=o, r=r, d=d: one_step(workdir, v, o, r, d)) for v, o, r, d in cases]
-    jobs += [("fsdp1-checkpoints", lambda: fsdp1_checkpoints_refused(workdir))]
+    jobs += [("fsdp1-checkpoints", lambda: fsdp1_checkpoints_refused(workdir)),
+             ("head-own-unit", head_in_its_own_unit_refused)]
     jobs += [(f"rsa-train-{Path(c).stem}", lambda c=c: rsa_train(Path(c))) for c in configs]
     for name, job in jobs:
         try:

@@ -10,7 +10,7 @@ One torchrun job runs every case (its start-up costs more than they do):
   Transformers Trainer alone would silently run as DDP): the policy is FSDP-wrapped and
   sharded at every step, and the saved model equals a single-process run;
 - what cannot run is refused with a ValueError: FSDP without a launcher, FSDP1 on CPU with
-  checkpoints.
+  checkpoints, an lm head that FSDP reshards before the loss reads it.
 """
 from __future__ import annotations
 
@@ -100,6 +100,11 @@ def test_rsa_train_with_fsdp_on_cpu_is_sharded_and_equals_one_process(fsdp_job, 
 def test_fsdp1_checkpoints_on_cpu_are_refused(fsdp_job):
     _, results = fsdp_job
     assert "FSDP1" in (results["fsdp1-checkpoints"]["refused"] or ""), results["fsdp1-checkpoints"]
+
+
+def test_lm_head_resharded_before_the_loss_is_refused(fsdp_job):
+    _, results = fsdp_job
+    assert "resharded" in (results["head-own-unit"]["refused"] or ""), results["head-own-unit"]
 
 
 def test_fsdp_without_a_launcher_is_refused(tmp_path, monkeypatch):
