@@ -122,12 +122,18 @@ def prepare_reference(ref: nn.Module, accelerator) -> nn.Module:
     kind = accelerator.distributed_type
     if kind == DistributedType.FSDP:
         if getattr(accelerator, "is_fsdp2", False):
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+            plugin = accelerator.state.fsdp_plugin
+            # The policy's compute dtype and offloading, so that both models give the loss
+            # hidden states and head weights of one dtype.
+            kwargs = {"mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy()}
+            if plugin.cpu_offload is not None:
+                kwargs["offload_policy"] = plugin.cpu_offload
             layer_types = set(getattr(ref, "_no_split_modules", None) or ())
             for module in ref.modules():
                 if type(module).__name__ in layer_types:
-                    fully_shard(module)
-            fully_shard(ref)
+                    fully_shard(module, **kwargs)
+            fully_shard(ref, **kwargs)
             return freeze(ref)
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         plugin = accelerator.state.fsdp_plugin

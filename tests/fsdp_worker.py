@@ -10,9 +10,11 @@ torchrun's start-up costs more than the cases, so every case runs in this one jo
    processes' mean loss and the gathered gradient of every parameter, compared here with a
    single-process oracle on the global batch (the models' ordinary forward, full logits,
    rsa_kernels.preference_loss);
-2. refused with a ValueError: FSDP1 on CPU with checkpoints (torch's FSDP1 crashes gathering
+2. FSDP2 with bf16 mixed precision and a reference equal to the policy: KL and rewards are
+   exactly 0 at the first step (the reference computes in the policy's dtype);
+3. refused with a ValueError: FSDP1 on CPU with checkpoints (torch's FSDP1 crashes gathering
    them on CPU), and an lm head in an FSDP unit of its own (resharded before the loss reads it);
-3. `rsa train`'s stage runner (rsa.stepwise.run_stages) on the first stage of
+4. `rsa train`'s stage runner (rsa.stepwise.run_stages) on the first stage of
    examples/tiny.yaml with FSDP2 (checkpoint at step 2) and with FSDP1 (no checkpoints);
    the test compares the saved weights with a single-process run.
 
@@ -189,6 +191,23 @@ def rsa_train(config: Path) -> dict:
     return {"steps": [k for k, _ in see.kinds], "policy_share": max(s for _, s in see.kinds)}
 
 
+def mixed_precision_reference(workdir: Path) -> dict:
+    """FSDP2 with bf16 mixed precision and the reference equal to the policy: the reference
+    must compute in the policy's dtype, or KL and rewards are not 0 at the first step."""
+    tok = build_tokenizer()
+    pairs = [Pair(r["prompt"], r["chosen"], r["rejected"], "test") for r in plain_records(4, seed=5)]
+    data = PairDataset(pairs, tok, max_length=14, max_prompt_length=6)
+    args = RSAConfig(output_dir=str(workdir / "bf16"), use_cpu=True, ddp_backend="gloo", fsdp="full_shard",
+                     fsdp_config={"version": 2}, bf16=True, per_device_train_batch_size=2, max_steps=1,
+                     save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+                     max_length=14, max_prompt_length=6)
+    trainer = RSATrainer(model=build_model(len(tok), seed=1), ref_model=build_model(len(tok), seed=1), args=args,
+                         train_dataset=data, processing_class=tok)
+    trainer.train()
+    first = next(h for h in trainer.state.log_history if "loss" in h)
+    return {k: first[k] for k in ("kl/chosen", "kl/rejected", "rewards/chosen", "rewards/rejected")}
+
+
 def fsdp1_checkpoints_refused(workdir: Path) -> dict:
     """FSDP1 on CPU with checkpoints: refused before anything is wrapped (see rsa/sharding.py)."""
     tok = build_tokenizer()
@@ -228,7 +247,8 @@ def main(workdir: str, results: str, configs: list[str]):
     f64, f32 = torch.float64, torch.float32
     cases = [(2, "rsa2", "cvar:0.9", f64), (2, "dpo", "kl", f64), (1, "rsa2", "cvar:0.9", f32), (1, "dpo", "kl", f32)]
     jobs = [(f"fsdp{v}-{o}", lambda v=v, o=o, r=r, d=d: one_step(workdir, v, o, r, d)) for v, o, r, d in cases]
-    jobs += [("fsdp1-checkpoints", lambda: fsdp1_checkpoints_refused(workdir)),
+    jobs += [("fsdp2-bf16", lambda: mixed_precision_reference(workdir)),
+             ("fsdp1-checkpoints", lambda: fsdp1_checkpoints_refused(workdir)),
              ("head-own-unit", head_in_its_own_unit_refused)]
     jobs += [(f"rsa-train-{Path(c).stem}", lambda c=c: rsa_train(Path(c))) for c in configs]
     for name, job in jobs:

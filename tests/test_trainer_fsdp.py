@@ -9,6 +9,7 @@ One torchrun job runs every case (its start-up costs more than they do):
 - `rsa train`'s stage runner with `fsdp: full_shard` and `use_cpu: true` (which the
   Transformers Trainer alone would silently run as DDP): the policy is FSDP-wrapped and
   sharded at every step, and the saved model equals a single-process run;
+- FSDP2 with bf16 mixed precision: the reference computes in the policy's dtype;
 - what cannot run is refused with a ValueError: FSDP without a launcher, FSDP1 on CPU with
   checkpoints, an lm head that FSDP reshards before the loss reads it.
 """
@@ -36,9 +37,11 @@ VERSIONS = (2, 1)
 
 
 def stage_config(tmp: Path, name: str, **defaults) -> Path:
-    """The first stage of examples/tiny.yaml (2 steps, a checkpoint at step 2) with changes."""
+    """The first stage of examples/tiny.yaml (2 steps, a checkpoint at step 2) with changes,
+    a quarter of its pairs held out for the evaluation at the end."""
     cfg = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
     cfg["output_dir"], cfg["stages"] = name, cfg["stages"][:1]
+    cfg["stages"][0]["data"]["split"] = 0.25
     cfg["defaults"].update(defaults)
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -85,7 +88,8 @@ def test_rsa_train_with_fsdp_on_cpu_is_sharded_and_equals_one_process(fsdp_job, 
     assert "error" not in got, got.get("error")
     assert got["steps"] == [f"fsdp{version}"] * 2, "a step ran without FSDP"
     assert got["policy_share"] == pytest.approx(0.5, abs=0.02)
-    assert rsa_main(["train", str(stage_config(tmp, "single")), "--no-progress"]) == 0
+    if not (tmp / "single" / "helpful" / "stage.json").is_file():
+        assert rsa_main(["train", str(stage_config(tmp, "single")), "--no-progress"]) == 0
     want, sft = read_weights(tmp / "single" / "helpful"), read_weights(tmp / "sft")
     out = read_weights(tmp / f"fsdp{version}" / "helpful")
     assert not torch.equal(want["lm_head.weight"], sft["lm_head.weight"])
@@ -95,6 +99,20 @@ def test_rsa_train_with_fsdp_on_cpu_is_sharded_and_equals_one_process(fsdp_job, 
     for name, value in want.items():
         torch.testing.assert_close(out[name], value, rtol=1e-4, atol=2e-5, msg=name)
     assert not list((tmp / f"fsdp{version}" / "helpful").glob("checkpoint-*"))  # FSDP2: saved at step 2, removed
+    # The evaluation at the end ran on the sharded model too (2 held-out pairs, 1 per process).
+    got_eval, want_eval = (json.loads((tmp / d / "helpful" / "stage.json").read_text())["final_metrics"]
+                           for d in (f"fsdp{version}", "single"))
+    assert got_eval["eval_loss"] == pytest.approx(want_eval["eval_loss"], rel=1e-4)
+
+
+def test_bf16_reference_computes_like_the_policy(fsdp_job):
+    """Policy == reference under FSDP2 with bf16 mixed precision: nothing differs at step 1
+    (when the reference was wrapped without the policy's MixedPrecisionPolicy it computed in
+    float32: KL up to 3e-7 and rewards up to 3e-4 here)."""
+    _, results = fsdp_job
+    got = results["fsdp2-bf16"]
+    assert "error" not in got, got.get("error")
+    assert got == {"kl/chosen": 0.0, "kl/rejected": 0.0, "rewards/chosen": 0.0, "rewards/rejected": 0.0}
 
 
 def test_fsdp1_checkpoints_on_cpu_are_refused(fsdp_job):
