@@ -53,7 +53,7 @@ def enforce_requested_sharding(trainer) -> bool:
     if state.distributed_type != DistributedType.MULTI_CPU:
         raise ValueError(f"fsdp is set but accelerate runs this process as {state.distributed_type.value} "
                          f"({state.num_processes} process(es)), without FSDP: start it with torchrun or "
-                         "accelerate launch, or remove fsdp")
+                         "accelerate launch (on CPU with use_cpu: true), or remove fsdp")
     if state.mixed_precision == "fp16":
         # Accelerate built a non-sharded gradient scaler already; bf16 or float32 need none.
         raise ValueError("fsdp with use_cpu does not support fp16; use bf16 or float32")
