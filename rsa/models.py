@@ -94,6 +94,14 @@ def hidden_and_head(model: nn.Module, head: nn.Linear, batch: dict):
         out = model(**kwargs)
     if "out" not in seen:
         raise ValueError("model: its forward never called the lm head; the fused loss cannot find the hidden states")
+    for name in ("weight", "bias"):
+        t = seen[name]
+        if t is not None and t.untyped_storage().nbytes() < (t.storage_offset() + t.numel()) * t.element_size():
+            # FSDP freed the gathered head after the forward: it sits in a unit of its own that
+            # reshards after forward. The loss reads the head in its forward and backward.
+            raise ValueError(f"model: the lm head's {name} was resharded when the forward returned; keep "
+                             "lm_head in the root FSDP unit or in one with reshard_after_forward=False (as "
+                             "accelerate's FSDP2 and TRANSFORMER_BASED_WRAP do), not in a unit of its own")
     hidden = out.logits if hasattr(out, "logits") else out[0]
     if hidden is not seen["out"] and not getattr(head, "_rsa_output_checked", False):
         # Wrappers may return a new tensor (DDP's autograd sink, an fp32 upcast under mixed
@@ -114,12 +122,18 @@ def prepare_reference(ref: nn.Module, accelerator) -> nn.Module:
     kind = accelerator.distributed_type
     if kind == DistributedType.FSDP:
         if getattr(accelerator, "is_fsdp2", False):
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+            plugin = accelerator.state.fsdp_plugin
+            # The policy's compute dtype and offloading, so that both models give the loss
+            # hidden states and head weights of one dtype.
+            kwargs = {"mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy()}
+            if plugin.cpu_offload is not None:
+                kwargs["offload_policy"] = plugin.cpu_offload
             layer_types = set(getattr(ref, "_no_split_modules", None) or ())
             for module in ref.modules():
                 if type(module).__name__ in layer_types:
-                    fully_shard(module)
-            fully_shard(ref)
+                    fully_shard(module, **kwargs)
+            fully_shard(ref, **kwargs)
             return freeze(ref)
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         plugin = accelerator.state.fsdp_plugin

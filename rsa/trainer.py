@@ -2,7 +2,8 @@
 
 The loss is computed from the final hidden states of the policy and of the frozen reference
 and from their lm-head weights by rsa_kernels.fused_linear_preference_loss, so no full logits
-tensor is built for either model. Distribution (DDP, FSDP, DeepSpeed) is the Trainer's.
+tensor is built for either model. Distribution (DDP, FSDP, DeepSpeed) is the Trainer's;
+rsa/sharding.py makes sure it is the one the arguments ask for (docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from transformers import Trainer
 from .config import RSAConfig
 from .data import PairCollator
 from .models import hidden_and_head, is_peft_model, output_head, prepare_reference
+from .sharding import broadcast_module_states, enforce_requested_sharding, fsdp1_cpu_state_dict, fsdp_plugin_held_back
 
 
 def _fused_loss():
@@ -44,8 +46,26 @@ class RSATrainer(Trainer):
         # accumulation steps, and DDP averages it over processes: the mean over the global batch.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
+        if ref_model is not None and self._broadcast_weights:
+            broadcast_module_states(ref_model)
         self.ref_model = None if ref_model is None else prepare_reference(ref_model, self.accelerator)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def create_accelerator_and_postprocess(self):
+        with fsdp_plugin_held_back(self.args):
+            super().create_accelerator_and_postprocess()
+        # FSDP on CPU processes, or an error: never a silent fall-back (rsa/sharding.py).
+        self._broadcast_weights = enforce_requested_sharding(self)
+        if self._broadcast_weights:
+            broadcast_module_states(self.model)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        state_dict = fsdp1_cpu_state_dict(self)  # None unless FSDP1 on CPU, where accelerate's crashes
+        if state_dict is None:
+            return super().save_model(output_dir, _internal_call)
+        self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
+        if self.args.push_to_hub and not _internal_call:  # as Trainer.save_model does
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     # ------------------------------------------------------------------ loss
 
