@@ -64,6 +64,6 @@ def load_classifier(path, what: str, device: str):
                    else f"weights of the wrong shape: {', '.join(mismatched)}")
         hint = f"; the folder has unused weights {', '.join(unused[:5])} (a head saved under another name?)" \
             if unused else ""
-        raise UserError(f"{what}: {str(path)!r} cannot be used as {type(model).__name__}: {problem} (Transformers "
+        raise UserError(f"{what}: cannot be used as {type(model).__name__}: {problem} (Transformers "
                         f"would initialise them at random){hint}")
     return model.to(device).eval().requires_grad_(False)

@@ -13,7 +13,7 @@ from rsa.errors import UserError
 
 from . import metrics, samples_file
 from .kl import sequence_kl
-from .loading import check_model_folder, load_causal_lm, load_tokenizer
+from .loading import load_causal_lm, load_tokenizer
 from .prompts import load_prompts, render
 from .sampling import generate, per_row_draw, row_seed
 from .scorers import load_scorer
@@ -32,7 +32,8 @@ def check_run_folder(out: Path, settings: EvalSettings) -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "settings.json"
     identity = settings.identity()
-    if path.exists() and (out / "samples.jsonl").exists():
+    samples = out / "samples.jsonl"
+    if path.exists() and samples.exists() and samples.stat().st_size > 0:   # nothing sampled: nothing to protect
         before = json.loads(path.read_text())
         changed = sorted(k for k in set(before) | set(identity) if before.get(k) != identity.get(k))
         if changed:
@@ -43,11 +44,10 @@ def check_run_folder(out: Path, settings: EvalSettings) -> None:
 
 def run_eval(settings: EvalSettings, out, progress: bool = True) -> dict:
     out = Path(out)
+    if not progress:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()   # "Loading weights" bars
     prompts = load_prompts(settings.prompts)
-    for name, folder in settings.models.items():
-        check_model_folder(folder, f"--model {name}")
-    if settings.reference is not None:
-        check_model_folder(settings.reference, "--reference")
     check_run_folder(out, settings)
     batches = plan(settings, len(prompts))
     path = out / "samples.jsonl"

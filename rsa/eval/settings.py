@@ -50,9 +50,10 @@ class EvalSettings:
             raise UserError(f"--prompts: no such file {self.prompts!r}")
         self.prompts = str(prompts.resolve())
         self.prompts_sha256 = hashlib.sha256(prompts.read_bytes()).hexdigest()
-        self.models = {name: str(Path(d).resolve()) for name, d in self.models.items()}
+        from .loading import check_model_folder   # before any model is loaded, paths as given
+        self.models = {name: str(check_model_folder(d, f"--model {name}").resolve()) for name, d in self.models.items()}
         if self.reference is not None:
-            self.reference = str(Path(self.reference).resolve())
+            self.reference = str(check_model_folder(self.reference, "--reference").resolve())
 
     def identity(self) -> dict:
         """The settings a resumed run must share with the run it continues (the threshold only
