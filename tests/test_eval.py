@@ -195,13 +195,13 @@ def test_other_settings_in_the_same_folder_are_refused(full_run, work):
 def test_sigkill_during_generation_then_rerun_gives_the_uninterrupted_file(work):
     """A real `rsa eval` process killed with SIGKILL once a batch is written (long responses
     make generation most of each batch's time), then run again."""
-    kw = dict(models={"a": str(work / "a")}, reference=None, samples=4, max_new_tokens=24, batch_size=2)
+    kw = dict(models={"a": str(work / "a")}, reference=None, samples=3, max_new_tokens=16, batch_size=2)
     straight = work / "straight"
     run_eval(settings(work, **kw), straight, progress=False)
     killed = work / "killed"
     args = [sys.executable, "-m", "rsa.cli", "eval", "--model", f"a={work / 'a'}", "--prompts",
             str(work / "prompts.jsonl"), "--cost", f"{work / 'cost'}#1", "--reward", "tiny_scorers:reward",
-            "--samples", "4", "--max-new-tokens", "24", "--batch-size", "2", "--seed", "0", "--threshold", "0.05",
+            "--samples", "3", "--max-new-tokens", "16", "--batch-size", "2", "--seed", "0", "--threshold", "0.05",
             "--device", "cpu", "--out", str(killed), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(args, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

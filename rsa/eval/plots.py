@@ -22,7 +22,7 @@ def write_plots(report: dict, records: list[dict], out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name in report["models"]:
         c, p = survival([r["cost"] for r in records if r["model"] == name])
-        ax.step(c, p, where="post", label=name)
+        ax.step(c, p, where="pre", label=name)   # P(cost >= c) is left-continuous
     ax.set_yscale("log")
     ax.set_xlabel("cost c")
     ax.set_ylabel("P(cost >= c)")
