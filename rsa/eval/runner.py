@@ -9,9 +9,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from rsa.data import DataError
 from rsa.errors import UserError
 
-from . import metrics, samples_file
+from . import samples_file
 from .kl import sequence_kl
 from .loading import load_causal_lm, load_tokenizer
 from .prompts import load_prompts, render
@@ -77,11 +78,15 @@ def _sample_and_score(settings, prompts, batches, done, path, progress):
             if vocab != ref_vocab:
                 raise UserError(f"--reference: its vocabulary ({ref_vocab}) differs from model {name}'s ({vocab})")
         rendered = [render(tok, p) for p in prompts]
+        for prompt, (_, ids) in zip(prompts, rendered):
+            if not ids:
+                raise DataError(f"{prompt.where}: field 'prompt' gives no tokens for model {name}")
         eos_ids = _eos_ids(model, tok)
-        bar = tqdm(total=per_model * len(batches[0]), initial=sum(len(batches[m * per_model + b]) for b in range(todo.start)),
-                   desc=f"eval {name}", unit="resp", disable=not progress)
+        mine = batches[m * per_model:(m + 1) * per_model]
+        bar = tqdm(total=sum(map(len, mine)), initial=sum(map(len, mine[:todo.start])), desc=f"eval {name}",
+                   unit="response", disable=not progress)
         for b in todo:
-            keys = batches[m * per_model + b]
+            keys = mine[b]
             bar.set_postfix_str("generating")
             ids, mask = _left_pad([rendered[p][1] for _, p, _ in keys], tok.pad_token_id, device)
             draw = per_row_draw([row_seed(settings.seed, p, s) for _, p, s in keys])

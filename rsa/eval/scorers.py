@@ -96,6 +96,8 @@ def load_scorer(spec: str, role: str, device: str = "cpu", batch_size: int = 16)
         return ModelScorer(spec, role, device, batch_size)
     if FUNCTION_RE.match(spec):
         return FunctionScorer(spec, role)
+    if "/" in folder or folder.startswith("."):
+        raise ScorerError(f"{role} scorer {spec!r}: no such model folder {folder!r}")
     raise ScorerError(f"{role} scorer {spec!r}: neither a model folder (DIR or DIR#INDEX) nor "
                       "package.module:function")
 
