@@ -2,6 +2,8 @@
 status 2; a bug keeps its traceback; --debug shows the traceback of a user error too."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import rsa.commands.merge
@@ -27,6 +29,20 @@ def test_train_bad_config_value(capsys, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: sft\noutput_dir: runs\ndefaults: {risk: 'cvar:2'}\nstages: [{name: s, data: {path: d.jsonl}}]\n")
     assert "cvar" in one_line_error(capsys, ["train", str(cfg)])
+
+
+def test_train_value_transformers_rejects(capsys, tmp_path):
+    """A TrainingArguments value checked only by Transformers (on the committed tiny example)."""
+    import yaml
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    cfg = yaml.safe_load((examples / "tiny.yaml").read_text())
+    cfg.update(model=str(examples / "sft"), output_dir=str(tmp_path / "runs"))
+    cfg["defaults"]["lr_scheduler_type"] = "bogus"
+    for stage in cfg["stages"]:
+        stage["data"]["path"] = str(examples / stage["data"]["path"])
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    msg = one_line_error(capsys, ["train", str(tmp_path / "c.yaml"), "--no-progress"])
+    assert "stage helpful: bogus is not a valid SchedulerType" in msg
 
 
 def test_merge_bad_weight_and_missing_folder(capsys, tmp_path):
