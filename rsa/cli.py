@@ -34,7 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--debug", action="store_true", help="show the traceback of an error")
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as err:
@@ -43,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(_missing=f"'rsa {name}' is not available in this build ({module} is missing)")
             continue
         mod.add_arguments(p)
+        if "--debug" not in p._option_string_actions:   # a subcommand may define its own
+            p.add_argument("--debug", action="store_true", help="show the traceback of an error")
         p.set_defaults(_run=mod.run)
     return parser
 
@@ -88,13 +89,13 @@ def main(argv=None) -> int:
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         print(f"\n{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - sorted into user errors and bugs right here
         message = user_error_message(err)
-        if message is None or args.debug:
+        if message is None or getattr(args, "debug", False):
             raise
         print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
         return USER_ERROR_EXIT
