@@ -51,8 +51,8 @@ def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: floa
     if top_p < 1.0:
         # Nucleus: keep the smallest set of most likely tokens whose probability reaches top_p.
         sorted_logits, order = torch.sort(logits, -1, descending=True)
-        cum = torch.cumsum(F.softmax(sorted_logits, -1), -1)
-        drop = cum - F.softmax(sorted_logits, -1) >= top_p    # mass before this token already >= top_p
+        sorted_probs = F.softmax(sorted_logits, -1)
+        drop = torch.cumsum(sorted_probs, -1) - sorted_probs >= top_p   # mass before this token already >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return F.softmax(logits, -1)
