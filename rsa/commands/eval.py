@@ -16,26 +16,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", metavar="DIR", help="add each model's KL to this model along its samples")
     parser.add_argument("--samples", type=int, default=4, metavar="K", help="responses per prompt (default 4)")
     parser.add_argument("--max-new-tokens", type=int, default=256, metavar="T", help="response length limit (256)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0: off)")
+    parser.add_argument("--temperature", type=float, default=1.0, metavar="TEMP", help="sampling temperature (default 1.0)")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1.0: off)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="B", help="responses sampled at once (16)")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="sampling and bootstrap seed (default 0)")
     parser.add_argument("--threshold", type=float, metavar="C",
                         help="cost >= C counts as catastrophic (default: no catastrophic rate)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:K (default: cuda if available)")
     parser.add_argument("--out", default="out/eval", help="output folder (default: out/eval)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars or table")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args) -> int:
     import torch
 
     from rsa.eval import EvalSettings, parse_models, run_eval
+    from rsa.eval.report import table
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     settings = EvalSettings(models=parse_models(args.model), prompts=args.prompts, cost=args.cost,
                             reward=args.reward, reference=args.reference, samples=args.samples,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             batch_size=args.batch_size, seed=args.seed, threshold=args.threshold, device=device)
-    run_eval(settings, args.out, progress=not args.no_progress)
+    report = run_eval(settings, args.out, progress=not args.no_progress)
+    print()
+    print(table(report))
+    plots = "tail.png, frontier.png" if args.reward else "tail.png"
+    print(f"\n{args.out}/: samples.jsonl, report.json, {plots} written")
     return 0

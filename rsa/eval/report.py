@@ -20,7 +20,8 @@ def summarize_model(arrays: dict, threshold, seed: int) -> dict:
     return entry
 
 
-def build_report(settings, records: list[dict], n_prompts: int, out: Path, progress: bool = True) -> dict:
+def build_report(settings, records: list[dict], n_prompts: int, out: Path) -> dict:
+    """Writes report.json, tail.png and (with a reward) frontier.png; returns the report."""
     from .runner import model_arrays
 
     models = {name: summarize_model(model_arrays(records, name, n_prompts, settings.samples),
@@ -31,11 +32,7 @@ def build_report(settings, records: list[dict], n_prompts: int, out: Path, progr
                            "bootstrap_resamples": metrics.BOOTSTRAP_RESAMPLES}}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     from .plots import write_plots
-    written = write_plots(report, records, out)
-    if progress:
-        print()
-        print(table(report))
-        print(f"\n{out}/samples.jsonl, report.json, {', '.join(written)} written")
+    write_plots(report, records, out)
     return report
 
 

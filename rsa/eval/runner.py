@@ -58,7 +58,7 @@ def run_eval(settings: EvalSettings, out, progress: bool = True) -> dict:
     if done < len(batches):
         _sample_and_score(settings, prompts, batches, done, path, progress)
     from .report import build_report
-    return build_report(settings, samples_file.read(path), len(prompts), out, progress)
+    return build_report(settings, samples_file.read(path), len(prompts), out)
 
 
 def _sample_and_score(settings, prompts, batches, done, path, progress):
