@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
+from rsa.errors import UserError
+
 IGNORE_INDEX = -100
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A malformed data file or record: the message names the file, the line and the field."""
 
 

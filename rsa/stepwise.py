@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 
 from .config import RSAConfig, load_config
 from .data import PairDataset, load_pairs, split_pairs
+from .errors import UserError
 
 STAGE_FILE = "stage.json"
 METRICS_FILE = "metrics.jsonl"
@@ -106,7 +107,10 @@ def stage_args(stage: dict, config: dict, stage_dir: Path, progress: bool) -> RS
     base_beta = values.get("beta", 0.1)
     if stage["lambda"] is not None:
         values["beta"] = base_beta / stage["lambda"]
-    return RSAConfig(output_dir=str(stage_dir), **values)
+    try:
+        return RSAConfig(output_dir=str(stage_dir), **values)
+    except ValueError as err:   # a value TrainingArguments rejects (our own checks ran in load_config)
+        raise UserError(f"stage {stage['name']}: {err}") from err
 
 
 def train_stage(stage: dict, config: dict, reference: Path, stage_dir: Path, train_pairs, eval_pairs,

@@ -122,7 +122,7 @@ def test_torchrun_two_processes_equal_one(straight_run, workdir):
         torch.testing.assert_close(got[name], value, rtol=1e-4, atol=2e-5, msg=name)
 
 
-def test_merge_of_a_model_with_itself_is_itself(straight_run, tmp_path):
+def test_merge_of_a_model_with_itself_is_itself(straight_run, tmp_path, capsys):
     a, b = straight_run / "helpful", straight_run / "safe"
     assert rsa_main(["merge", str(a), str(a), "--weight", "0.3", "--out", str(tmp_path / "aa")]) == 0
     wa, waa = read_weights(a), read_weights(tmp_path / "aa")
@@ -134,5 +134,6 @@ def test_merge_of_a_model_with_itself_is_itself(straight_run, tmp_path):
         torch.testing.assert_close(wab[k], 0.75 * wa[k] + 0.25 * wb[k])
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "ab"))  # a loadable model folder
-    with pytest.raises(ValueError, match="weight"):
-        rsa_main(["merge", str(a), str(b), "--weight", "1.5", "--out", str(tmp_path / "bad")])
+    capsys.readouterr()   # a user error: one line on stderr, status 2
+    assert rsa_main(["merge", str(a), str(b), "--weight", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    assert capsys.readouterr().err.strip().startswith("rsa merge: error: weight must be a number in [0, 1]")

@@ -74,7 +74,8 @@ def run(args) -> int:
 
     missing = [m for m in ("pytest", "pytest_benchmark") if importlib.util.find_spec(m) is None]
     if missing:  # the suite under bench/ is the source of the numbers
-        raise SystemExit(f"rsa bench needs {' and '.join(missing)} (pip install pytest pytest-benchmark, "
+        from rsa.errors import UserError
+        raise UserError(f"rsa bench needs {' and '.join(missing)} (pip install pytest pytest-benchmark, "
                          "or the test extra)")
     if args.quick and args.grid not in (None, "quick"):
         raise ValueError(f"--quick and --grid {args.grid} contradict each other")

@@ -1,0 +1,144 @@
+"""Reward and cost scorers: a local sequence-classification model, or a Python function.
+
+SCORER syntax (the --reward and --cost flags):
+- ``DIR`` or ``DIR#INDEX``: a local Hugging Face folder loaded with
+  AutoModelForSequenceClassification and its own tokenizer; the score of a response is
+  output logit INDEX (default 0) on the text prompt + response.
+- ``package.module:function``: a callable taking (prompts: list[str], responses: list[str])
+  and returning one finite float per response. The current folder is importable.
+
+Every batch of scores is checked: one per response, all finite; otherwise a ScorerError names
+the scorer.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rsa.errors import UserError
+
+FUNCTION_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class ScorerError(UserError):
+    """A scorer that cannot be loaded, or that returned the wrong number of scores or a non-finite one."""
+
+
+class Scorer:
+    """Base: ``scorer(prompts, responses) -> (n,) float64``, checked."""
+
+    def __init__(self, spec: str, role: str):
+        self.spec, self.role = spec, role
+
+    @property
+    def name(self) -> str:
+        return f"{self.role} scorer {self.spec!r}"
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        return check_scores(self.score(list(prompts), list(responses)), len(responses), self.name)
+
+    def score(self, prompts, responses):
+        raise NotImplementedError
+
+
+class FunctionScorer(Scorer):
+    def __init__(self, spec: str, role: str = "score", function=None):
+        super().__init__(spec, role)
+        self.function = function if function is not None else import_function(spec, self.name)
+
+    def score(self, prompts, responses):
+        return self.function(prompts, responses)
+
+
+class ModelScorer(Scorer):
+    """Logit INDEX of a sequence classifier on prompt + response, in batches."""
+
+    def __init__(self, spec: str, role: str = "score", device: str = "cpu", batch_size: int = 16):
+        from .loading import load_classifier, load_tokenizer
+
+        super().__init__(spec, role)
+        folder, index = split_index(spec, self.name)
+        self.model = load_classifier(folder, self.name, device)
+        labels = self.model.config.num_labels
+        if index >= labels:
+            raise ScorerError(f"{self.name}: output {index} requested but the model has {labels} output(s)")
+        self.index, self.device, self.batch_size = index, device, batch_size
+        self.tokenizer = load_tokenizer(folder, self.name)
+        self.tokenizer.padding_side = "right"
+        self.tokenizer.truncation_side = "left"   # a long text keeps its end: the response
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        limit = getattr(self.model.config, "max_position_embeddings", None) or self.tokenizer.model_max_length
+        self.max_length = int(min(limit, self.tokenizer.model_max_length))
+
+    @torch.no_grad()
+    def score(self, prompts, responses):
+        out = []
+        for start in range(0, len(responses), self.batch_size):
+            texts = [p + r for p, r in zip(prompts[start:start + self.batch_size],
+                                           responses[start:start + self.batch_size])]
+            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt").to(self.device)
+            out.append(self.model(**enc).logits[:, self.index].float().cpu())
+        return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def load_scorer(spec: str, role: str, device: str = "cpu", batch_size: int = 16) -> Scorer:
+    """The scorer a --reward/--cost value names; ScorerError if it names nothing usable."""
+    folder = spec.rsplit("#", 1)[0] if "#" in spec else spec
+    if Path(folder).is_dir():
+        return ModelScorer(spec, role, device, batch_size)
+    if FUNCTION_RE.match(spec):
+        return FunctionScorer(spec, role)
+    if "/" in folder or folder.startswith("."):
+        raise ScorerError(f"{role} scorer {spec!r}: no such model folder {folder!r}")
+    raise ScorerError(f"{role} scorer {spec!r}: neither a model folder (DIR or DIR#INDEX) nor "
+                      "package.module:function")
+
+
+def split_index(spec: str, name: str) -> tuple[str, int]:
+    if "#" not in spec:
+        return spec, 0
+    folder, index = spec.rsplit("#", 1)
+    if not index.isdigit():
+        raise ScorerError(f"{name}: the output index after '#' must be a non-negative integer, got {index!r}")
+    return folder, int(index)
+
+
+def import_function(spec: str, name: str):
+    module_name, func_name = spec.split(":")
+    cwd = os.getcwd()
+    if cwd not in sys.path:   # as `python -m` does: a scorer module next to the data is importable
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise ScorerError(f"{name}: cannot import module {module_name!r} ({err})") from err
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise ScorerError(f"{name}: module {module_name!r} has no function {func_name!r}")
+    return func
+
+
+def check_scores(scores, n: int, name: str) -> np.ndarray:
+    """(n,) float64 of finite scores, or ScorerError naming the scorer."""
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().float().cpu().numpy()
+    try:
+        arr = np.asarray(scores, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ScorerError(f"{name} returned {type(scores).__name__}, not numbers ({err})") from None
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise ScorerError(f"{name} returned {arr.shape[0] if arr.ndim == 1 else 'shape ' + str(arr.shape)} "
+                          f"score(s) for {n} response(s); it must return one float per response")
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if len(bad):
+        raise ScorerError(f"{name} returned a non-finite score ({arr[bad[0]]}) for response {bad[0]} of the batch "
+                          f"({len(bad)} of {n} non-finite)")
+    return arr

@@ -1,0 +1,80 @@
+"""What an evaluation run is: models, prompts, scorers and sampling settings, checked up front."""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rsa.errors import UserError
+
+
+@dataclass
+class EvalSettings:
+    models: dict[str, str]                 # name -> folder
+    prompts: str
+    cost: str
+    reward: str | None = None
+    reference: str | None = None
+    samples: int = 4                       # responses per prompt
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 16                   # responses sampled (and scored) at once
+    seed: int = 0
+    threshold: float | None = None         # cost >= threshold is catastrophic
+    device: str = "cpu"
+    prompts_sha256: str = field(default="", init=False)
+
+    def __post_init__(self):
+        if not self.models:
+            raise UserError("--model: give at least one model folder")
+        for name, value, low in (("--samples", self.samples, 1), ("--max-new-tokens", self.max_new_tokens, 1),
+                                 ("--batch-size", self.batch_size, 1), ("--seed", self.seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise UserError(f"--temperature must be a positive number, got {self.temperature!r}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p!r}")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise UserError(f"--threshold must be a finite number, got {self.threshold!r}")
+        if self.device != "cpu" and not (self.device == "cuda" or self.device.startswith("cuda:")):
+            raise UserError(f"--device must be cpu, cuda or cuda:K, got {self.device!r}")
+        if self.device.startswith("cuda"):
+            import torch
+            if not torch.cuda.is_available():
+                raise UserError(f"--device {self.device}: CUDA is not available here")
+        prompts = Path(self.prompts)
+        if not prompts.is_file():
+            raise UserError(f"--prompts: no such file {self.prompts!r}")
+        self.prompts = str(prompts.resolve())
+        self.prompts_sha256 = hashlib.sha256(prompts.read_bytes()).hexdigest()
+        from .loading import check_model_folder   # before any model is loaded, paths as given
+        self.models = {name: str(check_model_folder(d, f"--model {name}").resolve()) for name, d in self.models.items()}
+        if self.reference is not None:
+            self.reference = str(check_model_folder(self.reference, "--reference").resolve())
+
+    def identity(self) -> dict:
+        """The settings a resumed run must share with the run it continues (the threshold only
+        changes the report, so it may differ)."""
+        out = asdict(self)
+        out.pop("threshold")
+        return out
+
+
+def parse_models(values: list[str]) -> dict[str, str]:
+    """--model DIR or NAME=DIR (an existing folder is always a folder, even with '=' in it)."""
+    models = {}
+    for value in values:
+        if "=" in value and not Path(value).is_dir():
+            name, folder = value.split("=", 1)
+            if not name or not folder:
+                raise UserError(f"--model {value!r}: expected DIR or NAME=DIR")
+        else:
+            folder = value
+            name = Path(value.rstrip("/")).name or value
+        if name in models:
+            raise UserError(f"--model: two models are named {name!r}; name them with NAME=DIR")
+        models[name] = folder
+    return models
