@@ -17,7 +17,7 @@ from pathlib import Path
 SUBCOMMANDS = {
     "train": ("rsa.commands.train", "run the stages of a YAML config (stepwise alignment)"),
     "merge": ("rsa.commands.merge", "write (1-W) A + W B of two saved models (P-SACPO)"),
-    "demo": ("rsa.commands.demo", "the embedded safety task: SFT, DPO, SACPO and RSA compared"),
+    "demo": ("rsa.commands.demo", "the embedded safety task: SACPO and RSA frontiers compared at matched helpfulness"),
     "bench": ("rsa.commands.bench", "benchmark the loss kernels against the baselines"),
     "eval": ("rsa.commands.eval", "sample models on prompts and measure the cost tail with your scorers"),
 }
