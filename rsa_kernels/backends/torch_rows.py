@@ -139,19 +139,25 @@ def backward(z, zr, labels, saved, grads, risk: Risk, ignore_index: int,
              inplace: bool = False, chunk_size: int | None = None):
     """d(sum of g * stats)/dz for grads = (N, 3) upstream gradients of (logp, kl, risk)."""
     n, v = z.shape
+    mask = labels != ignore_index
+    step = rows_per_chunk(n, v, accumulation_dtype(z.dtype), risk, chunk_size)
+    return backward_columns(z, zr, mask, torch.where(mask, labels, 0), mask, saved, grads, risk, step, inplace)
+
+
+def backward_columns(z, zr, mask, label_col, label_here, saved, grads, risk: Risk, step: int, inplace: bool):
+    """The gradient of the columns z holds, ``step`` rows at a time; the logp term goes to
+    column ``label_col`` of the rows where ``label_here`` (a vocabulary slice may not hold the
+    label: rsa_kernels.vocab_parallel shares this)."""
     acc = accumulation_dtype(z.dtype)
     out = z if inplace else torch.empty_like(z)
-    mask = labels != ignore_index
-    safe = torch.where(mask, labels, 0)
     g = torch.where(mask[:, None], grads.to(acc), 0.0)
-    step = rows_per_chunk(n, v, acc, risk, chunk_size)
-    for i in range(0, n, step):
-        j = min(n, i + step)
+    for i in range(0, z.shape[0], step):
+        j = min(z.shape[0], i + step)
         p, q, w, total = adversarial(z[i:j].to(acc), zr[i:j].to(acc), saved[i:j], risk)
         g_logp, g_kl, g_risk = g[i:j, 0:1], g[i:j, 1:2], g[i:j, 2:3]
         pw = p if total is None else p * total
         grad = (g_kl - g_logp) * p - g_kl * q + g_risk * (pw - w)
-        grad.scatter_add_(-1, safe[i:j, None], g_logp)
+        grad.scatter_add_(-1, label_col[i:j, None], torch.where(label_here[i:j, None], g_logp, 0.0))
         grad[~mask[i:j]] = 0.0
         out[i:j] = grad.to(out.dtype)
     return out

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends.torch_rows import CHUNK_BYTES, _deviation, adversarial
+from ..backends.torch_rows import CHUNK_BYTES, _deviation, backward_columns
 from ..reference import accumulation_dtype, in_support, interpolation_ranks
 from ..risk import SAVED_WIDTH, Risk
 from .agreement import VocabLayout
@@ -154,19 +154,6 @@ class VocabParallelRows:
                  inplace: bool = False, chunk_size: int | None = None):
         """This rank's columns of d(sum of g * stats)/dz: local work only, from the saved scalars."""
         n, width = z.shape
-        acc = accumulation_dtype(z.dtype)
-        out = z if inplace else torch.empty_like(z)
-        mask = labels != ignore_index
         own, local = self._local_labels(labels, width)
-        g = torch.where(mask[:, None], grads.to(acc), 0.0)
-        step = rows_per_chunk(n, width, acc, risk, chunk_size)
-        for i in range(0, n, step):
-            j = min(n, i + step)
-            p, q, w, total = adversarial(z[i:j].to(acc), zr[i:j].to(acc), saved[i:j], risk)
-            g_logp, g_kl, g_risk = g[i:j, 0:1], g[i:j, 1:2], g[i:j, 2:3]
-            pw = p if total is None else p * total
-            grad = (g_kl - g_logp) * p - g_kl * q + g_risk * (pw - w)
-            grad.scatter_add_(-1, local[i:j, None], torch.where(own[i:j, None], g_logp, 0.0))
-            grad[~mask[i:j]] = 0.0
-            out[i:j] = grad.to(out.dtype)
-        return out
+        step = rows_per_chunk(n, width, accumulation_dtype(z.dtype), risk, chunk_size)
+        return backward_columns(z, zr, labels != ignore_index, local, own, saved, grads, risk, step, inplace)
