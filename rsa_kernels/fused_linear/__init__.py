@@ -33,7 +33,7 @@ def fused_linear_token_stats(hidden, weight, ref_hidden, ref_weight, labels, *, 
     hidden (..., H), weight (V, H), bias (V,) or None; labels of hidden's leading shape.
     Gradients flow to hidden, weight and bias of the policy only. Token chunks with
     recomputation in the backward: ``chunk_size`` rows of logits at a time, or as many as
-    ``memory_budget`` bytes (default: linear.default_memory_budget, from the device's free memory) allow for the two models' chunks.
+    ``memory_budget`` bytes (default: linear.default_memory_budget) allow for the two models' chunks.
     ``schedule="kernel"``: the fused Triton kernel instead (fused_kernel.py; kl and erm only).
     """
     risk = parse_risk(risk)
