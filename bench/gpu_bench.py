@@ -1,9 +1,11 @@
-"""Benchmark of the triton backend against the naive PyTorch formulation (rsa_kernels.reference).
+"""Benchmark of the triton backend against the plain and compiled PyTorch baselines.
 
 For each risk: forward and backward time of triton_rows (median of CUDA-event timings after
 warm-up), the bytes one read of z and zr moves per second against a device-to-device copy
-measured in the same run, and the speed-up over the naive autograd formulation measured in
-the same run (at a smaller N when it does not fit, said so in the table).
+measured in the same run, and the speed-up over the baselines measured in the same run
+(rsa/bench/baselines.py): "plain", the published Ra-DPO formulation with autograd, and
+"compiled", its torch.compile (compiled in the warm-up, not timed); at a smaller N when
+they do not fit, said so in the table. rsa_kernels.reference is not timed.
 
     python bench/gpu_bench.py                     # N=16384, V=128256, bf16, every risk (GPU)
     TRITON_INTERPRET=1 python bench/gpu_bench.py --device cpu --tiny   # dry run, no GPU
@@ -20,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from rsa_kernels import reference  # noqa: E402
+from rsa.bench.baselines import compiled_token_stats, plain_token_stats  # noqa: E402
 from rsa_kernels.backends import torch_rows, triton_rows  # noqa: E402
 from rsa_kernels.risk import parse_risk  # noqa: E402
 
@@ -65,27 +67,31 @@ def inputs(n, v, dtype, device, seed=0):
     return z, zr, labels
 
 
-def naive_step(z, zr, labels, risk):
-    """The naive formulation: full (N, V) tensors and autograd; forward, then backward."""
+BASELINES = {"plain": plain_token_stats, "compiled": compiled_token_stats}
+
+
+def baseline_forward(fn, z, zr, labels, risk):
     leaf = z.detach().requires_grad_()
-    logp, _, kl, value = reference.token_stats(leaf, zr, labels, risk=risk)
-    (logp.sum() + kl.sum() + value.sum()).backward()
-    return leaf.grad
+    return fn(leaf, zr, labels, risk=risk)
 
 
-def naive_forward(z, zr, labels, risk):
-    leaf = z.detach().requires_grad_()
-    return reference.token_stats(leaf, zr, labels, risk=risk)
+def measure_baseline(name, n, v, dtype, device, risk, reps):
+    """(forward s, forward+backward s, rows measured) of baseline ``name``, shrinking N on out-of-memory.
 
-
-def measure_naive(n, v, dtype, device, risk, reps):
-    """(forward s, forward+backward s, rows measured), shrinking N on out-of-memory."""
+    The warm-up call (warmup=1) compiles for "compiled", so compilation is not timed."""
+    fn = BASELINES[name]
     rows = n
     while rows >= 1:
         try:
             z, zr, labels = inputs(rows, v, dtype, device, seed=1)
-            fwd = timed(lambda: naive_forward(z, zr, labels, risk), device, warmup=1, reps=reps)
-            both = timed(lambda: naive_step(z, zr, labels, risk), device, warmup=1, reps=reps)
+
+            def step():
+                leaf = z.detach().requires_grad_()
+                logp, _, kl, value = fn(leaf, zr, labels, risk=risk)
+                (logp.sum() + kl.sum() + value.sum()).backward()
+
+            fwd = timed(lambda: baseline_forward(fn, z, zr, labels, risk), device, warmup=1, reps=reps)
+            both = timed(step, device, warmup=1, reps=reps)
             return fwd, both, rows
         except torch.cuda.OutOfMemoryError:
             rows //= 4
@@ -104,8 +110,10 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--risks", default=",".join(RISKS))
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--naive-n", type=int, default=4096,
-                    help="rows for the naive formulation (its time is scaled to N): it needs tens of GB")
+    ap.add_argument("--baseline-n", type=int, default=4096,
+                    help="rows for the baselines (their time is scaled to N): plain needs tens of GB")
+    ap.add_argument("--compiled-risks", default=None,
+                    help="risks timed with the compiled baseline too (default: every risk; each compiles once)")
     ap.add_argument("--tiny", action="store_true", help="N=8, V=300, 1 rep: a dry run")
     ap.add_argument("--out", default=os.environ.get("OUT", ""), help="folder for bench.md")
     args = ap.parse_args(argv)
@@ -122,10 +130,13 @@ def main(argv=None):
              f"torch {torch.__version__}; copy bandwidth (read+write) {copy_bw / 1e9:.0f} GB/s",
              "",
              "| risk | fwd ms | fwd GB/s (1 read) | % copy | bwd ms | bwd GB/s (read 2, write 1) | % copy "
-             "| naive fwd ms | naive fwd+bwd ms | naive rows | speed-up fwd | speed-up fwd+bwd | max |risk - torch| |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| plain fwd+bwd ms | compiled fwd+bwd ms | baseline rows | fwd vs plain | fwd+bwd vs plain "
+             "| fwd+bwd vs compiled | max |risk - torch| |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
-    for name in args.risks.split(","):
+    risks = args.risks.split(",")
+    compiled_risks = risks if args.compiled_risks is None else args.compiled_risks.split(",")
+    for name in risks:
         risk = parse_risk(name)
         z, zr, labels = inputs(args.n, args.v, dtype, device)
         stats, saved = triton_rows.forward(z, zr, labels, risk, -100)
@@ -140,19 +151,26 @@ def main(argv=None):
         z = zr = labels = None
         if device == "cuda":
             torch.cuda.empty_cache()
-        nf, nb, rows = measure_naive(min(args.n, args.naive_n), args.v, dtype, device, risk, max(1, args.reps // 2))
-        scale = args.n / rows if rows else float("nan")  # naive time per row, times N
+        reps = max(1, args.reps // 2)
+        pf, pb, rows = measure_baseline("plain", min(args.n, args.baseline_n), args.v, dtype, device, risk, reps)
+        cb = float("nan")
+        if name in compiled_risks and rows:  # at the rows plain fitted, so both scale alike
+            _, cb, crows = measure_baseline("compiled", rows, args.v, dtype, device, risk, reps)
+            cb = cb * rows / crows if crows else float("nan")
+        scale = args.n / rows if rows else float("nan")  # baseline time per row, times N
         row = (f"| {name} | {fwd * 1e3:.2f} | {one_read / fwd / 1e9:.0f} | {100 * one_read / fwd / copy_bw:.0f} "
                f"| {bwd * 1e3:.2f} | {1.5 * one_read / bwd / 1e9:.0f} | {100 * 1.5 * one_read / bwd / copy_bw:.0f} "
-               f"| {nf * 1e3:.1f} | {nb * 1e3:.1f} | {rows} | {nf * scale / fwd:.1f} | {nb * scale / (fwd + bwd):.1f} "
-               f"| {err:.2e} |")
+               f"| {pb * 1e3:.1f} | {cb * 1e3:.1f} | {rows} | {pf * scale / fwd:.1f} | {pb * scale / (fwd + bwd):.1f} "
+               f"| {cb * scale / (fwd + bwd):.1f} | {err:.2e} |")
         lines.append(row)
         print(row, flush=True)
     lines += ["", "GB/s count the bytes of one read of z and zr (forward) and of reading both and writing",
               "the gradient (backward); cvar and ra_dpo_cvar forwards read the rows more than once",
               "(docs/triton_kernels.md), so their figure is the fraction of a single-read roofline.",
-              "naive rows < N: the naive formulation was timed on fewer rows (--naive-n, or fewer still",
-              "where it ran out of memory); its time is scaled by N / rows for the speed-up."]
+              "baseline rows < N: the baselines were timed on fewer rows (--baseline-n, or fewer still",
+              "where they ran out of memory); their time is scaled by N / rows for the speed-ups.",
+              "plain = the published Ra-DPO formulation (rsa/bench/baselines.py), compiled = its torch.compile",
+              "(nan: not compiled for that risk, see --compiled-risks)."]
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "bench.md"), "w") as f:

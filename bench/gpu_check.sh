@@ -2,10 +2,10 @@
 # One check for a lent GPU (nothing is installed from the network), each step time-boxed so
 # that the whole run fits one 600 s device command (the boxes add up to 540 s):
 #   1. versions; 2. the triton backend's and the fused lm-head kernel's tests compiled on cuda;
-#   3. bench/gpu_bench.py: forward/backward at N=16384, V=128256, bf16 vs copy bandwidth and naive;
+#   3. bench/gpu_bench.py: forward/backward at N=16384, V=128256, bf16 vs copy bandwidth, plain and compiled;
 #   4. bench/gpu_check_fused_kernel.py: the fused lm-head kernel vs the chunked path (log joins fused.log);
 #   5. bench/triton_quantile_sweep.py: cvar/ra_dpo_cvar forward under several histogram launch shapes;
-#   6. bench/gpu_check_fused_linear.py: fused-linear agreement on CUDA, time and memory vs naive/Liger;
+#   6. bench/gpu_check_fused_linear.py: fused-linear agreement on CUDA, time and memory vs plain, compiled and Liger;
 #   7. `rsa bench --quick` on CUDA: the same report as on CPU, labelled with the device.
 # Liger Kernel is optional: carry its wheel in .whl/ (see docs/bench.md). Writes logs under $OUT.
 set -u

@@ -3,7 +3,9 @@
 1. Agreement on CUDA: fused_linear_preference_loss (backend auto = triton) against
    preference_loss on materialised logits, float32 and bfloat16, both schedules.
 2. Time and peak CUDA memory above inputs + gradients of fwd+bwd at the issue's size
-   (N=2048, H=1024, V=32000, and V=128000) for naive logits, fused, and Liger (compiled).
+   (N=2048, H=1024, V=32000, and V=128000) for the baselines "plain" (both models' logits
+   materialised + the published Ra-DPO formulation, rsa/bench/baselines.py) and "compiled"
+   (its torch.compile, compiled in the untimed first run), fused, and Liger (compiled).
 Prints one JSON document.   usage: python bench/gpu_check_fused_linear.py
 """
 import json
@@ -14,7 +16,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rsa_kernels as rk  # noqa: E402
+from rsa.bench.baselines import compiled_pair_loss, plain_pair_loss  # noqa: E402
 
 
 def agreement(dtype):
@@ -43,14 +47,10 @@ def timing(variant, objective, risk, vocab, dtype=torch.float32, rounds=5):
     w = torch.randn(vocab, 1024, device="cuda", generator=g).div(16).to(dtype).requires_grad_(True)
     rh, rw = h.detach() * 1.01, w.detach() * 1.01
     lab = torch.randint(0, vocab, (8, 256), device="cuda", generator=g)
-    if variant == "naive":
-        from rsa_kernels.loss import loss_from_token_stats, make_layout
-        from rsa_kernels.reference import token_stats
-        lay = make_layout(lab, ignore_index=-100, shift=False)
+    if variant in ("plain", "compiled"):
+        pair_loss = plain_pair_loss if variant == "plain" else compiled_pair_loss
         def step():
-            st = rk.TokenStats(*token_stats(h @ w.t(), (rh @ rw.t()).detach(), lab, risk=risk))
-            return loss_from_token_stats(st, lay, objective=objective, beta=0.1, alpha=0.5, gamma=1.0,
-                                         label_smoothing=0.0)[0]
+            return pair_loss(h, w, rh, rw, lab, risk=risk, objective=objective, beta=0.1)
     elif variant == "fused":
         def step():
             return rk.fused_linear_preference_loss(h, w, rh, rw, lab, objective=objective, risk=risk)[0]
@@ -63,7 +63,7 @@ def timing(variant, objective, risk, vocab, dtype=torch.float32, rounds=5):
     def run():
         h.grad = w.grad = None
         step().backward()
-    run()
+    run()  # warm-up: compiles for "compiled" and Liger, not timed
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()  # inputs, weights and their gradients (held from the first run)
     torch.cuda.reset_peak_memory_stats()
@@ -80,11 +80,12 @@ if __name__ == "__main__":
     for dt in (torch.float32, torch.bfloat16):
         report["agreement"].update(agreement(dt))
     for vocab in (32000, 128000):
-        for objective, risk, variants in (("rsa2", "cvar:0.9", ("naive", "fused")), ("dpo", "kl", ("naive", "fused", "liger"))):
+        for objective, risk, variants in (("rsa2", "cvar:0.9", ("plain", "compiled", "fused")),
+                                           ("dpo", "kl", ("plain", "compiled", "fused", "liger"))):
             for v in variants:
                 try:
                     report["timing"][f"V{vocab}/{objective}/{v}"] = timing(v, objective, risk, vocab)
-                except Exception as err:  # report, keep going (e.g. out of memory for naive at large V)
+                except Exception as err:  # report, keep going (e.g. out of memory for plain at large V)
                     report["timing"][f"V{vocab}/{objective}/{v}"] = repr(err)[:200]
                 torch.cuda.empty_cache()
     print(json.dumps(report, indent=1))

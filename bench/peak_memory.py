@@ -1,6 +1,9 @@
 """Peak resident memory of one forward + backward of token_stats, in a fresh process.
 
-    python bench/peak_memory.py --impl naive|torch|cpu|triton --risk cvar:0.9 --n 1024 --v 32000
+    python bench/peak_memory.py --impl plain|compiled|torch|cpu|triton --risk cvar:0.9 --n 1024 --v 32000
+
+plain / compiled: the speed baselines of rsa/bench/baselines.py (the published Ra-DPO
+formulation, and its torch.compile; the warm-up step compiles).
 
 Prints one JSON object. The baseline is the resident set after the inputs are allocated
 (and one warm-up step has run and been freed); ``peak_above_baseline_mib`` is the high-water
@@ -40,7 +43,9 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import rsa_kernels  # noqa: E402
-from rsa_kernels import reference  # noqa: E402
+from rsa.bench.baselines import compiled_token_stats, plain_token_stats  # noqa: E402
+
+BASELINES = {"plain": plain_token_stats, "compiled": compiled_token_stats}
 
 MIB = 2**20
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -66,8 +71,8 @@ def reset_peak() -> bool:
 
 def step(impl: str, z, zr, labels, risk: str, g):
     """One forward + backward; returns nothing so that only the gradient stays alive."""
-    if impl == "naive":
-        out = reference.token_stats(z, zr, labels, risk=risk)
+    if impl in BASELINES:
+        out = BASELINES[impl](z, zr, labels, risk=risk)
     else:
         out = rsa_kernels.token_stats(z, zr, labels, risk=risk, backend=impl)
     loss = (g[0] * out[0] + g[1] * out[2] + g[2] * out[3]).sum()
@@ -76,7 +81,7 @@ def step(impl: str, z, zr, labels, risk: str, g):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--impl", required=True, choices=["naive", "torch", "cpu", "triton"])
+    ap.add_argument("--impl", required=True, choices=["plain", "compiled", "torch", "cpu", "triton"])
     ap.add_argument("--risk", default="kl")
     ap.add_argument("--n", type=int, default=1024)
     ap.add_argument("--v", type=int, default=32000)

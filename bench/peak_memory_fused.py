@@ -1,6 +1,8 @@
 """One forward + backward of a preference loss from hidden states, and its peak memory.
 
-Variants: "naive" (materialised logits + rsa_kernels.reference), "fused" (this package's
+Variants: "plain" (both models' logits materialised, then the plain formulation of the
+published Ra-DPO code: rsa/bench/baselines.py), "compiled" (the same under torch.compile;
+compiled by a warm-up step at the measured size), "fused" (this package's
 fused_linear_preference_loss, schedule chosen from its budget), "fused_tokens" (the same,
 token chunks forced), "liger" (LigerFusedLinearDPOLoss, `dpo` only).
 
@@ -18,7 +20,7 @@ import time
 
 import torch
 
-from peak_memory import reset_peak, status_kib  # the same /proc readings as the logits script
+from peak_memory import reset_peak, status_kib  # the same /proc readings as the logits script (and repo on sys.path)
 
 
 def make_step(variant, objective, risk, *, sequences=8, length=256, hidden_size=1024, vocab=32000,
@@ -32,21 +34,14 @@ def make_step(variant, objective, risk, *, sequences=8, length=256, hidden_size=
     labels = torch.randint(0, vocab, (sequences, length), generator=g)  # every token counts
     params = (hidden, weight)
 
-    if variant == "naive":
-        from rsa_kernels.loss import loss_from_token_stats, make_layout
-        from rsa_kernels.reference import token_stats
-        from rsa_kernels.token_stats import TokenStats
+    if variant in ("plain", "compiled"):
+        from rsa.bench.baselines import compiled_pair_loss, plain_pair_loss
 
-        layout = make_layout(labels, ignore_index=-100, shift=False)
+        pair_loss = plain_pair_loss if variant == "plain" else compiled_pair_loss
 
         def step():
-            z = hidden @ weight.t()
-            with torch.no_grad():
-                zr = ref_hidden @ ref_weight.t()
-            stats = TokenStats(*token_stats(z, zr, labels, risk=risk))
-            loss, _ = loss_from_token_stats(stats, layout, objective=objective, beta=beta, alpha=0.5,
-                                            gamma=1.0, label_smoothing=0.0)
-            loss.backward()
+            pair_loss(hidden, weight, ref_hidden, ref_weight, labels, risk=risk, objective=objective,
+                      beta=beta).backward()
     elif variant in ("fused", "fused_tokens"):
         import rsa_kernels as rk
 
@@ -81,6 +76,8 @@ def measure(variant, objective, risk, **sizes) -> dict:
     small, _ = make_step(variant, objective, risk, sequences=2, length=16, hidden_size=32, vocab=256)
     small()  # warm-up: thread pools, lazy imports, first-call allocations
     step, params = make_step(variant, objective, risk, **sizes)
+    if variant == "compiled":
+        step()  # the compilation for this shape is warm-up, not the step's memory
     grad_bytes = sum(p.numel() * p.element_size() for p in params)
     base = status_kib("VmRSS") * 1024
     if not reset_peak():
@@ -95,7 +92,7 @@ def measure(variant, objective, risk, **sizes) -> dict:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("variant", choices=["naive", "fused", "fused_tokens", "liger"])
+    ap.add_argument("variant", choices=["plain", "compiled", "fused", "fused_tokens", "liger"])
     ap.add_argument("--objective", default="rsa2")
     ap.add_argument("--risk", default="cvar:0.9")
     ap.add_argument("--sequences", type=int, default=8)

@@ -34,17 +34,25 @@ def test_writes_the_four_files_with_every_measurement(bench_out):
         m["impl"] == "liger" for m in res["measurements"]))
     assert [m["id"] for m in res["measurements"]] == [c.id for c in cases]
     impls = {m["impl"] for m in res["measurements"]}
-    assert {"naive", *res["backends"]} <= impls
+    assert {"plain", "compiled", *res["backends"]} <= impls   # both speed baselines, measured
+    assert "naive" not in impls and "reference" not in impls  # the oracle is never a speed baseline
     for m in res["measurements"]:
         for phase in ("forward", "backward"):
             assert m[phase]["rounds"] == rounds and m[phase]["median_s"] > 0, (m["id"], phase)
         assert m["peak_bytes"] >= 0 and m["input_bytes"] > 0, m["id"]
-    # the report's table cells come from results.json: naive's forward+backward time, in ms
-    naive = next(m for m in res["measurements"] if m["impl"] == "naive" and m["path"] == "token_stats")
-    ms = (naive["forward"]["median_s"] + naive["backward"]["median_s"]) / 1e-3
+    # the report's table cells come from results.json: plain's forward+backward time, in ms
+    plain = next(m for m in res["measurements"] if m["impl"] == "plain" and m["path"] == "token_stats")
+    ms = (plain["forward"]["median_s"] + plain["backward"]["median_s"]) / 1e-3
     report = (out / "report.md").read_text()
     assert f"{ms:.3g} ms" in report
     assert "fitted exponents" in report and "Not measured" not in report
+    # the paste-ready tables: each kernel cell names both baselines, and the command is given
+    tables = report.split("## Tables for the README")[1]
+    assert "rsa bench --grid tiny --device cpu --threads 1" in tables
+    kernel = next(m for m in res["measurements"] if m["impl"] == res["backends"][0] and m["risk"] == "kl"
+                  and m["path"] == "token_stats" and (m["n"], m["v"]) == (plain["n"], plain["v"]))
+    k_ms = (kernel["forward"]["median_s"] + kernel["backward"]["median_s"]) / 1e-3
+    assert f"{k_ms:.3g} ms ({ms / k_ms:.2f}x plain, " in tables, tables
 
 
 def test_liger_baseline_runs_when_installed(bench_out):
@@ -66,12 +74,15 @@ def test_fit_recovers_known_exponents():
 def test_grids_cover_every_risk_and_the_liger_baseline():
     cases, _, _ = make_grid("quick", "cpu", ["torch"], liger=True)
     assert {c.risk for c in cases if c.path == "token_stats"} == set(RISKS)
-    assert {c.impl for c in cases if c.objective == "dpo"} == {"torch", "naive", "liger"}
-    assert all(c.impl != "compiled" for c in cases)  # torch.compile baseline on CUDA only
+    assert {c.impl for c in cases if c.objective == "dpo"} == {"torch", "plain", "compiled", "liger"}
+    # both speed baselines for every risk at the headline point the README quotes
+    at = [c for c in cases if c.path == "token_stats" and (c.n, c.v) == (1024, 32000)]
+    assert {(c.impl, c.risk) for c in at} == {(i, r) for i in ("torch", "plain", "compiled") for r in RISKS}
+    assert all(c.impl != "compiled" or c in at for c in cases if c.path == "token_stats")
     gpu, _, _ = make_grid("quick", "cuda", ["triton", "torch"], liger=True)
     assert {c.dtype for c in gpu} == {"bfloat16"}
     assert {(c.path, c.objective, c.risk) for c in gpu if c.impl == "compiled"} == {
-        ("token_stats", "", "cvar:0.9"), ("fused_linear", "rsa2", "cvar:0.9"), ("fused_linear", "dpo", "kl")}
+        *(("token_stats", "", r) for r in RISKS), ("fused_linear", "rsa2", "cvar:0.9"), ("fused_linear", "dpo", "kl")}
     assert {c.risk for c in make_grid("tiny", "cpu", ["torch"], liger=False)[0]} == set(TINY_RISKS)
     with pytest.raises(ValueError, match="mode"):
         make_grid("huge", "cpu", ["torch"], liger=False)

@@ -158,10 +158,11 @@ def merge(cases, benchmarks: list[dict], memory: dict) -> list[dict]:
 
 
 def run_bench(out: Path, mode: str, device: str, backends: list[str], threads: int | None = None,
-              log=print) -> dict:
+              log=print, command: str | None = None) -> dict:
     """Measure the grid of ``mode`` on ``device``; write and return results.json's content.
 
-    ``threads``: torch threads of the measuring processes (default: torch's, all cores)."""
+    ``threads``: torch threads of the measuring processes (default: torch's, all cores).
+    ``command``: the command line, recorded so the report can say how to regenerate it."""
     out = Path(out).resolve()  # the subprocesses run in the checkout, not in our working directory
     out.mkdir(parents=True, exist_ok=True)
     for name in ("pytest.log", "memory.log"):
@@ -184,7 +185,7 @@ def run_bench(out: Path, mode: str, device: str, backends: list[str], threads: i
         memory = run_memory(out, env, device, [c.id for c in cases], log)
     results = {
         "machine": {**machine_info(device), **({"torch_threads": threads} if threads else {})}, "device": device, "mode": mode, "backends": backends,
-        "dtype": cases[0].dtype if cases else None, "centres": centres(mode, device), "warmup_rounds": warmup, "rounds": rounds,
+        "command": command, "dtype": cases[0].dtype if cases else None, "centres": centres(mode, device), "warmup_rounds": warmup, "rounds": rounds,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "seconds": {"times": round(t_mid - started, 1), "memory": round(time.time() - t_mid, 1)},
         "measurements": merge(cases, benchmarks, memory),

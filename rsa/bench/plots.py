@@ -8,7 +8,7 @@ ROWS = (  # (path, objective, risk, title)
     ("fused_linear", "rsa2", "cvar:0.9", "fused linear, rsa2 + cvar:0.9"),
     ("fused_linear", "dpo", "kl", "fused linear, dpo (vs Liger)"),
 )
-STYLE = {"naive": dict(color="black", ls="--"), "compiled": dict(color="grey", ls="--"),
+STYLE = {"plain": dict(color="black", ls="--"), "compiled": dict(color="grey", ls="--"),
          "liger": dict(color="tab:purple", ls=":"), "triton": dict(color="tab:red"),
          "cpu": dict(color="tab:blue"), "torch": dict(color="tab:green")}
 

@@ -12,10 +12,15 @@ from .grid import BASELINES
 
 MiB = 2 ** 20
 SECTIONS = (  # (path, objective, title, baselines the ratios refer to)
-    ("token_stats", "", "Token statistics from logits (N, V)", ("naive", "compiled")),
-    ("fused_linear", "rsa2", "Fused linear, objective rsa2: hidden (N, H) and lm head (V, H)", ("naive", "compiled")),
-    ("fused_linear", "dpo", "Fused linear, objective dpo (risk kl): against Liger Kernel", ("naive", "compiled", "liger")),
+    ("token_stats", "", "Token statistics from logits (N, V)", ("plain", "compiled")),
+    ("fused_linear", "rsa2", "Fused linear, objective rsa2: hidden (N, H) and lm head (V, H)", ("plain", "compiled")),
+    ("fused_linear", "dpo", "Fused linear, objective dpo (risk kl): against Liger Kernel", ("plain", "compiled", "liger")),
 )
+BASELINE_TEXT = (
+    "Baselines, measured in the same run on the same inputs (rsa/bench/baselines.py): plain = the published "
+    "Ra-DPO formulation in plain PyTorch (log_softmax, softmax, their products over full (N, V) tensors, "
+    "torch.quantile; autograd), on the fused path after materialising both models' logits; compiled = the same "
+    "under torch.compile (compilation in the warm-up, not timed); liger = LigerFusedLinearDPOLoss (dpo only).")
 
 
 def total_time(m: dict):
@@ -27,7 +32,7 @@ def total_time(m: dict):
 def peak(m: dict):
     """The step's peak above its inputs, the gradients it returns included.
 
-    Not less the gradients: the naive path allocates the weight's gradient after its own
+    Not less the gradients: the plain path allocates the weight's gradient after its own
     peak has passed, so subtracting it would understate the baseline (and fit a negative
     exponent in H). results.json keeps grad_bytes for anyone who wants the difference."""
     return m.get("peak_bytes")
@@ -51,6 +56,13 @@ def _fmt_ratio(base, this, floor: float = 0.0) -> str:
     return f"{base / this:.2f}x"
 
 
+def _fmt_value(val: float, unit: str) -> str:
+    """3 significant digits, without exponents: seconds past 1000 ms, whole MiB past 1000."""
+    if val >= 1000:
+        return f"{val / 1000:.3g} s" if unit == "ms" else f"{val:.0f} {unit}"
+    return f"{val:.3g} {unit}"
+
+
 def _size(m: dict) -> str:
     return f"{m['n']} | {m['v']}" + (f" | {m['h']}" if m["h"] else "")
 
@@ -72,7 +84,7 @@ def ratio_table(rows: list[dict], value, unit: str, scale: float, baselines, flo
             if x is None:
                 cols.append("failed" if m else "")
                 continue
-            text = f"<{floor / scale:.2g} {unit}" if x < floor else f"{x / scale:.3g} {unit}"
+            text = f"<{floor / scale:.2g} {unit}" if x < floor else _fmt_value(x / scale, unit)
             if impl not in bases:
                 refs = [(b, cell.get((risk, n, v, h, b))) for b in bases]
                 ratios = [f"{_fmt_ratio(value(r), x, floor)} {b}" for b, r in refs if r and value(r) is not None]
@@ -105,33 +117,37 @@ def exponent_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def summary_point(sec: list[dict]) -> tuple:
+    """(N, V, H) a section is summarised at: where the compiled baseline was measured (the
+    headline point, or the centre), else the largest point."""
+    comp = [m for m in sec if m["impl"] == "compiled"]
+    big = max(comp or sec, key=lambda m: (m["n"] * m["v"] * max(m["h"], 1), m["v"]))
+    return big["n"], big["v"], big["h"]
+
+
 def headline(rows: list[dict]) -> list[str]:
-    """At the largest size of each section: every kernel's ratios to the naive formulation."""
+    """At each section's summary point: every kernel's ratios to every baseline measured there."""
     out = []
     floor = memory_floor(rows)
-    for path, obj, title, _ in SECTIONS:
+    for path, obj, title, bases in SECTIONS:
         sec = [m for m in rows if m["path"] == path and m["objective"] == obj]
         if not sec:
             continue
-        big = max(sec, key=lambda m: (m["n"] * m["v"] * max(m["h"], 1), m["v"]))
-        pts = [m for m in sec if (m["n"], m["v"], m["h"]) == (big["n"], big["v"], big["h"])]
+        point = summary_point(sec)
+        pts = [m for m in sec if (m["n"], m["v"], m["h"]) == point]
         by = {(m["impl"], m["risk"]): m for m in pts}
         for impl in impl_order({m["impl"] for m in pts}):
             if impl in BASELINES:
                 continue
             for risk in sorted({m["risk"] for m in pts}):
-                m, base = by.get((impl, risk)), by.get(("naive", risk))
-                if not m or not base:
+                m = by.get((impl, risk))
+                refs = [(b, by.get((b, risk))) for b in bases if by.get((b, risk))]
+                if not m or not refs:
                     continue
                 size = f"N={m['n']}, V={m['v']}" + (f", H={m['h']}" if m["h"] else "")
-                extra = ""
-                lig = by.get(("liger", risk))
-                if lig:
-                    extra = (f"; liger / this: time {_fmt_ratio(total_time(lig), total_time(m))}, "
-                             f"memory {_fmt_ratio(peak(lig), peak(m), floor)}")
-                out.append(f"- {path}{'/' + obj if obj else ''}, {impl}, {risk}, {size}: naive / this: time "
-                           f"{_fmt_ratio(total_time(base), total_time(m))}, memory "
-                           f"{_fmt_ratio(peak(base), peak(m), floor)}{extra}")
+                parts = [f"{b} / this: time {_fmt_ratio(total_time(r), total_time(m))}, memory "
+                         f"{_fmt_ratio(peak(r), peak(m), floor)}" for b, r in refs]
+                out.append(f"- {path}{'/' + obj if obj else ''}, {impl}, {risk}, {size}: " + "; ".join(parts))
     return out
 
 
@@ -140,6 +156,8 @@ def memory_floor(rows: list[dict]) -> float:
 
 
 def render(results: dict) -> str:
+    from .readme import readme_tables  # (it builds on this module's tables)
+
     mach = results["machine"]
     rows = results["measurements"]
     v = mach["versions"]
@@ -156,13 +174,14 @@ def render(results: dict) -> str:
         + ("CUDA allocator peak" if results["device"].startswith("cuda") else "peak resident set (VmHWM) of a "
            "subprocess") + " during one forward + backward above what was held before it (the inputs), the "
         "gradients it returns included. "
-        "Ratios are baseline / this (2.00x = half the baseline's time or memory). Baselines: naive = "
-        "rsa_kernels.reference with autograd, full (N, V) tensors (as the published Ra-DPO code computes it); "
-        "liger = LigerFusedLinearDPOLoss; compiled = the naive materialised-logits path under torch.compile.",
+        "Ratios are baseline / this (2.00x = half the baseline's time or memory), each naming its baseline. "
+        + BASELINE_TEXT,
         "",
-        "## Summary at the largest grid point",
+        "## Summary where both baselines were measured",
         "",
         *headline(rows),
+        "",
+        *readme_tables(results),
     ]
     for path, obj, title, bases in SECTIONS:
         sec = [m for m in rows if m["path"] == path and m["objective"] == obj]
@@ -191,3 +210,4 @@ def render(results: dict) -> str:
     if errors:
         lines += ["", "## Not measured", ""] + [f"- {cid}: {e}" for cid, e in errors]
     return "\n".join(lines) + "\n"
+

@@ -14,30 +14,14 @@ from __future__ import annotations
 import torch
 
 import rsa_kernels as rk
-from rsa_kernels import reference
-from rsa_kernels.loss import loss_from_token_stats, make_layout
-from rsa_kernels.token_stats import TokenStats
 
+from .baselines import compiled_pair_loss, compiled_token_stats, plain_pair_loss, plain_token_stats
 from .grid import Case
 
 SEQUENCES = 4          # fused-linear cases: 2 pairs, N / 4 tokens each
 BETA = 0.1
-
-
-def _naive_token_loss(z, zr, y, risk):
-    logp, _, kl, value = reference.token_stats(z, zr, y, risk=risk)
-    return logp.sum() + 0.1 * kl.sum() + value.sum()
-
-
-def _naive_pair_loss(h, w, rh, rw, y, risk, objective):
-    """The materialised-logits loss: both models' full (N, V) logits, then the definition."""
-    z = h @ w.t()
-    zr = rh @ rw.t()
-    lay = make_layout(y, ignore_index=-100, shift=False)
-    stats = TokenStats(*reference.token_stats(z, zr, y, risk=risk))
-    loss, _ = loss_from_token_stats(stats, lay, objective=objective, beta=BETA, alpha=0.5, gamma=1.0,
-                                    label_smoothing=0.0)
-    return loss
+BASELINE_STATS = {"plain": plain_token_stats, "compiled": compiled_token_stats}
+BASELINE_PAIRS = {"plain": plain_pair_loss, "compiled": compiled_pair_loss}
 
 
 class Workload:
@@ -91,22 +75,22 @@ class Workload:
     def _build(self):
         c = self.case
         if c.path == "token_stats":
-            if c.impl == "naive":
-                return lambda: _naive_token_loss(self.z, self.zr, self.labels, c.risk)
-            if c.impl == "compiled":
-                fn = _compile(_naive_token_loss)
-                return lambda: fn(self.z, self.zr, self.labels, c.risk)
+            if c.impl in BASELINE_STATS:
+                stats_fn = BASELINE_STATS[c.impl]
+
+                def baseline():
+                    logp, _, kl, value = stats_fn(self.z, self.zr, self.labels, risk=c.risk)
+                    return logp.sum() + 0.1 * kl.sum() + value.sum()
+                return baseline
 
             def kernel():
                 st = rk.token_stats(self.z, self.zr, self.labels, risk=c.risk, backend=c.impl)
                 return st.logp.sum() + 0.1 * st.kl.sum() + st.risk.sum()
             return kernel
         args = (self.hidden, self.weight, self.ref_hidden, self.ref_weight, self.labels)
-        if c.impl == "naive":
-            return lambda: _naive_pair_loss(*args, c.risk, c.objective)
-        if c.impl == "compiled":
-            fn = _compile(_naive_pair_loss)
-            return lambda: fn(*args, c.risk, c.objective)
+        if c.impl in BASELINE_PAIRS:
+            pair_fn = BASELINE_PAIRS[c.impl]
+            return lambda: pair_fn(*args, risk=c.risk, objective=c.objective, beta=BETA)
         if c.impl == "liger":
             if c.objective != "dpo":
                 raise ValueError("case.impl: Liger Kernel's fused linear loss is the dpo objective only")
@@ -121,18 +105,6 @@ class Workload:
                                                       backend=c.impl)
             return loss
         return fused
-
-
-def _compile(fn):
-    """torch.compile for one shape and risk. Every case recompiles the same function, so lift
-    dynamo's recompile limit: past it dynamo would quietly run the baseline uncompiled."""
-    import torch._dynamo.config as cfg
-
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                 "accumulated_cache_size_limit"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), 4096))
-    return torch.compile(fn, dynamic=False)
 
 
 def _first(out):

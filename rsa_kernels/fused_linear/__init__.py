@@ -33,7 +33,7 @@ def fused_linear_token_stats(hidden, weight, ref_hidden, ref_weight, labels, *, 
     hidden (..., H), weight (V, H), bias (V,) or None; labels of hidden's leading shape.
     Gradients flow to hidden, weight and bias of the policy only. Token chunks with
     recomputation in the backward: ``chunk_size`` rows of logits at a time, or as many as
-    ``memory_budget`` bytes (default linear.MEMORY_BUDGET) allow for the two models' chunks.
+    ``memory_budget`` bytes (default: linear.default_memory_budget) allow for the two models' chunks.
     ``schedule="kernel"``: the fused Triton kernel instead (fused_kernel.py; kl and erm only).
     ``process_group``: the weights and biases are this rank's vocabulary rows (SPEC section 7).
     """
@@ -53,7 +53,7 @@ def fused_linear_token_stats(hidden, weight, ref_hidden, ref_weight, labels, *, 
                                       ignore_index=ignore_index, backend=backend)
         return TokenStats(*(t.view(labels.shape) for t in out))
     impl = get_backend(backend, hidden)
-    rows = chunk_size or budget_rows(weight.shape[0], hidden.dtype, memory_budget)
+    rows = chunk_size or budget_rows(weight.shape[0], hidden.dtype, memory_budget, hidden.device)
     h, rh, lab = _rows(hidden, ref_hidden, labels)
     out = fused_rows_token_stats(h, weight, bias, rh, ref_weight, ref_bias, lab, risk=risk,
                                  ignore_index=ignore_index, backend=impl, rows=rows)
@@ -101,7 +101,7 @@ def fused_linear_preference_loss(hidden, weight, ref_hidden, ref_weight, labels,
     layout = make_layout(labels, ignore_index=ignore_index, shift=shift,
                          sequence_ids=sequence_ids, num_sequences=num_sequences)
     impl = get_backend(backend, hidden)
-    rows = chunk_size or budget_rows(weight.shape[0], hidden.dtype, memory_budget)
+    rows = chunk_size or budget_rows(weight.shape[0], hidden.dtype, memory_budget, hidden.device)
     loss_args = dict(objective=objective, beta=beta, alpha=alpha, gamma=gamma, label_smoothing=label_smoothing)
     h, rh, _ = _rows(hidden, ref_hidden, labels)
     if schedule == "kernel":
