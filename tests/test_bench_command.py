@@ -72,12 +72,16 @@ def test_fit_recovers_known_exponents():
 
 
 def test_grids_cover_every_risk_and_the_liger_baseline():
-    cases, _, _ = make_grid("quick", "cpu", ["torch"], liger=True)
+    cases, _, _ = make_grid("quick", "cpu", ["torch", "cpu"], liger=True)
     assert {c.risk for c in cases if c.path == "token_stats"} == set(RISKS)
-    assert {c.impl for c in cases if c.objective == "dpo"} == {"torch", "plain", "compiled", "liger"}
-    # both speed baselines for every risk at the headline point the README quotes
+    assert {c.impl for c in cases if c.objective == "dpo"} == {"torch", "cpu", "plain", "compiled", "liger"}
+    # both speed baselines for every risk at the headline point the README quotes; the quick
+    # grid leaves the slow torch fallback out there, the full grid keeps it
     at = [c for c in cases if c.path == "token_stats" and (c.n, c.v) == (1024, 32000)]
-    assert {(c.impl, c.risk) for c in at} == {(i, r) for i in ("torch", "plain", "compiled") for r in RISKS}
+    assert {(c.impl, c.risk) for c in at} == {(i, r) for i in ("cpu", "plain", "compiled") for r in RISKS}
+    full = make_grid("full", "cpu", ["torch", "cpu"], liger=True)[0]
+    assert {c.impl for c in full if c.path == "token_stats" and (c.n, c.v) == (1024, 32000)} == {
+        "torch", "cpu", "plain", "compiled"}
     assert all(c.impl != "compiled" or c in at for c in cases if c.path == "token_stats")
     gpu, _, _ = make_grid("quick", "cuda", ["triton", "torch"], liger=True)
     assert {c.dtype for c in gpu} == {"bfloat16"}

@@ -86,7 +86,8 @@ def _fused_check(function, hidden, weight, bias, ref_hidden, ref_weight, ref_bia
 
 
 def _chunk_rows(layout, dtype, chunk_size, memory_budget) -> int:
-    """Logit rows per chunk, from the widest slice: every rank must cut the same chunks."""
+    """Logit rows per chunk, from the widest slice: every rank must cut the same chunks, so the
+    default is the fixed MEMORY_BUDGET, not one sized by each rank's free memory."""
     from ..fused_linear.linear import budget_rows
 
     return chunk_size or budget_rows(layout.max_width, dtype, memory_budget)
