@@ -8,6 +8,10 @@
 #include <cstring>
 #include <limits>
 
+#if defined(__AVX__) || defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 namespace rsa {
 
 template <typename C> struct Simd;
@@ -37,6 +41,7 @@ template <> struct Simd<double> {
 
 template <typename C> using Vec = typename Simd<C>::V;
 template <typename C> using IVec = typename Simd<C>::I;
+template <typename C> using Bits = typename Simd<C>::Bits;
 template <typename C> constexpr int width() { return Simd<C>::W; }
 
 template <typename C> inline Vec<C> splat(C x) { return Vec<C>{} + x; }
@@ -79,16 +84,49 @@ template <typename C> inline C hmax(Vec<C> v) {
 
 template <typename C> inline Vec<C> select(IVec<C> mask, Vec<C> a, Vec<C> b) { return mask ? a : b; }
 
-// Polynomial exp(r) for |r| <= ln2/2 (Taylor; its error is below half an ulp at these degrees).
+// The vector helpers below map to single AVX2/FMA instructions where the build has them
+// (x86-64-v3) and to plain vector arithmetic elsewhere.
+
+// a * b + c. With FMA it is one rounding; the file is built with -ffp-contract=off, so only
+// the places that call this use FMA, and they are the same code in forward and backward.
+inline Vec<float> fmadd(Vec<float> a, Vec<float> b, Vec<float> c) {
+#ifdef __FMA__
+  return (Vec<float>)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+
+// The float exp's steps in FMA; the double exp keeps separate roundings (its accuracy has
+// room to spare, and float64 results stay what they were).
+inline Vec<float> mul_add(Vec<float> a, Vec<float> b, Vec<float> c) { return fmadd(a, b, c); }
+inline Vec<double> mul_add(Vec<double> a, Vec<double> b, Vec<double> c) { return a * b + c; }
+
+// True when any lane of a comparison mask is set.
+template <typename C> inline bool any(IVec<C> mask) {
+#ifdef __AVX__
+  return !_mm256_testz_si256((__m256i)mask, (__m256i)mask);
+#else
+  Bits<C> lanes[Simd<C>::W];
+  std::memcpy(lanes, &mask, sizeof mask);
+  for (int i = 0; i < Simd<C>::W; ++i)
+    if (lanes[i]) return true;
+  return false;
+#endif
+}
+
+// float exp(r) for |r| <= ln2/2: 1 + r + r^2 P(r), P of degree 5 with the minimax
+// coefficients of SLEEF's expf (Horner in FMAs; <= 1 ulp with the range reduction below,
+// checked over every float by tests/test_cpu_exp.py).
 inline Vec<float> exp_poly(Vec<float> r) {
-  Vec<float> p = splat(1.0f / 5040);
-  p = p * r + 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  return p * r + 1.0f;
+  Vec<float> p = splat(1.98527617612853646278381e-4f);
+  p = fmadd(p, r, splat(1.39304355252534151077271e-3f));
+  p = fmadd(p, r, splat(8.33336077630519866943359e-3f));
+  p = fmadd(p, r, splat(4.16664853692054748535156e-2f));
+  p = fmadd(p, r, splat(1.66666671633720397949219e-1f));
+  p = fmadd(p, r, splat(0.5f));
+  p = fmadd(p, r, splat(1.0f));
+  return fmadd(p, r, splat(1.0f));
 }
 
 inline Vec<double> exp_poly(Vec<double> r) {
@@ -103,19 +141,23 @@ inline Vec<double> exp_poly(Vec<double> r) {
 // exp with IEEE edge behaviour: exp(-inf) = 0, exp(+inf) = inf, NaN stays NaN, and correct
 // subnormal results (2^n is applied as two normal factors), because "q > 0" decides which
 // vocabulary items belong to the reference's support and must agree with torch's exp.
-template <typename C> inline Vec<C> fexp(Vec<C> x) {
+// This general form is the double exp, and the float exp's path for vectors with a lane
+// outside [-87, 88] (subnormal, zero or infinite results, or a result within a factor 2 of
+// overflow); both float paths share exp_poly, so they give the same bits where both apply.
+template <typename C> inline Vec<C> fexp_general(Vec<C> x) {
   using S = Simd<C>;
   using I = IVec<C>;
   x = x < S::LO ? splat<C>(S::LO) : x;  // comparisons with NaN are false: NaN passes through
   x = x > S::HI ? splat<C>(S::HI) : x;
-  Vec<C> t = x * C(1.4426950408889634) + S::MAGIC;  // round(x / ln2) in the low mantissa bits
+  Vec<C> t = mul_add(x, splat(C(1.4426950408889634)), splat<C>(S::MAGIC));  // round(x / ln2) in the low mantissa bits
   I bits_t, bits_m;
   std::memcpy(&bits_t, &t, sizeof t);
   Vec<C> mv = splat<C>(S::MAGIC);
   std::memcpy(&bits_m, &mv, sizeof mv);
   I n = bits_t - bits_m;
   Vec<C> nf = t - S::MAGIC;
-  Vec<C> r = x - nf * S::LN2_HI - nf * S::LN2_LO;
+  Vec<C> r = mul_add(nf, splat<C>(-S::LN2_HI), x);
+  r = mul_add(nf, splat<C>(-S::LN2_LO), r);
   Vec<C> p = exp_poly(r);
   I n1 = n >> 1, n2 = n - n1;  // both in the normal exponent range for any clamped x
   I e1 = (n1 + S::BIAS) << S::MANT, e2 = (n2 + S::BIAS) << S::MANT;
@@ -123,6 +165,27 @@ template <typename C> inline Vec<C> fexp(Vec<C> x) {
   std::memcpy(&s1, &e1, sizeof s1);
   std::memcpy(&s2, &e2, sizeof s2);
   return p * s1 * s2;
+}
+
+template <typename C> inline Vec<C> fexp(Vec<C> x) { return fexp_general<C>(x); }
+
+// float: the common case (every lane in [-87, 88], or NaN) skips the clamps and the split
+// scaling: 2^n comes from one shift of t's bits, where t = x / ln2 rounded + (1.5 2^23 + 127),
+// whose low bits hold n + 127, the biased exponent. 16 instructions for 8 exps.
+template <> inline Vec<float> fexp<float>(Vec<float> x) {
+  using S = Simd<float>;
+  if (any<float>((x < -87.0f) | (x > 88.0f))) return fexp_general<float>(x);
+  constexpr float MAGIC_BIASED = S::MAGIC + S::BIAS;
+  Vec<float> t = fmadd(x, splat(1.44269504088896341f), splat(MAGIC_BIASED));
+  Vec<float> nf = t - MAGIC_BIASED;
+  Vec<float> r = fmadd(nf, splat(-S::LN2_HI), x);
+  r = fmadd(nf, splat(-S::LN2_LO), r);
+  IVec<float> e;
+  std::memcpy(&e, &t, sizeof t);
+  e = e << S::MANT;  // (n + 127) << 23: the exponent field of 2^n; the magic's bits shift out
+  Vec<float> scale;
+  std::memcpy(&scale, &e, sizeof e);
+  return exp_poly(r) * scale;
 }
 
 template <typename C> inline C fexp1(C x) { return fexp<C>(splat<C>(x))[0]; }
