@@ -80,7 +80,10 @@ template <typename C> struct RowOut {
   C saved[5];
 };
 
-// Scratch: 4 * V values of C per thread (cvar / ra_dpo_cvar only).
+// Scratch for forward_row: D, q, and the two selection buffers (with room for a vector
+// past their end), per thread; only cvar / ra_dpo_cvar use it.
+constexpr int64_t forward_scratch(int64_t v) { return 4 * v + 64; }
+
 template <typename C>
 RowOut<C> forward_row(const C* z, const C* zr, int64_t v, int64_t y, int code, double param, C* scratch) {
   RowOut<C> out{};
@@ -155,7 +158,7 @@ RowOut<C> forward_row(const C* z, const C* zr, int64_t v, int64_t y, int code, d
 
   if (code == CVAR) {
     const C alpha = C(param);
-    const C tau = bracketed_weighted_quantile(dbuf, qbuf, v, alpha, scratch + 2 * v, scratch + 3 * v);
+    const C tau = bracketed_weighted_quantile(dbuf, qbuf, v, alpha, scratch + 2 * v, scratch + 3 * v + 32, v + 32);
     // F(tau), the atom's q-mass and the excess over tau, in one vector sweep
     Vec<C> le = zero, above = zero, at = zero;
     const Vec<C> vt = splat(tau);
@@ -183,7 +186,7 @@ RowOut<C> forward_row(const C* z, const C* zr, int64_t v, int64_t y, int code, d
     out.saved[3] = c_above;
     out.saved[4] = c_atom;
   } else {  // RA_DPO_CVAR
-    const C Q = bracketed_interpolated_quantile(dbuf, v, 1.0 - param, scratch + 2 * v);
+    const C Q = bracketed_interpolated_quantile(dbuf, v, 1.0 - param, scratch + 2 * v, 2 * v + 64);
     Vec<C> above = zero, mass = zero;
     const Vec<C> vq = splat(Q);
     i = 0;

@@ -7,6 +7,8 @@
 #include <limits>
 #include <utility>
 
+#include "simd.h"
+
 namespace rsa {
 
 // Sort d[lo, hi) ascending, moving q along (small ranges only).
@@ -120,105 +122,157 @@ template <typename C> C interpolated_quantile(C* x, int64_t n, double level) {
 // so the result never depends on the sample, only the time does.
 
 constexpr int SAMPLE = 256;            // sample size
-constexpr int64_t MIN_BRACKETED = 4096;  // below this, select directly
+constexpr int64_t MIN_BRACKETED = 2048;  // below this, select directly
 
-// Copies the items of x in [lo, hi] to out (room for n), returns their number; `below` gets
-// the number of items < lo. Branch-free: every item is written, the index advances on a hit.
+// Copies the items of x in [lo, hi] to out (room for n + W), returns their number; `below`
+// gets the number of items < lo. One vector sweep, no branch on the data.
 template <typename C> int64_t filter_range(const C* x, int64_t n, C lo, C hi, C* out, int64_t& below) {
-  int64_t m = 0, b = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const C v = x[j];
-    out[m] = v;
-    m += (v >= lo) & (v <= hi);
-    b += v < lo;
-  }
-  below = b;
+  constexpr int W = width<C>();
+  const Vec<C> vlo = splat(lo), vhi = splat(hi);
+  IVec<C> nb{};  // per lane: minus the count below lo (a true comparison is -1)
+  int64_t m = 0;
+  auto step = [&](Vec<C> v) {
+    nb += v < vlo;
+    m += compress_store<C>(out + m, v, (v >= vlo) & (v <= vhi));
+  };
+  int64_t j = 0;
+  for (; j + W <= n; j += W) step(load(x + j));
+  if (j < n) step(load_part(x + j, n - j, std::numeric_limits<C>::quiet_NaN()));  // NaN: neither
+  Bits<C> lanes[W];
+  std::memcpy(lanes, &nb, sizeof nb);
+  below = 0;
+  for (int k = 0; k < W; ++k) below -= lanes[k];
   return m;
 }
 
-// interpolated_quantile(x, n, level) without permuting x; buf has room for n values.
-template <typename C> C bracketed_interpolated_quantile(const C* x, int64_t n, double level, C* buf) {
+// interpolated_quantile(x, n, level) without permuting x. buf has room for cap >= n + W
+// values; rounds of bracketing shrink the candidates (each round's go after the last's while
+// they fit), then nth_element runs on the last ones.
+template <typename C> C bracketed_interpolated_quantile(const C* x, int64_t n, double level, C* buf, int64_t cap) {
+  constexpr int W = width<C>();
   const QuantileRanks k = quantile_ranks(n, level);
-  if (n >= MIN_BRACKETED) {
+  const int64_t need = k.frac == 0.0 ? k.lo : k.hi;  // the highest rank needed
+  const C* cur = x;
+  int64_t n_cur = n, offset = 0, used = 0;  // cur holds the ranks [offset, offset + n_cur)
+  while (n_cur >= MIN_BRACKETED && used + n_cur + W <= cap) {
     C smp[SAMPLE];
-    const int64_t stride = n / SAMPLE;
-    for (int s = 0; s < SAMPLE; ++s) smp[s] = x[s * stride];
-    std::sort(smp, smp + SAMPLE);
+    const int64_t stride = n_cur / SAMPLE;
+    for (int s = 0; s < SAMPLE; ++s) smp[s] = cur[s * stride];
     // the target's place in the sample, +- 3 standard deviations of a sample rank and a bit
-    const double f = double(k.lo) / double(n - 1);
+    const double f = double(k.lo - offset) / double(n_cur - 1);
     const double c = f * (SAMPLE - 1), margin = 3.0 * std::sqrt(SAMPLE * f * (1.0 - f)) + 4.0;
     const int64_t il = int64_t(std::floor(c - margin)), ih = int64_t(std::ceil(c + margin)) + 1;
     const C inf = std::numeric_limits<C>::infinity();
-    const C lo = il < 0 ? -inf : smp[il], hi = ih >= SAMPLE ? inf : smp[ih];
-    int64_t below = 0;
-    const int64_t m = filter_range(x, n, lo, hi, buf, below);
-    const int64_t need = k.frac == 0.0 ? k.lo : k.hi;  // the highest rank needed
-    if (below <= k.lo && need < below + m) {
-      const int64_t j = k.lo - below;
-      std::nth_element(buf, buf + j, buf + m);
-      C a = buf[j];
-      if (k.frac == 0.0) return a;
-      C b = k.hi == k.lo ? a : *std::min_element(buf + j + 1, buf + m);
-      return interpolate(a, b, k.frac);
+    C lo = -inf, hi = inf;
+    if (il >= 0) {
+      std::nth_element(smp, smp + il, smp + SAMPLE);
+      lo = smp[il];
     }
+    if (ih < SAMPLE) {
+      std::nth_element(smp, smp + ih, smp + SAMPLE);
+      hi = smp[ih];
+    }
+    int64_t below = 0;
+    C* out = buf + used;
+    const int64_t m = filter_range(cur, n_cur, lo, hi, out, below);
+    if (!(offset + below <= k.lo && need < offset + below + m) || m == n_cur) break;  // not narrowed
+    offset += below;
+    cur = out;
+    n_cur = m;
+    used += m + W;
   }
-  std::copy(x, x + n, buf);
-  return interpolated_quantile(buf, n, level);
+  C* sel = const_cast<C*>(cur);
+  if (cur == x) {  // nothing narrowed: select on a copy
+    std::copy(x, x + n, buf);
+    sel = buf;
+  }
+  const int64_t j = k.lo - offset;
+  std::nth_element(sel, sel + j, sel + n_cur);
+  C a = sel[j];
+  if (k.frac == 0.0) return a;
+  C b = k.hi == k.lo ? a : *std::min_element(sel + j + 1, sel + n_cur);
+  return interpolate(a, b, k.frac);
 }
 
 // weighted_quantile over the items of (d, q) with q > 0 (d = -inf where q = 0, no NaN),
-// without permuting them; dc and qc have room for n values each.
-template <typename C> C bracketed_weighted_quantile(const C* d, const C* q, int64_t n, C alpha, C* dc, C* qc) {
-  if (n >= MIN_BRACKETED) {
+// without permuting them. dc and qc have room for cap >= n + W values each and do not
+// overlap; rounds as in bracketed_interpolated_quantile.
+template <typename C> C bracketed_weighted_quantile(const C* d, const C* q, int64_t n, C alpha, C* dc, C* qc,
+                                                    int64_t cap) {
+  constexpr int W = width<C>();
+  const C inf = std::numeric_limits<C>::infinity();
+  const C* cd = d;
+  const C* cq = q;
+  int64_t n_cur = n, used = 0;
+  C below_total = 0, dmax_cur = inf;  // q-mass known below the current items; their max
+  bool narrowed = false;
+  while (n_cur >= MIN_BRACKETED && used + n_cur + W <= cap) {
     struct Item {
       C d, q;
     };
     Item smp[SAMPLE];
-    const int64_t stride = n / SAMPLE;
+    const int64_t stride = n_cur / SAMPLE;
     C total = 0, total_sq = 0;
     for (int s = 0; s < SAMPLE; ++s) {
-      smp[s] = {d[s * stride], q[s * stride]};
+      smp[s] = {cd[s * stride], cq[s * stride]};
       total += smp[s].q;
       total_sq += smp[s].q * smp[s].q;
     }
-    if (total > 0) {
-      std::sort(smp, smp + SAMPLE, [](const Item& x, const Item& y) { return x.d < y.d; });
-      // the sample's q-weighted alpha-quantile +- 3 standard deviations of its CDF there
-      // (with the effective sample size of the weights) and a bit
-      const C n_eff = total * total / total_sq;
-      const C delta = C(3) * std::sqrt(alpha * (C(1) - alpha) / n_eff) + C(0.02);
-      int il = -1, ih = SAMPLE;
-      C cum = 0;
-      for (int s = 0; s < SAMPLE; ++s) {
-        cum += smp[s].q;
-        if (il < 0 && cum >= (alpha - delta) * total) il = s;
-        if (cum >= (alpha + delta) * total) {
-          ih = s + 1;
-          break;
-        }
+    if (!(total > 0)) break;
+    std::sort(smp, smp + SAMPLE, [](const Item& x, const Item& y) { return x.d < y.d; });
+    // the sample's q-weighted quantile of the remaining mass +- 3 standard deviations of its
+    // CDF there (with the effective sample size of the weights) and a bit
+    C mass_cur = 0;  // estimated from the sample's share
+    (void)mass_cur;
+    const C n_eff = total * total / total_sq;
+    // the remaining target as a fraction of the current items' mass is not known before the
+    // sweep; estimate the current mass as (1 - below_total) when narrowed (mass sums to 1)
+    const C rest = narrowed ? C(1) - below_total : C(1);
+    C target = rest > 0 ? (alpha - below_total) / rest : C(0);
+    target = target < 0 ? C(0) : (target > 1 ? C(1) : target);
+    const C delta = C(3) * std::sqrt(target * (C(1) - target) / n_eff + C(1) / (n_eff * n_eff)) + C(0.01);
+    int il = -1, ih = SAMPLE;
+    C cum = 0;
+    for (int s = 0; s < SAMPLE; ++s) {
+      cum += smp[s].q;
+      if (il < 0 && cum >= (target - delta) * total) il = s;
+      if (cum >= (target + delta) * total) {
+        ih = s + 1;
+        break;
       }
-      const C inf = std::numeric_limits<C>::infinity();
-      const C lo = il <= 0 ? -inf : smp[il - 1].d, hi = ih >= SAMPLE ? inf : smp[ih].d;
-      // one branch-free sweep: the q-mass below lo, and the support items in [lo, hi]
-      int64_t m = 0;
-      C mass_below = 0, mass_in = 0, dmax = -inf;
-      for (int64_t j = 0; j < n; ++j) {
-        const C dv = d[j], qv = q[j];
-        dc[m] = dv;
-        qc[m] = qv;
-        const bool in = (dv >= lo) & (dv <= hi) & (qv > 0);
-        m += in;
-        mass_below += dv < lo ? qv : C(0);
-        mass_in += in ? qv : C(0);
-        dmax = in && dv > dmax ? dv : dmax;
-      }
-      // tau* is in the bracket when nothing below lo reaches alpha and F(hi) does
-      if ((lo == -inf || mass_below < alpha) && mass_below + mass_in >= alpha && m > 0)
-        return weighted_quantile(dc, qc, m, alpha, dmax, mass_below);
     }
+    const C lo = il <= 0 ? -inf : smp[il - 1].d, hi = ih >= SAMPLE ? inf : smp[ih].d;
+    // one vector sweep: the q-mass below lo, and the support items in [lo, hi] copied
+    const Vec<C> vlo = splat(lo), vhi = splat(hi), zero = splat<C>(0);
+    Vec<C> below_v = zero, in_v = zero, max_v = splat(-inf);
+    C* od = dc + used;
+    C* oq = qc + used;
+    int64_t m = 0;
+    auto step = [&](Vec<C> dv, Vec<C> qv) {
+      auto in = (dv >= vlo) & (dv <= vhi) & (qv > zero);
+      below_v += dv < vlo ? qv : zero;
+      in_v += in ? qv : zero;
+      max_v = in ? vmax<C>(max_v, dv) : max_v;
+      compress_store<C>(oq + m, qv, in);
+      m += compress_store<C>(od + m, dv, in);
+    };
+    int64_t j = 0;
+    for (; j + W <= n_cur; j += W) step(load(cd + j), load(cq + j));
+    if (j < n_cur) step(load_part(cd + j, n_cur - j, std::numeric_limits<C>::quiet_NaN()), load_part(cq + j, n_cur - j, C(0)));
+    const C mass_below = below_total + hsum<C>(below_v), mass_in = hsum<C>(in_v);
+    // tau* is in the bracket when nothing below lo reaches alpha and F(hi) does
+    if (!((lo == -inf || mass_below < alpha) && mass_below + mass_in >= alpha && m > 0) || m == n_cur) break;
+    below_total = mass_below;
+    dmax_cur = hmax<C>(max_v);
+    cd = od;
+    cq = oq;
+    n_cur = m;
+    used += m + W;
+    narrowed = true;
   }
+  if (narrowed) return weighted_quantile(const_cast<C*>(cd), const_cast<C*>(cq), n_cur, alpha, dmax_cur, below_total);
   int64_t m = 0;
-  C dmax = -std::numeric_limits<C>::infinity();
+  C dmax = -inf;
   for (int64_t j = 0; j < n; ++j) {
     if (q[j] > 0) {
       dc[m] = d[j];
@@ -227,7 +281,7 @@ template <typename C> C bracketed_weighted_quantile(const C* d, const C* q, int6
       ++m;
     }
   }
-  return m ? weighted_quantile(dc, qc, m, alpha, dmax) : -std::numeric_limits<C>::infinity();
+  return m ? weighted_quantile(dc, qc, m, alpha, dmax) : -inf;
 }
 
 }  // namespace rsa

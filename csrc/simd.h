@@ -188,6 +188,52 @@ template <> inline Vec<float> fexp<float>(Vec<float> x) {
   return exp_poly(r) * scale;
 }
 
+// ---- Compression: the lanes a mask selects, moved to the front and stored ---------------
+// Writes a whole vector at dst (room for W values past the last kept one is the caller's
+// business) and returns how many lanes were kept, in their order.
+
+// For each mask of W lanes, the 32-bit lane indices that gather the selected lanes first
+// (a double lane is two 32-bit lanes).
+template <int W> struct CompressTable {
+  alignas(32) int32_t idx[1 << W][8];
+  constexpr CompressTable() : idx() {
+    constexpr int per = 8 / W;  // 32-bit lanes per element
+    for (int m = 0; m < (1 << W); ++m) {
+      int k = 0;
+      for (int lane = 0; lane < W; ++lane)
+        if (m >> lane & 1) {
+          for (int h = 0; h < per; ++h) idx[m][k * per + h] = lane * per + h;
+          ++k;
+        }
+      for (; k < W; ++k)
+        for (int h = 0; h < per; ++h) idx[m][k * per + h] = h;
+    }
+  }
+};
+
+template <typename C> inline int compress_store(C* dst, Vec<C> x, IVec<C> mask) {
+  constexpr int W = Simd<C>::W;
+#ifdef __AVX2__
+  static constexpr CompressTable<W> table{};
+  int bits;
+  if constexpr (W == 8) bits = _mm256_movemask_ps((__m256)mask);
+  else bits = _mm256_movemask_pd((__m256d)mask);
+  const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(table.idx[bits]));
+  const __m256 moved = _mm256_permutevar8x32_ps((__m256)x, perm);
+  std::memcpy(dst, &moved, sizeof moved);
+  return __builtin_popcount(unsigned(bits));
+#else
+  C lanes[W];
+  Bits<C> keep[W];
+  std::memcpy(lanes, &x, sizeof x);
+  std::memcpy(keep, &mask, sizeof mask);
+  int k = 0;
+  for (int i = 0; i < W; ++i)
+    if (keep[i]) dst[k++] = lanes[i];
+  return k;
+#endif
+}
+
 template <typename C> inline C fexp1(C x) { return fexp<C>(splat<C>(x))[0]; }
 
 }  // namespace rsa
