@@ -104,7 +104,8 @@ RowOut<C> forward_row(const C* z, const C* zr, int64_t v, int64_t y, int code, d
   constexpr int W = width<C>();
   auto pass = [&](Vec<C> zv, Vec<C> rv) {
     Vec<C> xz = zv - va, xr = rv - var;
-    Vec<C> ez = fexp<C>(xz), er = fexp<C>(xr);
+    Vec<C> ez, er;
+    fexp2<C>(xz, xr, ez, er);
     sz += ez;
     sr += er;
     auto supp = er != zero;  // a NaN e (NaN in zr) counts, so that it reaches kl
@@ -218,19 +219,26 @@ void backward_row(const C* z, const C* zr, C* out, int64_t v, int64_t y, const C
   const Vec<C> total = code == RA_DPO_CVAR ? s3 : splat<C>(1);
   auto body = [&](Vec<C> zv, Vec<C> rv) {
     Vec<C> s = zv - vA, r = rv - vAr;
-    Vec<C> p = fexp<C>(s), q = fexp<C>(r);
-    Vec<C> w;
+    Vec<C> p, q, w;
     if (code == KL) {
+      fexp2<C>(s, r, p, q);
       w = q;
     } else {
-      auto supp = q != zero;  // as in forward_row
-      Vec<C> d = supp ? r - s : ninf;
+      // as in forward_row: the support is q != 0, and D = -inf off it. q's support is known
+      // only after its exp, so D is formed from the argument r > -inf, then corrected
+      Vec<C> d = r - s;
       if (code == ERM) {
-        w = supp ? fexp<C>(r + mu * d - s2) : zero;
-      } else if (code == CVAR) {
-        w = d > s2 ? q * s3 : (d == s2 ? q * s4 : zero);
+        Vec<C> t;
+        fexp3<C>(s, r, r + mu * d - s2, p, q, t);
+        w = q != zero ? t : zero;
       } else {
-        w = d > s2 ? q : zero;
+        fexp2<C>(s, r, p, q);
+        d = q != zero ? d : ninf;
+        if (code == CVAR) {
+          w = d > s2 ? q * s3 : (d == s2 ? q * s4 : zero);
+        } else {
+          w = d > s2 ? q : zero;
+        }
       }
     }
     return c_p * p - c_q * q + c_r * (p * total - w);

@@ -167,14 +167,16 @@ template <typename C> inline Vec<C> fexp_general(Vec<C> x) {
   return p * s1 * s2;
 }
 
-template <typename C> inline Vec<C> fexp(Vec<C> x) { return fexp_general<C>(x); }
+// The lanes the fast float path cannot take (a double has no fast path: all of them).
+template <typename C> inline IVec<C> exp_slow_lanes(Vec<C> x) { return x == x | x != x; }
+template <> inline IVec<float> exp_slow_lanes<float>(Vec<float> x) { return (x < -87.0f) | (x > 88.0f); }
 
-// float: the common case (every lane in [-87, 88], or NaN) skips the clamps and the split
-// scaling: 2^n comes from one shift of t's bits, where t = x / ln2 rounded + (1.5 2^23 + 127),
-// whose low bits hold n + 127, the biased exponent. 16 instructions for 8 exps.
-template <> inline Vec<float> fexp<float>(Vec<float> x) {
+// float, every lane in [-87, 88] (or NaN): no clamps and no split scaling; 2^n comes from one
+// shift of t's bits, where t = x / ln2 rounded + (1.5 2^23 + 127), whose low bits hold
+// n + 127, the biased exponent. Gives fexp_general's bits on these lanes. 15 instructions.
+template <typename C> inline Vec<C> fexp_fast(Vec<C> x) { return fexp_general<C>(x); }
+template <> inline Vec<float> fexp_fast<float>(Vec<float> x) {
   using S = Simd<float>;
-  if (any<float>((x < -87.0f) | (x > 88.0f))) return fexp_general<float>(x);
   constexpr float MAGIC_BIASED = S::MAGIC + S::BIAS;
   Vec<float> t = fmadd(x, splat(1.44269504088896341f), splat(MAGIC_BIASED));
   Vec<float> nf = t - MAGIC_BIASED;
@@ -186,6 +188,34 @@ template <> inline Vec<float> fexp<float>(Vec<float> x) {
   Vec<float> scale;
   std::memcpy(&scale, &e, sizeof e);
   return exp_poly(r) * scale;
+}
+
+// exp of one vector, or of two or three with one range check between them (one branch, and
+// the exps free to interleave): the kernels' hot loops use these.
+template <typename C> inline Vec<C> fexp(Vec<C> x) {
+  return any<C>(exp_slow_lanes<C>(x)) ? fexp_general<C>(x) : fexp_fast<C>(x);
+}
+
+template <typename C> inline void fexp2(Vec<C> a, Vec<C> b, Vec<C>& ea, Vec<C>& eb) {
+  if (any<C>(exp_slow_lanes<C>(a) | exp_slow_lanes<C>(b))) {
+    ea = fexp_general<C>(a);
+    eb = fexp_general<C>(b);
+  } else {
+    ea = fexp_fast<C>(a);
+    eb = fexp_fast<C>(b);
+  }
+}
+
+template <typename C> inline void fexp3(Vec<C> a, Vec<C> b, Vec<C> c, Vec<C>& ea, Vec<C>& eb, Vec<C>& ec) {
+  if (any<C>(exp_slow_lanes<C>(a) | exp_slow_lanes<C>(b) | exp_slow_lanes<C>(c))) {
+    ea = fexp_general<C>(a);
+    eb = fexp_general<C>(b);
+    ec = fexp_general<C>(c);
+  } else {
+    ea = fexp_fast<C>(a);
+    eb = fexp_fast<C>(b);
+    ec = fexp_fast<C>(c);
+  }
 }
 
 // ---- Compression: the lanes a mask selects, moved to the front and stored ---------------
