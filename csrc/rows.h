@@ -84,8 +84,12 @@ template <typename C> struct RowOut {
 // past their end), per thread; only cvar / ra_dpo_cvar use it.
 constexpr int64_t forward_scratch(int64_t v) { return 4 * v + 64; }
 
+// next_z / next_zr: the row this thread computes next (or null). Pass 2 runs from cache and
+// leaves the memory bus idle, so it prefetches that row into L2 meanwhile: the next row's
+// first pass then reads L2 instead of DRAM, and reading memory overlaps the exps.
 template <typename C>
-RowOut<C> forward_row(const C* z, const C* zr, int64_t v, int64_t y, int code, double param, C* scratch) {
+RowOut<C> forward_row(const C* z, const C* zr, int64_t v, int64_t y, int code, double param, C* scratch,
+                      const C* next_z = nullptr, const C* next_zr = nullptr) {
   RowOut<C> out{};
   C a, ar;
   row_max2(z, zr, v, a, ar);
@@ -113,8 +117,20 @@ RowOut<C> forward_row(const C* z, const C* zr, int64_t v, int64_t y, int code, d
     su += supp ? er * u : zero;
     if (code == ERM) lse_t.add(supp ? xr + vmu * u : ninf);
   };
+  constexpr int64_t LINE = 64 / sizeof(C);  // values per cache line
+  static_assert(LINE % W == 0, "a vector never straddles two lines here");
   int64_t i = 0;
-  for (; i + W <= v; i += W) pass(load(z + i), load(zr + i));
+  if (next_z && next_zr) {
+    for (; i + W <= v; i += W) {
+      if (i % LINE == 0) {
+        __builtin_prefetch(next_z + i, 0, 2);
+        __builtin_prefetch(next_zr + i, 0, 2);
+      }
+      pass(load(z + i), load(zr + i));
+    }
+  } else {
+    for (; i + W <= v; i += W) pass(load(z + i), load(zr + i));
+  }
   if (i < v) pass(load_part(z + i, v - i, NEG_INF<C>), load_part(zr + i, v - i, NEG_INF<C>));
   const C l = std::log(hsum<C>(sz)), sum_r = hsum<C>(sr), lr = std::log(sum_r);
   const C A = a + l, Ar = ar + lr;

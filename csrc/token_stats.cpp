@@ -59,6 +59,12 @@ template <typename C> const C* row_as(const at::Tensor& t, int64_t i, C* buf) {
   }
 }
 
+// Row i of t in place when its dtype is C (no conversion needed), else null.
+template <typename C> const C* direct_row(const at::Tensor& t, int64_t i) {
+  if (t.scalar_type() != c10::CppTypeToScalarType<C>::value) return nullptr;
+  return t.const_data_ptr<C>() + i * t.stride(0);
+}
+
 // Where backward_row writes row i: straight into `out` when its dtype is C, else `buf`.
 template <typename C> C* out_row(at::Tensor& out, int64_t i, C* buf) {
   if (out.scalar_type() == c10::CppTypeToScalarType<C>::value) return out.data_ptr<C>() + i * out.stride(0);
@@ -136,7 +142,10 @@ void forward_impl(const at::Tensor& z, const at::Tensor& zr, const at::Tensor& l
       if (y < 0) continue;  // masked: stats and saved stay 0, no work
       const C* zi = row_as<C>(z, i, buf.data());
       const C* ri = row_as<C>(zr, i, buf.data() + v);
-      RowOut<C> o = rsa::forward_row<C>(zi, ri, v, y, code, param, buf.data() + 2 * v);
+      // the next row to prefetch, where it is read in place (no conversion)
+      const C* nz = i + 1 < end ? direct_row<C>(z, i + 1) : nullptr;
+      const C* nr = i + 1 < end ? direct_row<C>(zr, i + 1) : nullptr;
+      RowOut<C> o = rsa::forward_row<C>(zi, ri, v, y, code, param, buf.data() + 2 * v, nz, nr);
       C* s = st + 4 * i;
       s[0] = o.logp;
       s[1] = o.ref_logp;
