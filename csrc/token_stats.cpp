@@ -16,10 +16,6 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "rows.h"
 
 namespace {
@@ -231,25 +227,6 @@ at::Tensor backward(const at::Tensor& z, const at::Tensor& zr, const at::Tensor&
   return out;
 }
 
-// An uninitialised tensor of z's shape and dtype for the gradient, its memory backed by 2 MiB
-// pages where the kernel allows it (transparent huge pages in "madvise" mode, the common
-// default). A fresh (N, V) gradient is otherwise faulted in 4 KiB at a time on its first
-// write, which at N = 1024, V = 32000 float32 cost more than the backward's arithmetic
-// (docs/cpu_backend.md). Large allocations come from mmap and are not touched by torch.empty,
-// so the advice reaches the pages before their first fault; it covers the 2 MiB-aligned
-// interior of the block and is only advice (no effect, no error where unsupported).
-at::Tensor empty_rows_like(const at::Tensor& z) {
-  at::Tensor out = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t HUGE_PAGE = uintptr_t(2) << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-  const uintptr_t end = begin + uintptr_t(out.numel()) * out.element_size();
-  const uintptr_t first = (begin + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1), last = end & ~(HUGE_PAGE - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
-  return out;
-}
-
 // rsa::fexp applied to every element of a float32 / float64 tensor: what the tests check
 // against torch.exp, and the exp that bench/cpu_bounds.py times.
 at::Tensor exp_tensor(const at::Tensor& x) {
@@ -304,7 +281,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused CPU row kernels of rsa_kernels (SPEC section 1)";
   m.def("forward", &forward, "(z, zr, labels, code, param, ignore_index) -> [stats (N, 4), saved (N, 5)]");
   m.def("backward", &backward, "(z, zr, labels, saved, grads, code, param, ignore_index, out) -> out");
-  m.def("empty_rows_like", &empty_rows_like, "(z) -> uninitialised tensor like z, on huge pages where possible");
   m.def("exp", &exp_tensor, "(x) -> the kernels' vectorised exp of a float32/float64 tensor");
   m.def("exp_throughput", &exp_throughput, "(n) -> sum of n float32 exps of cache-resident values (timing)");
   m.attr("SIMD_WIDTH_FLOAT") = rsa::width<float>();

@@ -58,7 +58,7 @@ def backward(z, zr, labels, saved, grads, risk: Risk, ignore_index: int,
     """d(sum of g * stats)/dz for grads = (N, 3) upstream gradients of (logp, kl, risk)."""
     acc = accumulation_dtype(z.dtype)
     z = _rows(z)
-    out = z if inplace else _C.empty_rows_like(z.detach())  # huge pages: see csrc/token_stats.cpp
+    out = z if inplace else torch.empty(z.shape, dtype=z.dtype)
     with torch.no_grad():
         return _C.backward(z.detach(), _rows(zr.detach()), _labels(labels), saved.to(acc).contiguous(),
                            grads.to(acc).contiguous(), risk.code, float(risk.param), int(ignore_index),
