@@ -204,7 +204,7 @@ template <typename C> C bracketed_weighted_quantile(const C* d, const C* q, int6
   const C* cd = d;
   const C* cq = q;
   int64_t n_cur = n, used = 0;
-  C below_total = 0, dmax_cur = inf;  // q-mass known below the current items; their max
+  C below_total = 0, mass_cur = 1, dmax_cur = inf;  // q-mass below the current items; theirs; their max
   bool narrowed = false;
   while (n_cur >= MIN_BRACKETED && used + n_cur + W <= cap) {
     struct Item {
@@ -222,13 +222,9 @@ template <typename C> C bracketed_weighted_quantile(const C* d, const C* q, int6
     std::sort(smp, smp + SAMPLE, [](const Item& x, const Item& y) { return x.d < y.d; });
     // the sample's q-weighted quantile of the remaining mass +- 3 standard deviations of its
     // CDF there (with the effective sample size of the weights) and a bit
-    C mass_cur = 0;  // estimated from the sample's share
-    (void)mass_cur;
     const C n_eff = total * total / total_sq;
-    // the remaining target as a fraction of the current items' mass is not known before the
-    // sweep; estimate the current mass as (1 - below_total) when narrowed (mass sums to 1)
-    const C rest = narrowed ? C(1) - below_total : C(1);
-    C target = rest > 0 ? (alpha - below_total) / rest : C(0);
+    // the target as a fraction of the current items' q-mass (the whole row's is 1)
+    C target = mass_cur > 0 ? (alpha - below_total) / mass_cur : C(0);
     target = target < 0 ? C(0) : (target > 1 ? C(1) : target);
     const C delta = C(3) * std::sqrt(target * (C(1) - target) / n_eff + C(1) / (n_eff * n_eff)) + C(0.01);
     int il = -1, ih = SAMPLE;
@@ -263,6 +259,7 @@ template <typename C> C bracketed_weighted_quantile(const C* d, const C* q, int6
     // tau* is in the bracket when nothing below lo reaches alpha and F(hi) does
     if (!((lo == -inf || mass_below < alpha) && mass_below + mass_in >= alpha && m > 0) || m == n_cur) break;
     below_total = mass_below;
+    mass_cur = mass_in;
     dmax_cur = hmax<C>(max_v);
     cd = od;
     cq = oq;
