@@ -115,16 +115,17 @@ template <typename C> inline bool any(IVec<C> mask) {
 #endif
 }
 
-// float exp(r) for |r| <= ln2/2: 1 + r + r^2 P(r), P of degree 5 with the minimax
-// coefficients of SLEEF's expf (Horner in FMAs; <= 1 ulp with the range reduction below,
-// checked over every float by tests/test_cpu_exp.py).
+// float exp(r) for |r| <= ln2/2: 1 + r + r^2 P(r), P of degree 4 fitted for the least
+// maximum relative error on that interval (3.6e-9 with these float32 coefficients, about
+// 0.03 ulp; the rest of the error is rounding). Horner in 6 FMAs; at most 1 ulp with the
+// range reduction below over every float (bench/cpu_exp_exhaustive.cpp; tests/test_cpu_exp.py
+// checks a dense sample).
 inline Vec<float> exp_poly(Vec<float> r) {
-  Vec<float> p = splat(1.98527617612853646278381e-4f);
-  p = fmadd(p, r, splat(1.39304355252534151077271e-3f));
-  p = fmadd(p, r, splat(8.33336077630519866943359e-3f));
-  p = fmadd(p, r, splat(4.16664853692054748535156e-2f));
-  p = fmadd(p, r, splat(1.66666671633720397949219e-1f));
-  p = fmadd(p, r, splat(0.5f));
+  Vec<float> p = splat(1.38145440723747015e-3f);
+  p = fmadd(p, r, splat(8.36874544620513916e-3f));
+  p = fmadd(p, r, splat(4.16683889925479889e-2f));
+  p = fmadd(p, r, splat(1.66665211319923401e-1f));
+  p = fmadd(p, r, splat(4.99999940395355225e-1f));
   p = fmadd(p, r, splat(1.0f));
   return fmadd(p, r, splat(1.0f));
 }
@@ -173,7 +174,7 @@ template <> inline IVec<float> exp_slow_lanes<float>(Vec<float> x) { return (x <
 
 // float, every lane in [-87, 88] (or NaN): no clamps and no split scaling; 2^n comes from one
 // shift of t's bits, where t = x / ln2 rounded + (1.5 2^23 + 127), whose low bits hold
-// n + 127, the biased exponent. Gives fexp_general's bits on these lanes. 15 instructions.
+// n + 127, the biased exponent. Gives fexp_general's bits on these lanes. 14 instructions.
 template <typename C> inline Vec<C> fexp_fast(Vec<C> x) { return fexp_general<C>(x); }
 template <> inline Vec<float> fexp_fast<float>(Vec<float> x) {
   using S = Simd<float>;
