@@ -54,15 +54,18 @@ template <typename C> inline void row_max2(const C* z, const C* zr, int64_t v, C
 // rare), and stays finite so that +inf gives inf and never inf - inf.
 template <typename C> struct OnlineLse {
   Vec<C> m = splat(-std::numeric_limits<C>::max()), sum = splat<C>(0);
-  void add(Vec<C> x) {
+  // Adds x, given e = exp(x - m) for the current m (computed by the caller together with
+  // its other exps; 0 where x = -inf); e is recomputed here only when the shift moves.
+  void add(Vec<C> x, Vec<C> e) {
     auto up = x > m + C(8);  // NaN: false, and exp(NaN - m) makes the sum NaN
     if (any<C>(up)) {
       const Vec<C> big = splat(std::numeric_limits<C>::max());
       Vec<C> nm = up ? (x < big ? x : big) : m;
       sum *= fexp<C>(m - nm);
       m = nm;
+      e = fexp<C>(x - m);
     }
-    sum += fexp<C>(x - m);
+    sum += e;
   }
   C value() const {  // lanes combined in a fixed order
     const C top = hmax<C>(m);
@@ -108,14 +111,20 @@ RowOut<C> forward_row(const C* z, const C* zr, int64_t v, int64_t y, int code, d
   constexpr int W = width<C>();
   auto pass = [&](Vec<C> zv, Vec<C> rv) {
     Vec<C> xz = zv - va, xr = rv - var;
-    Vec<C> ez, er;
-    fexp2<C>(xz, xr, ez, er);
+    Vec<C> u = xr - xz, ez, er;
+    if (code == ERM) {
+      // t's exp with the other two (one range check); masked once the support is known
+      Vec<C> t = xr + vmu * u, et;
+      fexp3<C>(xz, xr, t - lse_t.m, ez, er, et);
+      auto supp = er != zero;
+      lse_t.add(supp ? t : ninf, supp ? et : zero);
+    } else {
+      fexp2<C>(xz, xr, ez, er);
+    }
     sz += ez;
     sr += er;
     auto supp = er != zero;  // a NaN e (NaN in zr) counts, so that it reaches kl
-    Vec<C> u = xr - xz;
     su += supp ? er * u : zero;
-    if (code == ERM) lse_t.add(supp ? xr + vmu * u : ninf);
   };
   constexpr int64_t LINE = 64 / sizeof(C);  // values per cache line
   static_assert(LINE % W == 0, "a vector never straddles two lines here");
