@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "select.h"
 #include "simd.h"
@@ -109,38 +110,46 @@ RowOut<C> forward_row(const C* z, const C* zr, int64_t v, int64_t y, int code, d
   Vec<C> sz = zero, sr = zero, su = zero;
   OnlineLse<C> lse_t;
   constexpr int W = width<C>();
-  auto pass = [&](Vec<C> zv, Vec<C> rv) {
-    Vec<C> xz = zv - va, xr = rv - var;
-    Vec<C> u = xr - xz, ez, er;
-    if (code == ERM) {
-      // t's exp with the other two (one range check); masked once the support is known
-      Vec<C> t = xr + vmu * u, et;
-      fexp3<C>(xz, xr, t - lse_t.m, ez, er, et);
-      auto supp = er != zero;
-      lse_t.add(supp ? t : ninf, supp ? et : zero);
-    } else {
-      fexp2<C>(xz, xr, ez, er);
-    }
-    sz += ez;
-    sr += er;
-    auto supp = er != zero;  // a NaN e (NaN in zr) counts, so that it reaches kl
-    su += supp ? er * u : zero;
-  };
   constexpr int64_t LINE = 64 / sizeof(C);  // values per cache line
   static_assert(LINE % W == 0, "a vector never straddles two lines here");
-  int64_t i = 0;
-  if (next_z && next_zr) {
-    for (; i + W <= v; i += W) {
-      if (i % LINE == 0) {
-        __builtin_prefetch(next_z + i, 0, 2);
-        __builtin_prefetch(next_zr + i, 0, 2);
+  // one loop per kind (erm or not) decided at compile time: kl's loop stays free of erm's code
+  auto sweep = [&](auto erm_tag) {
+    constexpr bool IS_ERM = decltype(erm_tag)::value;
+    auto pass = [&](Vec<C> zv, Vec<C> rv) {
+      Vec<C> xz = zv - va, xr = rv - var;
+      Vec<C> u = xr - xz, ez, er;
+      if constexpr (IS_ERM) {
+        // t's exp with the other two (one range check); masked once the support is known
+        Vec<C> t = xr + vmu * u, et;
+        fexp3<C>(xz, xr, t - lse_t.m, ez, er, et);
+        auto supp = er != zero;
+        lse_t.add(supp ? t : ninf, supp ? et : zero);
+      } else {
+        fexp2<C>(xz, xr, ez, er);
       }
-      pass(load(z + i), load(zr + i));
+      sz += ez;
+      sr += er;
+      auto supp = er != zero;  // a NaN e (NaN in zr) counts, so that it reaches kl
+      su += supp ? er * u : zero;
+    };
+    int64_t i = 0;
+    if (next_z && next_zr) {
+      for (; i + W <= v; i += W) {
+        if (i % LINE == 0) {
+          __builtin_prefetch(next_z + i, 0, 2);
+          __builtin_prefetch(next_zr + i, 0, 2);
+        }
+        pass(load(z + i), load(zr + i));
+      }
+    } else {
+      for (; i + W <= v; i += W) pass(load(z + i), load(zr + i));
     }
-  } else {
-    for (; i + W <= v; i += W) pass(load(z + i), load(zr + i));
-  }
-  if (i < v) pass(load_part(z + i, v - i, NEG_INF<C>), load_part(zr + i, v - i, NEG_INF<C>));
+    if (i < v) pass(load_part(z + i, v - i, NEG_INF<C>), load_part(zr + i, v - i, NEG_INF<C>));
+  };
+  if (code == ERM)
+    sweep(std::true_type{});
+  else
+    sweep(std::false_type{});
   const C l = std::log(hsum<C>(sz)), sum_r = hsum<C>(sr), lr = std::log(sum_r);
   const C A = a + l, Ar = ar + lr;
   out.saved[0] = A;
@@ -179,7 +188,8 @@ RowOut<C> forward_row(const C* z, const C* zr, int64_t v, int64_t y, int code, d
     store_part(dst_d, supp ? r - s : ninf, lanes);  // D = -inf off the reference's support
     store_part(dst_q, q, lanes);
   };
-  for (i = 0; i + W <= v; i += W) body(load(z + i), load(zr + i), dbuf + i, qbuf + i, W);
+  int64_t i = 0;
+  for (; i + W <= v; i += W) body(load(z + i), load(zr + i), dbuf + i, qbuf + i, W);
   if (i < v) body(load_part(z + i, v - i, C(0)), load_part(zr + i, v - i, NEG_INF<C>), dbuf + i, qbuf + i, v - i);
 
   if (code == CVAR) {

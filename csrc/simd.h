@@ -169,7 +169,7 @@ template <typename C> inline Vec<C> fexp_general(Vec<C> x) {
 }
 
 // The lanes the fast float path cannot take (a double has no fast path: all of them).
-template <typename C> inline IVec<C> exp_slow_lanes(Vec<C> x) { return x == x | x != x; }
+template <typename C> inline IVec<C> exp_slow_lanes(Vec<C> x) { return (x == x) | (x != x); }
 template <> inline IVec<float> exp_slow_lanes<float>(Vec<float> x) { return (x < -87.0f) | (x > 88.0f); }
 
 // float, every lane in [-87, 88] (or NaN): no clamps and no split scaling; 2^n comes from one
