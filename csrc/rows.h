@@ -2,19 +2,18 @@
 //
 // Forward passes over a row of V (z and zr stay in L2 after the first one: 2 x 128 KiB at
 // V = 32000 float32; the first pass is the only one that reads memory):
-//   1. max z, max zr                               (no exp)
-//   2. A = logsumexp z, Ar = logsumexp zr           (2 exp / item)
-//   3. q = exp(zr - Ar), D, kl = sum q D            (1 exp / item); erm writes t = r + mu D
-//      to scratch, cvar / ra_dpo_cvar write D and q to scratch
-//   4. erm: L = logsumexp t over scratch           (1 exp / item)
-//      cvar: weighted quickselect of tau* on the q > 0 items, then one sweep of sums
-//      ra_dpo_cvar: nth_element for Q, then one sweep of sums
+//   1. max z, max zr                                   (no exp)
+//   2. A, Ar and kl together, erm's logsumexp online    (2 exp / item; erm 3)
+//   3. cvar / ra_dpo_cvar: q = exp(zr - Ar) and D to scratch (1 exp / item), then
+//      cvar: weighted selection of tau* (select.h), then one sweep of sums
+//      ra_dpo_cvar: the two order statistics of Q (select.h), then one sweep of sums
 // Backward is one pass: p, q (and w) recomputed from the saved scalars, the gradient written.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "select.h"
 #include "simd.h"
@@ -28,109 +27,174 @@ template <typename C> constexpr C NEG_INF = -std::numeric_limits<C>::infinity();
 // The shift of a logsumexp: its max, or 0 when that is infinite (as torch.logsumexp does).
 template <typename C> inline C lse_shift(C m) { return std::isinf(m) ? C(0) : m; }
 
-// Applies f(offset, vector, lanes) to x[0, V) a vector at a time; the tail is filled with fill.
-template <typename C, typename F> inline void sweep(const C* x, int64_t v, C fill, F f) {
+// max z and max zr in one sweep over both rows: the forward's only pass that reads memory
+template <typename C> inline void row_max2(const C* z, const C* zr, int64_t v, C& mz, C& mr) {
   constexpr int W = width<C>();
+  Vec<C> a0 = splat(NEG_INF<C>), a1 = a0, b0 = a0, b1 = a0;
   int64_t i = 0;
-  for (; i + W <= v; i += W) f(i, load(x + i), int64_t(W));
-  if (i < v) f(i, load_part(x + i, v - i, fill), v - i);
-}
-
-template <typename C> inline C row_max(const C* x, int64_t v) {
-  constexpr int W = width<C>();
-  // four accumulators: max has a 1-op body, so break the loop-carried dependency
-  Vec<C> m0 = splat(NEG_INF<C>), m1 = m0, m2 = m0, m3 = m0;
-  int64_t i = 0;
-  for (; i + 4 * W <= v; i += 4 * W) {
-    m0 = vmax<C>(m0, load(x + i));
-    m1 = vmax<C>(m1, load(x + i + W));
-    m2 = vmax<C>(m2, load(x + i + 2 * W));
-    m3 = vmax<C>(m3, load(x + i + 3 * W));
+  for (; i + 2 * W <= v; i += 2 * W) {
+    a0 = vmax<C>(a0, load(z + i));
+    a1 = vmax<C>(a1, load(z + i + W));
+    b0 = vmax<C>(b0, load(zr + i));
+    b1 = vmax<C>(b1, load(zr + i + W));
   }
-  for (; i + W <= v; i += W) m0 = vmax<C>(m0, load(x + i));
-  if (i < v) m0 = vmax<C>(m0, load_part(x + i, v - i, NEG_INF<C>));
-  return hmax<C>(vmax<C>(vmax<C>(m0, m1), vmax<C>(m2, m3)));
+  for (; i + W <= v; i += W) {
+    a0 = vmax<C>(a0, load(z + i));
+    b0 = vmax<C>(b0, load(zr + i));
+  }
+  if (i < v) {
+    a0 = vmax<C>(a0, load_part(z + i, v - i, NEG_INF<C>));
+    b0 = vmax<C>(b0, load_part(zr + i, v - i, NEG_INF<C>));
+  }
+  mz = hmax<C>(vmax<C>(a0, a1));
+  mr = hmax<C>(vmax<C>(b0, b1));
 }
 
-// log sum exp(x - shift) + shift
-template <typename C> inline C row_lse(const C* x, int64_t v, C shift) {
-  Vec<C> acc = splat<C>(0), sh = splat(shift);
-  sweep<C>(x, v, NEG_INF<C>, [&](int64_t, Vec<C> xv, int64_t) { acc += fexp<C>(xv - sh); });
-  return std::log(hsum<C>(acc)) + shift;
-}
+// A per-lane logsumexp accumulated online: the shift m follows the running max lazily (it is
+// raised only when a value exceeds it by more than 8, so exp(x - m) <= e^8 and rescaling is
+// rare), and stays finite so that +inf gives inf and never inf - inf.
+template <typename C> struct OnlineLse {
+  Vec<C> m = splat(-std::numeric_limits<C>::max()), sum = splat<C>(0);
+  // Adds x, given e = exp(x - m) for the current m (computed by the caller together with
+  // its other exps; 0 where x = -inf); e is recomputed here only when the shift moves.
+  void add(Vec<C> x, Vec<C> e) {
+    auto up = x > m + C(8);  // NaN: false, and exp(NaN - m) makes the sum NaN
+    if (any<C>(up)) {
+      const Vec<C> big = splat(std::numeric_limits<C>::max());
+      Vec<C> nm = up ? (x < big ? x : big) : m;
+      sum *= fexp<C>(m - nm);
+      m = nm;
+      e = fexp<C>(x - m);
+    }
+    sum += e;
+  }
+  C value() const {  // lanes combined in a fixed order
+    const C top = hmax<C>(m);
+    C lanes_m[width<C>()], lanes_s[width<C>()];
+    std::memcpy(lanes_m, &m, sizeof m);
+    std::memcpy(lanes_s, &sum, sizeof sum);
+    C total = 0;
+    for (int k = 0; k < width<C>(); ++k) total += lanes_s[k] * fexp1<C>(lanes_m[k] - top);
+    return top + std::log(total);
+  }
+};
 
 template <typename C> struct RowOut {
   C logp, ref_logp, kl, risk;
   C saved[5];
 };
 
-// Scratch: 4 * V values of C per thread.
+// Scratch for forward_row: D, q, and the two selection buffers (with room for a vector
+// past their end), per thread; only cvar / ra_dpo_cvar use it.
+constexpr int64_t forward_scratch(int64_t v) { return 4 * v + 64; }
+
+// next_z / next_zr: the row this thread computes next (or null). Pass 2 runs from cache and
+// leaves the memory bus idle, so it prefetches that row into L2 meanwhile: the next row's
+// first pass then reads L2 instead of DRAM, and reading memory overlaps the exps.
 template <typename C>
-RowOut<C> forward_row(const C* z, const C* zr, int64_t v, int64_t y, int code, double param, C* scratch) {
+RowOut<C> forward_row(const C* z, const C* zr, int64_t v, int64_t y, int code, double param, C* scratch,
+                      const C* next_z = nullptr, const C* next_zr = nullptr) {
   RowOut<C> out{};
-  const C a = lse_shift(row_max(z, v));
-  const C ar = lse_shift(row_max(zr, v));
-  const C A = row_lse(z, v, a), Ar = row_lse(zr, v, ar);
+  C a, ar;
+  row_max2(z, zr, v, a, ar);
+  a = lse_shift(a);
+  ar = lse_shift(ar);
+  // One sweep with two exps per item: S = sum exp(z - a), Sr = sum exp(zr - ar), and with
+  // e = exp(zr - ar) and u = (zr - ar) - (z - a) (= D + Ar - A), U = sum e u over the support.
+  // Then A = a + log S, Ar = ar + log Sr and kl = E_q[D] = U / Sr - log Sr + log S: no third
+  // exp for q. erm also needs logsumexp(t), t = r + MU D = (zr - ar) + MU u - (1+MU) log Sr
+  // + MU log S, whose max is not known in advance: it is accumulated online.
+  const Vec<C> va = splat(a), var = splat(ar), ninf = splat(NEG_INF<C>), zero = splat<C>(0);
+  const C mu = C(param);
+  const Vec<C> vmu = splat(mu);
+  Vec<C> sz = zero, sr = zero, su = zero;
+  OnlineLse<C> lse_t;
+  constexpr int W = width<C>();
+  constexpr int64_t LINE = 64 / sizeof(C);  // values per cache line
+  static_assert(LINE % W == 0, "a vector never straddles two lines here");
+  // one loop per kind (erm or not) decided at compile time: kl's loop stays free of erm's code
+  auto sweep = [&](auto erm_tag) {
+    constexpr bool IS_ERM = decltype(erm_tag)::value;
+    auto pass = [&](Vec<C> zv, Vec<C> rv) {
+      Vec<C> xz = zv - va, xr = rv - var;
+      Vec<C> u = xr - xz, ez, er;
+      if constexpr (IS_ERM) {
+        // t's exp with the other two (one range check); masked once the support is known
+        Vec<C> t = xr + vmu * u, et;
+        fexp3<C>(xz, xr, t - lse_t.m, ez, er, et);
+        auto supp = er != zero;
+        lse_t.add(supp ? t : ninf, supp ? et : zero);
+      } else {
+        fexp2<C>(xz, xr, ez, er);
+      }
+      sz += ez;
+      sr += er;
+      auto supp = er != zero;  // a NaN e (NaN in zr) counts, so that it reaches kl
+      su += supp ? er * u : zero;
+    };
+    int64_t i = 0;
+    if (next_z && next_zr) {
+      for (; i + W <= v; i += W) {
+        if (i % LINE == 0) {
+          __builtin_prefetch(next_z + i, 0, 2);
+          __builtin_prefetch(next_zr + i, 0, 2);
+        }
+        pass(load(z + i), load(zr + i));
+      }
+    } else {
+      for (; i + W <= v; i += W) pass(load(z + i), load(zr + i));
+    }
+    if (i < v) pass(load_part(z + i, v - i, NEG_INF<C>), load_part(zr + i, v - i, NEG_INF<C>));
+  };
+  if (code == ERM)
+    sweep(std::true_type{});
+  else
+    sweep(std::false_type{});
+  const C l = std::log(hsum<C>(sz)), sum_r = hsum<C>(sr), lr = std::log(sum_r);
+  const C A = a + l, Ar = ar + lr;
   out.saved[0] = A;
   out.saved[1] = Ar;
   out.logp = z[y] - A;
   out.ref_logp = zr[y] - Ar;
-
-  C* dbuf = scratch;         // D (erm: t)
-  C* qbuf = scratch + v;     // q
-  const Vec<C> vA = splat(A), vAr = splat(Ar), ninf = splat(NEG_INF<C>), zero = splat<C>(0);
-  const C mu = C(param);
-  Vec<C> kl_acc = zero, t_max = ninf;
-  constexpr int W = width<C>();
-  int64_t i = 0;
-  auto body = [&](Vec<C> zv, Vec<C> rv, C* dst_d, C* dst_q, int64_t lanes) {
-    Vec<C> s = zv - vA, r = rv - vAr;
-    Vec<C> q = fexp<C>(r);
-    // the support is q != 0, not q > 0: a NaN q (NaN in zr) must reach kl, not be dropped
-    auto supp = q != zero;
-    Vec<C> d = supp ? r - s : ninf;  // D = -inf off the reference's support
-    kl_acc += supp ? q * d : zero;
-    if (code == ERM) {
-      Vec<C> t = supp ? r + mu * d : ninf;
-      t_max = vmax<C>(t_max, t);
-      store_part(dst_d, t, lanes);
-    } else if (code != KL) {
-      store_part(dst_d, d, lanes);
-      store_part(dst_q, q, lanes);
-    }
-  };
-  for (; i + W <= v; i += W) body(load(z + i), load(zr + i), dbuf + i, qbuf + i, W);
-  if (i < v) body(load_part(z + i, v - i, C(0)), load_part(zr + i, v - i, NEG_INF<C>), dbuf + i, qbuf + i, v - i);
-  const C kl = hsum<C>(kl_acc);
+  const C kl = (hsum<C>(su) / sum_r - lr) + l;
   out.kl = kl;
 
   if (code == KL) {
     out.risk = kl;
-  } else if (code == ERM) {
-    const C shift = lse_shift(hmax<C>(t_max));
-    const C L = row_lse(dbuf, v, shift);
+    return out;
+  }
+  if (code == ERM) {
+    const C L = (lse_t.value() - (C(1) + mu) * lr) + mu * l;
     out.saved[2] = L;
     out.risk = L / mu;
-  } else if (std::isnan(kl)) {
+    return out;
+  }
+  if (std::isnan(kl)) {
     // a NaN deviation on the support: selection is meaningless, and the answer is NaN
     out.risk = kl;
     out.saved[2] = out.saved[3] = out.saved[4] = kl;
-  } else if (code == CVAR) {
+    return out;
+  }
+
+  // cvar, ra_dpo_cvar: D and q per item, computed exactly as backward_row does, so that the
+  // D > tau / D == tau decisions agree bit for bit.
+  C* dbuf = scratch;      // D
+  C* qbuf = scratch + v;  // q
+  const Vec<C> vA = splat(A), vAr = splat(Ar);
+  auto body = [&](Vec<C> zv, Vec<C> rv, C* dst_d, C* dst_q, int64_t lanes) {
+    Vec<C> s = zv - vA, r = rv - vAr;
+    Vec<C> q = fexp<C>(r);
+    auto supp = q != zero;
+    store_part(dst_d, supp ? r - s : ninf, lanes);  // D = -inf off the reference's support
+    store_part(dst_q, q, lanes);
+  };
+  int64_t i = 0;
+  for (; i + W <= v; i += W) body(load(z + i), load(zr + i), dbuf + i, qbuf + i, W);
+  if (i < v) body(load_part(z + i, v - i, C(0)), load_part(zr + i, v - i, NEG_INF<C>), dbuf + i, qbuf + i, v - i);
+
+  if (code == CVAR) {
     const C alpha = C(param);
-    // compact the support (q > 0) into the second half of the scratch for selection
-    C* dc = scratch + 2 * v;
-    C* qc = scratch + 3 * v;
-    int64_t n = 0;
-    C dmax = NEG_INF<C>;
-    for (int64_t j = 0; j < v; ++j) {
-      if (qbuf[j] > 0) {
-        dc[n] = dbuf[j];
-        qc[n] = qbuf[j];
-        dmax = dbuf[j] > dmax ? dbuf[j] : dmax;
-        ++n;
-      }
-    }
-    const C tau = n ? weighted_quantile(dc, qc, n, alpha, dmax) : NEG_INF<C>;
+    const C tau = bracketed_weighted_quantile(dbuf, qbuf, v, alpha, scratch + 2 * v, scratch + 3 * v + 32, v + 32);
     // F(tau), the atom's q-mass and the excess over tau, in one vector sweep
     Vec<C> le = zero, above = zero, at = zero;
     const Vec<C> vt = splat(tau);
@@ -158,9 +222,7 @@ RowOut<C> forward_row(const C* z, const C* zr, int64_t v, int64_t y, int code, d
     out.saved[3] = c_above;
     out.saved[4] = c_atom;
   } else {  // RA_DPO_CVAR
-    C* dc = scratch + 2 * v;
-    for (int64_t j = 0; j < v; ++j) dc[j] = dbuf[j];
-    const C Q = interpolated_quantile(dc, v, 1.0 - param);
+    const C Q = bracketed_interpolated_quantile(dbuf, v, 1.0 - param, scratch + 2 * v, 2 * v + 64);
     Vec<C> above = zero, mass = zero;
     const Vec<C> vq = splat(Q);
     i = 0;
@@ -192,19 +254,26 @@ void backward_row(const C* z, const C* zr, C* out, int64_t v, int64_t y, const C
   const Vec<C> total = code == RA_DPO_CVAR ? s3 : splat<C>(1);
   auto body = [&](Vec<C> zv, Vec<C> rv) {
     Vec<C> s = zv - vA, r = rv - vAr;
-    Vec<C> p = fexp<C>(s), q = fexp<C>(r);
-    Vec<C> w;
+    Vec<C> p, q, w;
     if (code == KL) {
+      fexp2<C>(s, r, p, q);
       w = q;
     } else {
-      auto supp = q != zero;  // as in forward_row
-      Vec<C> d = supp ? r - s : ninf;
+      // as in forward_row: the support is q != 0, and D = -inf off it. q's support is known
+      // only after its exp, so D is formed from the argument r > -inf, then corrected
+      Vec<C> d = r - s;
       if (code == ERM) {
-        w = supp ? fexp<C>(r + mu * d - s2) : zero;
-      } else if (code == CVAR) {
-        w = d > s2 ? q * s3 : (d == s2 ? q * s4 : zero);
+        Vec<C> t;
+        fexp3<C>(s, r, r + mu * d - s2, p, q, t);
+        w = q != zero ? t : zero;
       } else {
-        w = d > s2 ? q : zero;
+        fexp2<C>(s, r, p, q);
+        d = q != zero ? d : ninf;
+        if (code == CVAR) {
+          w = d > s2 ? q * s3 : (d == s2 ? q * s4 : zero);
+        } else {
+          w = d > s2 ? q : zero;
+        }
       }
     }
     return c_p * p - c_q * q + c_r * (p * total - w);

@@ -8,6 +8,10 @@
 #include <cstring>
 #include <limits>
 
+#if defined(__AVX__) || defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 namespace rsa {
 
 template <typename C> struct Simd;
@@ -37,6 +41,7 @@ template <> struct Simd<double> {
 
 template <typename C> using Vec = typename Simd<C>::V;
 template <typename C> using IVec = typename Simd<C>::I;
+template <typename C> using Bits = typename Simd<C>::Bits;
 template <typename C> constexpr int width() { return Simd<C>::W; }
 
 template <typename C> inline Vec<C> splat(C x) { return Vec<C>{} + x; }
@@ -79,16 +84,50 @@ template <typename C> inline C hmax(Vec<C> v) {
 
 template <typename C> inline Vec<C> select(IVec<C> mask, Vec<C> a, Vec<C> b) { return mask ? a : b; }
 
-// Polynomial exp(r) for |r| <= ln2/2 (Taylor; its error is below half an ulp at these degrees).
+// The vector helpers below map to single AVX2/FMA instructions where the build has them
+// (x86-64-v3) and to plain vector arithmetic elsewhere.
+
+// a * b + c. With FMA it is one rounding; the file is built with -ffp-contract=off, so only
+// the places that call this use FMA, and they are the same code in forward and backward.
+inline Vec<float> fmadd(Vec<float> a, Vec<float> b, Vec<float> c) {
+#ifdef __FMA__
+  return (Vec<float>)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+
+// The float exp's steps in FMA; the double exp keeps separate roundings (its accuracy has
+// room to spare, and float64 results stay what they were).
+inline Vec<float> mul_add(Vec<float> a, Vec<float> b, Vec<float> c) { return fmadd(a, b, c); }
+inline Vec<double> mul_add(Vec<double> a, Vec<double> b, Vec<double> c) { return a * b + c; }
+
+// True when any lane of a comparison mask is set.
+template <typename C> inline bool any(IVec<C> mask) {
+#ifdef __AVX__
+  return !_mm256_testz_si256((__m256i)mask, (__m256i)mask);
+#else
+  Bits<C> lanes[Simd<C>::W];
+  std::memcpy(lanes, &mask, sizeof mask);
+  for (int i = 0; i < Simd<C>::W; ++i)
+    if (lanes[i]) return true;
+  return false;
+#endif
+}
+
+// float exp(r) for |r| <= ln2/2: 1 + r + r^2 P(r), P of degree 4 fitted for the least
+// maximum relative error on that interval (3.6e-9 with these float32 coefficients, about
+// 0.03 ulp; the rest of the error is rounding). Horner in 6 FMAs; at most 1 ulp with the
+// range reduction below over every float (bench/cpu_exp_exhaustive.cpp; tests/test_cpu_exp.py
+// checks a dense sample).
 inline Vec<float> exp_poly(Vec<float> r) {
-  Vec<float> p = splat(1.0f / 5040);
-  p = p * r + 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  return p * r + 1.0f;
+  Vec<float> p = splat(1.38145440723747015e-3f);
+  p = fmadd(p, r, splat(8.36874544620513916e-3f));
+  p = fmadd(p, r, splat(4.16683889925479889e-2f));
+  p = fmadd(p, r, splat(1.66665211319923401e-1f));
+  p = fmadd(p, r, splat(4.99999940395355225e-1f));
+  p = fmadd(p, r, splat(1.0f));
+  return fmadd(p, r, splat(1.0f));
 }
 
 inline Vec<double> exp_poly(Vec<double> r) {
@@ -103,19 +142,23 @@ inline Vec<double> exp_poly(Vec<double> r) {
 // exp with IEEE edge behaviour: exp(-inf) = 0, exp(+inf) = inf, NaN stays NaN, and correct
 // subnormal results (2^n is applied as two normal factors), because "q > 0" decides which
 // vocabulary items belong to the reference's support and must agree with torch's exp.
-template <typename C> inline Vec<C> fexp(Vec<C> x) {
+// This general form is the double exp, and the float exp's path for vectors with a lane
+// outside [-87, 88] (subnormal, zero or infinite results, or a result within a factor 2 of
+// overflow); both float paths share exp_poly, so they give the same bits where both apply.
+template <typename C> inline Vec<C> fexp_general(Vec<C> x) {
   using S = Simd<C>;
   using I = IVec<C>;
   x = x < S::LO ? splat<C>(S::LO) : x;  // comparisons with NaN are false: NaN passes through
   x = x > S::HI ? splat<C>(S::HI) : x;
-  Vec<C> t = x * C(1.4426950408889634) + S::MAGIC;  // round(x / ln2) in the low mantissa bits
+  Vec<C> t = mul_add(x, splat(C(1.4426950408889634)), splat<C>(S::MAGIC));  // round(x / ln2) in the low mantissa bits
   I bits_t, bits_m;
   std::memcpy(&bits_t, &t, sizeof t);
   Vec<C> mv = splat<C>(S::MAGIC);
   std::memcpy(&bits_m, &mv, sizeof mv);
   I n = bits_t - bits_m;
   Vec<C> nf = t - S::MAGIC;
-  Vec<C> r = x - nf * S::LN2_HI - nf * S::LN2_LO;
+  Vec<C> r = mul_add(nf, splat<C>(-S::LN2_HI), x);
+  r = mul_add(nf, splat<C>(-S::LN2_LO), r);
   Vec<C> p = exp_poly(r);
   I n1 = n >> 1, n2 = n - n1;  // both in the normal exponent range for any clamped x
   I e1 = (n1 + S::BIAS) << S::MANT, e2 = (n2 + S::BIAS) << S::MANT;
@@ -123,6 +166,103 @@ template <typename C> inline Vec<C> fexp(Vec<C> x) {
   std::memcpy(&s1, &e1, sizeof s1);
   std::memcpy(&s2, &e2, sizeof s2);
   return p * s1 * s2;
+}
+
+// The lanes the fast float path cannot take (a double has no fast path: all of them).
+template <typename C> inline IVec<C> exp_slow_lanes(Vec<C> x) { return (x == x) | (x != x); }
+template <> inline IVec<float> exp_slow_lanes<float>(Vec<float> x) { return (x < -87.0f) | (x > 88.0f); }
+
+// float, every lane in [-87, 88] (or NaN): no clamps and no split scaling; 2^n comes from one
+// shift of t's bits, where t = x / ln2 rounded + (1.5 2^23 + 127), whose low bits hold
+// n + 127, the biased exponent. Gives fexp_general's bits on these lanes. 14 instructions.
+template <typename C> inline Vec<C> fexp_fast(Vec<C> x) { return fexp_general<C>(x); }
+template <> inline Vec<float> fexp_fast<float>(Vec<float> x) {
+  using S = Simd<float>;
+  constexpr float MAGIC_BIASED = S::MAGIC + S::BIAS;
+  Vec<float> t = fmadd(x, splat(1.44269504088896341f), splat(MAGIC_BIASED));
+  Vec<float> nf = t - MAGIC_BIASED;
+  Vec<float> r = fmadd(nf, splat(-S::LN2_HI), x);
+  r = fmadd(nf, splat(-S::LN2_LO), r);
+  IVec<float> e;
+  std::memcpy(&e, &t, sizeof t);
+  e = e << S::MANT;  // (n + 127) << 23: the exponent field of 2^n; the magic's bits shift out
+  Vec<float> scale;
+  std::memcpy(&scale, &e, sizeof e);
+  return exp_poly(r) * scale;
+}
+
+// exp of one vector, or of two or three with one range check between them (one branch, and
+// the exps free to interleave): the kernels' hot loops use these.
+template <typename C> inline Vec<C> fexp(Vec<C> x) {
+  return any<C>(exp_slow_lanes<C>(x)) ? fexp_general<C>(x) : fexp_fast<C>(x);
+}
+
+template <typename C> inline void fexp2(Vec<C> a, Vec<C> b, Vec<C>& ea, Vec<C>& eb) {
+  if (any<C>(exp_slow_lanes<C>(a) | exp_slow_lanes<C>(b))) {
+    ea = fexp_general<C>(a);
+    eb = fexp_general<C>(b);
+  } else {
+    ea = fexp_fast<C>(a);
+    eb = fexp_fast<C>(b);
+  }
+}
+
+template <typename C> inline void fexp3(Vec<C> a, Vec<C> b, Vec<C> c, Vec<C>& ea, Vec<C>& eb, Vec<C>& ec) {
+  if (any<C>(exp_slow_lanes<C>(a) | exp_slow_lanes<C>(b) | exp_slow_lanes<C>(c))) {
+    ea = fexp_general<C>(a);
+    eb = fexp_general<C>(b);
+    ec = fexp_general<C>(c);
+  } else {
+    ea = fexp_fast<C>(a);
+    eb = fexp_fast<C>(b);
+    ec = fexp_fast<C>(c);
+  }
+}
+
+// ---- Compression: the lanes a mask selects, moved to the front and stored ---------------
+// Writes a whole vector at dst (room for W values past the last kept one is the caller's
+// business) and returns how many lanes were kept, in their order.
+
+// For each mask of W lanes, the 32-bit lane indices that gather the selected lanes first
+// (a double lane is two 32-bit lanes).
+template <int W> struct CompressTable {
+  alignas(32) int32_t idx[1 << W][8];
+  constexpr CompressTable() : idx() {
+    constexpr int per = 8 / W;  // 32-bit lanes per element
+    for (int m = 0; m < (1 << W); ++m) {
+      int k = 0;
+      for (int lane = 0; lane < W; ++lane)
+        if (m >> lane & 1) {
+          for (int h = 0; h < per; ++h) idx[m][k * per + h] = lane * per + h;
+          ++k;
+        }
+      for (; k < W; ++k)
+        for (int h = 0; h < per; ++h) idx[m][k * per + h] = h;
+    }
+  }
+};
+
+template <typename C> inline int compress_store(C* dst, Vec<C> x, IVec<C> mask) {
+  constexpr int W = Simd<C>::W;
+#ifdef __AVX2__
+  static constexpr CompressTable<W> table{};
+  int bits;
+  if constexpr (W == 8) bits = _mm256_movemask_ps((__m256)mask);
+  else bits = _mm256_movemask_pd((__m256d)mask);
+  const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(table.idx[bits]));
+  const __m256 moved = _mm256_permutevar8x32_ps((__m256)x, perm);
+  std::memcpy(dst, &moved, sizeof moved);
+  return __builtin_popcount(unsigned(bits));
+#else
+  C lanes[W];
+  Bits<C> keep[W];
+  std::memcpy(lanes, &x, sizeof x);
+  std::memcpy(keep, &mask, sizeof mask);
+  int k = 0;
+  for (int i = 0; i < W; ++i)
+    if (keep[i]) dst[k++] = lanes[i];
+  return k;
+#endif
 }
 
 template <typename C> inline C fexp1(C x) { return fexp<C>(splat<C>(x))[0]; }

@@ -6,11 +6,14 @@
 // Only the headers needed (torch/extension.h would triple the compile time).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <vector>
 
 #include "rows.h"
@@ -50,6 +53,12 @@ template <typename C> const C* row_as(const at::Tensor& t, int64_t i, C* buf) {
     default:
       TORCH_CHECK(false, "rsa_kernels._C: unsupported dtype ", t.scalar_type());
   }
+}
+
+// Row i of t in place when its dtype is C (no conversion needed), else null.
+template <typename C> const C* direct_row(const at::Tensor& t, int64_t i) {
+  if (t.scalar_type() != c10::CppTypeToScalarType<C>::value) return nullptr;
+  return t.const_data_ptr<C>() + i * t.stride(0);
 }
 
 // Where backward_row writes row i: straight into `out` when its dtype is C, else `buf`.
@@ -122,14 +131,17 @@ void forward_impl(const at::Tensor& z, const at::Tensor& zr, const at::Tensor& l
   C* st = stats.data_ptr<C>();
   C* sv = saved.data_ptr<C>();
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    // per-thread scratch: two converted input rows, then 4 rows for D, q and selection
-    std::vector<C> buf(6 * v);
+    // per-thread scratch: two converted input rows, then forward_row's
+    std::vector<C> buf(2 * v + rsa::forward_scratch(v));
     for (int64_t i = begin; i < end; ++i) {
       const int64_t y = label_of(lab, i, v, ignore_index);
       if (y < 0) continue;  // masked: stats and saved stay 0, no work
       const C* zi = row_as<C>(z, i, buf.data());
       const C* ri = row_as<C>(zr, i, buf.data() + v);
-      RowOut<C> o = rsa::forward_row<C>(zi, ri, v, y, code, param, buf.data() + 2 * v);
+      // the next row to prefetch, where it is read in place (no conversion)
+      const C* nz = i + 1 < end ? direct_row<C>(z, i + 1) : nullptr;
+      const C* nr = i + 1 < end ? direct_row<C>(zr, i + 1) : nullptr;
+      RowOut<C> o = rsa::forward_row<C>(zi, ri, v, y, code, param, buf.data() + 2 * v, nz, nr);
       C* s = st + 4 * i;
       s[0] = o.logp;
       s[1] = o.ref_logp;
@@ -215,12 +227,62 @@ at::Tensor backward(const at::Tensor& z, const at::Tensor& zr, const at::Tensor&
   return out;
 }
 
+// rsa::fexp applied to every element of a float32 / float64 tensor: what the tests check
+// against torch.exp, and the exp that bench/cpu_bounds.py times.
+at::Tensor exp_tensor(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              "rsa_kernels._C.exp: a float32 or float64 CPU tensor");
+  at::Tensor src = x.contiguous();
+  at::Tensor out = at::empty(src.sizes(), src.options());
+  auto run = [&](auto zero) {
+    using C = decltype(zero);
+    constexpr int W = rsa::width<C>();
+    const C* in = src.const_data_ptr<C>();
+    C* o = out.data_ptr<C>();
+    const int64_t n = src.numel(), blocks = (n + W - 1) / W;
+    pybind11::gil_scoped_release nogil;
+    at::parallel_for(0, blocks, 1024, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t i = b * W, lanes = std::min<int64_t>(W, n - i);
+        rsa::store_part(o + i, rsa::fexp<C>(rsa::load_part(in + i, lanes, C(0))), lanes);
+      }
+    });
+  };
+  if (src.scalar_type() == at::kFloat) run(0.0f); else run(0.0);
+  return out;
+}
+
+// The exp's throughput without memory traffic: n float32 exps of values from a 4 KiB block
+// (L1-resident), split over torch's threads; returns their sum so nothing is optimised away.
+double exp_throughput(int64_t n) {
+  constexpr int W = rsa::width<float>(), BLOCK = 1024;
+  alignas(32) float vals[BLOCK];
+  for (int i = 0; i < BLOCK; ++i) vals[i] = -16.0f + 16.0f * float(i) / BLOCK;  // s = z - A's range
+  const int64_t chunks = (n + BLOCK - 1) / BLOCK;
+  std::vector<double> part(at::get_num_threads(), 0.0);
+  pybind11::gil_scoped_release nogil;
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    rsa::Vec<float> a0 = rsa::splat(0.0f), a1 = a0;
+    for (int64_t c = c0; c < c1; ++c)
+      for (int i = 0; i < BLOCK; i += 2 * W) {
+        a0 += rsa::fexp<float>(rsa::load(vals + i));
+        a1 += rsa::fexp<float>(rsa::load(vals + i + W));
+      }
+    part[at::get_thread_num()] += rsa::hsum<float>(a0 + a1);
+  });
+  double total = 0;
+  for (double p : part) total += p;
+  return total;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused CPU row kernels of rsa_kernels (SPEC section 1)";
   m.def("forward", &forward, "(z, zr, labels, code, param, ignore_index) -> [stats (N, 4), saved (N, 5)]");
   m.def("backward", &backward, "(z, zr, labels, saved, grads, code, param, ignore_index, out) -> out");
+  m.def("exp", &exp_tensor, "(x) -> the kernels' vectorised exp of a float32/float64 tensor");
+  m.def("exp_throughput", &exp_throughput, "(n) -> sum of n float32 exps of cache-resident values (timing)");
   m.attr("SIMD_WIDTH_FLOAT") = rsa::width<float>();
 #ifdef __AVX2__
   m.attr("BUILT_FOR_AVX2") = true;

@@ -282,3 +282,43 @@ def test_ra_dpo_quantile_interpolated_from_minus_inf(c, v, nan_in_torch, dtype):
     assert_close(got[:, 3], got[:, 2].double(), rtol=tol, atol=tol)  # risk = kl
     assert_close(grad, want_grad, rtol=tol, atol=tol)
     assert torch.isfinite(got).all() and torch.isfinite(grad).all()
+
+
+def bracket_rows(v, dtype, seed=11):
+    """Rows on which the sampled bracket of the selections (csrc/select.h) is exercised, and
+    rows on which it must fail and fall back: a concentrated reference (the sample misses
+    the items that hold the mass), ties, half the vocabulary off the support, a sorted row."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(6, v, generator=gen, dtype=torch.float64) * 2
+    zr = z + torch.randn(6, v, generator=gen, dtype=torch.float64)
+    zr[0, 5::997] += 25.0  # a few items (off the sample's stride) hold almost all of q
+    z[1] = torch.randint(0, 3, (v,), generator=gen).double()
+    zr[1] = torch.randint(0, 3, (v,), generator=gen).double() * 1.5
+    zr[2, torch.randperm(v, generator=gen)[: v // 2]] = float("-inf")
+    zr[3] = torch.linspace(-5, 5, v, dtype=torch.float64)  # D increasing along the row
+    z[3] = -zr[3]
+    z[4] *= 1e3
+    zr[4] *= 1e3
+    labels = torch.randint(0, v, (6,), generator=gen)
+    labels[2] = int(zr[2].argmax())
+    return z.to(dtype), zr.to(dtype), labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("risk", ["cvar:0", "cvar:0.5", "cvar:0.9", "cvar:0.99", "ra_dpo_cvar:0.05",
+                                  "ra_dpo_cvar:0.5", "ra_dpo_cvar:0.95"])
+def test_bracketed_selection(risk, dtype):
+    """Rows long enough for the bracketed selection, on which a wrong bracket would show."""
+    z, zr, labels = bracket_rows(9001, dtype)
+    want, want_grad = expected(z, zr, labels, risk)
+    got, grad, _ = cpu_result(z, zr, labels, risk)
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    assert_close(got, want, rtol=tol, atol=tol)
+    assert_close(grad, want_grad, rtol=tol, atol=tol)
+    # the selected threshold itself is the torch backend's (a full sort), up to the rounding
+    # of D (A and Ar are computed differently); a neighbouring order statistic would be off
+    # by a whole gap between sorted D values
+    r = parse_risk(risk)
+    _, saved_c = cpu_rows.forward(z, zr, labels, r, IGNORE)
+    _, saved_t = torch_rows.forward(z, zr, labels, r, IGNORE)
+    torch.testing.assert_close(saved_c[:, 2], saved_t[:, 2], rtol=tol / 10, atol=tol / 10)
