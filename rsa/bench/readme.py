@@ -6,7 +6,7 @@ command that produced it. Regenerate with the command printed above the tables.
 """
 from __future__ import annotations
 
-from .report import MiB, SECTIONS, memory_floor, peak, ratio_table, summary_point, total_time
+from .report import MiB, memory_floor, peak, ratio_table, summary_sections, total_time
 
 
 def readme_tables(results: dict) -> list[str]:
@@ -19,12 +19,7 @@ def readme_tables(results: dict) -> list[str]:
              "each cell: the median time (or peak memory above the inputs, gradients included), and in brackets "
              "baseline / this for each baseline named (2.00x = half the baseline's).", ""]
     floor = memory_floor(rows)
-    for path, obj, title, bases in SECTIONS:
-        sec = [m for m in rows if m["path"] == path and m["objective"] == obj]
-        if not sec:
-            continue
-        point = summary_point(sec)
-        pts = [m for m in sec if (m["n"], m["v"], m["h"]) == point]
+    for _path, _obj, title, bases, point, pts in summary_sections(rows):
         size = f"N={point[0]}, V={point[1]}" + (f", H={point[2]}" if point[2] else "")
         lines += [f"### {title}, {size}", "", "Time:", "", *ratio_table(pts, total_time, "ms", 1e-3, bases), "",
                   "Peak memory:", "", *ratio_table(pts, peak, "MiB", MiB, bases, floor), ""]

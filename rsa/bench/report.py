@@ -125,16 +125,20 @@ def summary_point(sec: list[dict]) -> tuple:
     return big["n"], big["v"], big["h"]
 
 
+def summary_sections(rows: list[dict]):
+    """(path, objective, title, baselines, (N, V, H), the measurements there) of each measured section."""
+    for path, obj, title, bases in SECTIONS:
+        sec = [m for m in rows if m["path"] == path and m["objective"] == obj]
+        if sec:
+            point = summary_point(sec)
+            yield path, obj, title, bases, point, [m for m in sec if (m["n"], m["v"], m["h"]) == point]
+
+
 def headline(rows: list[dict]) -> list[str]:
     """At each section's summary point: every kernel's ratios to every baseline measured there."""
     out = []
     floor = memory_floor(rows)
-    for path, obj, title, bases in SECTIONS:
-        sec = [m for m in rows if m["path"] == path and m["objective"] == obj]
-        if not sec:
-            continue
-        point = summary_point(sec)
-        pts = [m for m in sec if (m["n"], m["v"], m["h"]) == point]
+    for path, obj, _title, bases, _point, pts in summary_sections(rows):
         by = {(m["impl"], m["risk"]): m for m in pts}
         for impl in impl_order({m["impl"] for m in pts}):
             if impl in BASELINES:
