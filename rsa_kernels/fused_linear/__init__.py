@@ -6,8 +6,6 @@ the active backend (rsa_kernels.backends) for everything over the vocabulary.
 """
 from __future__ import annotations
 
-import torch
-
 from ..backends import get_backend
 from ..loss import Layout, loss_from_token_stats, make_layout
 from ..risk import parse_risk
