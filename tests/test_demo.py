@@ -373,6 +373,55 @@ def test_report_tables_and_plots(tmp_path):
         assert (tmp_path / name).stat().st_size > 0
 
 
+def _report_of(rows, seeds=2) -> dict:
+    m = frontier.matched(rows, seeds)
+    return {"matched": m, "verdict": report.verdict(m), "models": report.models_summary(rows),
+            "mechanism": report.mechanism(rows, [0.5, 0.05]), "settings": {"seeds": seeds}, "workers": 2,
+            "cpu_capability": "AVX2", "elapsed_s": 10.0, "cpu_s": 19.0}
+
+
+def test_docs_blocks_compare_runs_and_rewrite_the_marked_blocks(tmp_path):
+    from rsa.demo import docs
+
+    rows = [{**r, "label": f"{r['method']} ({r['family']}) {r['setting']:g}"} for r in _rows()]
+    a = _report_of(rows)
+    table, agree = docs.compare(a, a)
+    assert agree and "verdict: the same" in table and " NO" not in table
+    flipped = [{**r, "cost_cvar95": r["cost_cvar95"] + (5.0 if r["family"] == "DPO->S" else 0.0)} for r in rows]
+    b = _report_of(flipped)                 # the ablation is now 3 above sacpo in every seed
+    assert b["matched"]["reward"]["DPO->S"]["cost_cvar95"]["outcome"] == "sacpo lower"
+    table, agree = docs.compare(a, b, ("here", "there"))
+    assert not agree and "verdict: DIFFERENT" in table
+    differing = [line for line in table.splitlines() if line.rstrip().endswith("NO")]
+    assert differing and all("DPO->S" in line for line in differing)
+    found = docs.blocks(a, b)
+    assert found["summary"] == report.summary_text(a) and found["verdict"] == a["verdict"].splitlines()[-1]
+    assert found["run"] == "2 seeds, 2 worker processes, CPU capability AVX2: 10 s wall, 19 s of CPU"
+    assert found["cpu-check"].endswith("outcomes and verdict DISAGREE")
+
+    root = tmp_path / "repo"
+    (root / "docs" / "img").mkdir(parents=True)
+    (root / "README.md").write_text("intro\n<!-- demo:matched -->\nold\n<!-- /demo:matched -->\n"
+                                    "<!-- demo:run -->\n<!-- /demo:run -->\n"
+                                    "<!-- demo:verdict -->\n<!-- /demo:verdict -->\nend\n")
+    (root / "docs" / "demo.md").write_text("<!-- demo:run -->\n<!-- /demo:run -->\n"
+                                           "<!-- demo:summary -->\nstale\ntext\n<!-- /demo:summary -->\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.json").write_text(json.dumps(a))
+    (run / "frontier.png").write_bytes(b"png")
+    assert docs.main([str(run), "--write", "--root", str(root)]) == 0
+    readme = (root / "README.md").read_text()
+    assert readme.startswith("intro\n<!-- demo:matched -->\n```\nmatched at") and readme.endswith("```\n<!-- /demo:verdict -->\nend\n")
+    assert "old" not in readme and a["verdict"].splitlines()[-1] in readme
+    assert "stale" not in (root / "docs" / "demo.md").read_text()
+    assert (root / "docs" / "img" / "demo-frontier.png").read_bytes() == b"png"
+    with pytest.raises(ValueError, match="demo:nothing"):
+        docs.replace_block("no markers", "nothing", "x")
+    with pytest.raises(SystemExit):
+        docs.main([str(tmp_path / "missing")])
+
+
 def test_settings_change_starts_over(tmp_path):
     s = protocol.Settings.quick()
     (tmp_path / "seed0").mkdir()

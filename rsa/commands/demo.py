@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from rsa.demo.report import frontier_table, matched_table, mechanism_table
+    from rsa.demo.report import summary_text
     from rsa.demo.runs import Settings, run_demo
 
     if args.seeds is not None and args.seeds < 1:
@@ -37,17 +37,7 @@ def run(args) -> int:
     settings = Settings.quick(**kw) if args.quick else Settings(**kw)
     result = run_demo(args.out, settings, progress=not args.no_progress, fresh=args.fresh, workers=args.workers)
     print()
-    print("Models: mean ± half-width of the 95% t interval over seeds")
-    print(frontier_table(result["rows"]))
-    print()
-    print("RSA - SACPO at matched helpfulness (reward) and at matched KL to SFT; intervals: 95% t over seeds")
-    print(matched_table(result["matched"]))
-    print()
-    print("Mechanism: log-probability of the unsafe tokens where the SFT model's samples emit them "
-          "(mean over seeds [95% t interval])")
-    print(mechanism_table(result["mechanism"]))
-    print()
-    print(result["verdict"])
+    print(summary_text(result))
     print(f"\n{args.out}/report.json, frontier.png, tail.png, training.png written in {result['elapsed_s']:.0f} s "
           f"({result['cpu_s']:.0f} s of CPU)")
     return 0

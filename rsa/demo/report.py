@@ -64,12 +64,28 @@ def table(entries: dict) -> str:
     return _layout(rows)
 
 
-def frontier_table(rows: list[dict]) -> str:
-    """Every model of the protocol, in the order it was run: mean ± 95% half-width over seeds."""
+def models_summary(rows: list[dict]) -> dict:
+    """report.json's "models": every model of the protocol, in the order it was run, aggregated over seeds."""
     per_model = {}
     for r in rows:
         per_model.setdefault(r["label"], []).append(r)
-    return table(aggregate(per_model))
+    return aggregate(per_model)
+
+
+def frontier_table(rows: list[dict]) -> str:
+    """Every model of the protocol, in the order it was run: mean ± 95% half-width over seeds."""
+    return table(models_summary(rows))
+
+
+def summary_text(rep: dict) -> str:
+    """What `rsa demo` prints at the end, from report.json alone (docs are regenerated from it too)."""
+    return "\n".join([
+        "Models: mean ± half-width of the 95% t interval over seeds", table(rep["models"]), "",
+        "RSA - SACPO at matched helpfulness (reward) and at matched KL to SFT; intervals: 95% t over seeds",
+        matched_table(rep["matched"]), "",
+        "Mechanism: log-probability of the unsafe tokens where the SFT model's samples emit them "
+        "(mean over seeds [95% t interval])",
+        mechanism_table(rep["mechanism"]), "", rep["verdict"]])
 
 
 def _interval(e: dict, scale: float) -> str:

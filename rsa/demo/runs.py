@@ -354,8 +354,10 @@ def _run_demo(out: Path, s: Settings, progress: bool, fresh: bool, workers: int)
     cpu_s = (time.process_time() - cpu_start + children.children_user - children_start.children_user
              + children.children_system - children_start.children_system)
     extra = {"verdict": text, "settings": asdict(s), "data": data_stats, "workers": workers,
+             # PyTorch's CPU kernels round differently per instruction set: say which ones ran
+             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
              "elapsed_s": round(time.time() - start, 1), "cpu_s": round(cpu_s, 1),
-             "frontier": fronts, "matched": matched, "mechanism": mechanism}
+             "models": report.models_summary(rows), "frontier": fronts, "matched": matched, "mechanism": mechanism}
     if note:
         extra["note"] = note
     report.write_json(out, methods, extra)
