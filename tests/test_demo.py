@@ -408,14 +408,13 @@ def test_docs_blocks_compare_runs_and_rewrite_the_marked_blocks(tmp_path):
                                            "<!-- demo:summary -->\nstale\ntext\n<!-- /demo:summary -->\n")
     run = tmp_path / "run"
     run.mkdir()
-    (run / "report.json").write_text(json.dumps(a))
-    (run / "frontier.png").write_bytes(b"png")
+    (run / "report.json").write_text(json.dumps({**a, "frontier": frontier.frontiers(rows)}))
     assert docs.main([str(run), "--write", "--root", str(root)]) == 0
     readme = (root / "README.md").read_text()
     assert readme.startswith("intro\n<!-- demo:matched -->\n```\nmatched at") and readme.endswith("```\n<!-- /demo:verdict -->\nend\n")
     assert "old" not in readme and a["verdict"].splitlines()[-1] in readme
     assert "stale" not in (root / "docs" / "demo.md").read_text()
-    assert (root / "docs" / "img" / "demo-frontier.png").read_bytes() == b"png"
+    assert (root / "docs" / "img" / "demo-frontier.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="demo:nothing"):
         docs.replace_block("no markers", "nothing", "x")
     with pytest.raises(SystemExit):

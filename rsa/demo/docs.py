@@ -4,7 +4,8 @@
     python -m rsa.demo.docs out/demo --compare out/demo-default --write
 
 Each block sits between ``<!-- demo:NAME -->`` and ``<!-- /demo:NAME -->`` lines and is replaced
-whole; ``--write`` also copies the run's frontier.png to docs/img/demo-frontier.png. ``--compare``
+whole; ``--write`` also draws the run's frontier figure (from report.json, with this code) to
+docs/img/demo-frontier.png. ``--compare``
 adds the side-by-side outcomes of a second run of the same settings (another CPU, or
 ATEN_CPU_CAPABILITY=default) and says whether the outcomes and the verdict agree.
 """
@@ -13,10 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 from pathlib import Path
 
-from .report import AXIS_NAMES, METRIC_NAMES, _layout, matched_table, summary_text
+from .report import AXIS_NAMES, METRIC_NAMES, _layout, anchors, matched_table, plot_frontier, summary_text
 
 FIGURE = Path("docs/img/demo-frontier.png")
 TARGETS = {"README.md": ("matched", "verdict", "run"), "docs/demo.md": ("run", "summary", "cpu-check")}
@@ -85,8 +85,8 @@ def replace_block(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + "```\n" + body.rstrip("\n") + "\n```\n" + m.group(2), text, count=1)
 
 
-def write(root: Path, out: Path, found: dict) -> list[Path]:
-    """Rewrite the blocks of README.md and docs/demo.md under ``root`` and copy the figure."""
+def write(root: Path, rep: dict, found: dict) -> list[Path]:
+    """Rewrite the blocks of README.md and docs/demo.md under ``root`` and draw the figure."""
     written = []
     for rel, names in TARGETS.items():
         path = Path(root) / rel
@@ -96,13 +96,13 @@ def write(root: Path, out: Path, found: dict) -> list[Path]:
                 text = replace_block(text, name, found[name])
         path.write_text(text)
         written.append(path)
-    shutil.copyfile(Path(out) / "frontier.png", Path(root) / FIGURE)
+    plot_frontier(None, rep["frontier"], anchors(rep["models"]), path=Path(root) / FIGURE)
     return written + [Path(root) / FIGURE]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rsa.demo.docs", description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", help="the folder of the run the docs show (its report.json and frontier.png)")
+    parser.add_argument("out", help="the folder of the run the docs show (its report.json)")
     parser.add_argument("--compare", metavar="OTHER", help="a second run of the same settings, for the CPU check")
     parser.add_argument("--write", action="store_true", help="rewrite README.md, docs/demo.md and the figure")
     parser.add_argument("--root", default=".", help="the repository (default: the current folder)")
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
             raise ValueError("--compare: the two runs were made with different settings")
         found = blocks(rep, other)
         if args.write:
-            for path in write(Path(args.root), Path(args.out), found):
+            for path in write(Path(args.root), rep, found):
                 print(f"wrote {path}")
         else:
             for name, body in found.items():

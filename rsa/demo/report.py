@@ -18,6 +18,11 @@ METRICS = ("reward_mean", "cost_mean", "cost_cvar95", "catastrophic_rate", "kl_t
 HEADERS = ("reward", "cost", "cost CVaR95", "catastrophic %", "KL to SFT")
 METHODS = ("sft", "dpo", "ra-dpo", "sacpo", "rsa")
 COLORS = {"sft": "tab:gray", "dpo": "tab:blue", "ra-dpo": "tab:purple", "sacpo": "tab:orange", "rsa": "tab:green"}
+FAMILY_COLORS = {"DPO->S": "tab:olive"}     # the ablation: rsa's safety step, told apart from rsa (H->S)
+
+
+def color(method: str, family: str | None = None) -> str | None:
+    return FAMILY_COLORS.get(family) or COLORS.get(method)
 LINES = {"H->S": "-", "P": "--", "DPO->S": ":"}
 MARKERS = {"H->S": "o", "P": "^", "DPO->S": "D"}
 METRIC_NAMES = {"cost_cvar95": "cost CVaR95", "catastrophic_rate": "catastrophic rate"}
@@ -288,7 +293,7 @@ def plot_tail(out: Path, costs: dict[str, np.ndarray]) -> Path:
         ccdf = 1.0 - np.searchsorted(x, levels, side="left") / len(x)   # P(C >= level)
         method = label.split()[0]
         family = next((f for f in LINES if f"({f})" in label), "H->S")
-        ax.step(levels, ccdf, where="post", label=label, color=COLORS.get(method), ls=LINES[family])
+        ax.step(levels, ccdf, where="post", label=label, color=color(method, family), ls=LINES[family])
     ax.set_yscale("log")
     ax.set_xlabel("cost c(x, y)")
     ax.set_ylabel("P(cost ≥ c)")
@@ -300,6 +305,14 @@ def plot_tail(out: Path, costs: dict[str, np.ndarray]) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+ANCHORS = ("sft", "dpo (H)", "ra-dpo (H)")
+
+
+def anchors(models: dict) -> dict:
+    """The models the frontiers start from, marked on frontier.png (from report.json's "models")."""
+    return {name: models[name] for name in ANCHORS if name in models}
 
 
 PANELS = (("reward_mean", "cost_cvar95", "reward", "cost CVaR95"),
@@ -317,10 +330,10 @@ def _bars(entries: list[dict], metric: str, scale: float):
     return np.array([lo, hi])
 
 
-def plot_frontier(out: Path, fronts: dict, anchors: dict) -> Path:
+def plot_frontier(out: Path, fronts: dict, anchors: dict, path: Path | None = None) -> Path:
     """The frontiers (seed means, error bars = the 95% t interval of the mean over seeds) in three
     planes; ``anchors``: name -> aggregate entry of the models the frontiers start from (sft,
-    dpo (H), ra-dpo (H))."""
+    dpo (H), ra-dpo (H)). Written to ``path`` (default OUT/frontier.png)."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5.0 * len(PANELS), 4.6))
     marks = {"sft": ("*", "tab:gray"), "dpo (H)": ("s", COLORS["sacpo"]), "ra-dpo (H)": ("s", COLORS["rsa"])}
@@ -332,15 +345,15 @@ def plot_frontier(out: Path, fronts: dict, anchors: dict) -> Path:
                 if not pts:
                     continue
                 ax.errorbar([e[x] for e in pts], [sy * e[y] for e in pts], xerr=_bars(pts, x, 1),
-                            yerr=_bars(pts, y, sy), color=COLORS[method], ls=LINES[family],
+                            yerr=_bars(pts, y, sy), color=color(method, family), ls=LINES[family],
                             marker=MARKERS[family], ms=4, lw=1.2, capsize=2, label=f"{method} ({family})")
                 for e in pts:
-                    ax.annotate(f"{e[KNOB[family]]:g}", (e[x], sy * e[y]), fontsize=6, color=COLORS[method],
+                    ax.annotate(f"{e[KNOB[family]]:g}", (e[x], sy * e[y]), fontsize=6, color=color(method, family),
                                 xytext=(3, 3), textcoords="offset points")
         for name, e in anchors.items():
-            marker, color = marks.get(name, ("D", "k"))
+            marker, c = marks.get(name, ("D", "k"))
             ax.errorbar([e[x]], [sy * e[y]], xerr=_bars([e], x, 1), yerr=_bars([e], y, sy), marker=marker, ms=8,
-                        mfc="none" if name != "sft" else color, color=color, ls="none", capsize=2, label=name)
+                        mfc="none" if name != "sft" else c, color=c, ls="none", capsize=2, label=name)
         if x == "kl_to_sft":
             # KL spans two orders of magnitude across methods; linear below 1 keeps the SFT model's 0
             ax.set_xscale("symlog", linthresh=1.0)
@@ -352,7 +365,7 @@ def plot_frontier(out: Path, fronts: dict, anchors: dict) -> Path:
     fig.suptitle("Helpfulness-safety frontiers: seed means, bars = 95% t intervals over seeds (clipped at 0); "
                  "labels: β/λ (H->S, DPO->S), merge weight (P)", fontsize=10)
     fig.tight_layout(rect=(0, 0.11, 1, 1))
-    path = Path(out) / "frontier.png"
+    path = Path(path) if path is not None else Path(out) / "frontier.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -380,7 +393,7 @@ def plot_training(out: Path, logs: dict[str, dict[str, list[dict]]]) -> Path:
                 rows = [r for r in per_stage.get(stage, []) if key in r and "step" in r]
                 if rows:
                     ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=run,
-                            color=COLORS.get(run.split()[0], None), lw=1.2)
+                            color=color(run.split()[0], "DPO->S" if "DPO->S" in run else None), lw=1.2)
             if i == 0:
                 ax.set_title(f"stage: {stage}", fontsize=10)
             if j == 0:

@@ -347,9 +347,8 @@ def _run_demo(out: Path, s: Settings, progress: bool, fresh: bool, workers: int)
             tail_costs[report.point_label(point_family, p)] = load_costs(out, s.seeds, key)
     report.plot_tail(out, tail_costs)
     report.plot_training(out, training_logs(out, s))
-    anchors = report.aggregate({name: by_key[model_key(*k)] for name, k in
-                                (("sft", ("sft",)), ("dpo (H)", ("dpo", "H")), ("ra-dpo (H)", ("ra-dpo", "H")))})
-    report.plot_frontier(out, fronts, anchors)
+    models_ = report.models_summary(rows)
+    report.plot_frontier(out, fronts, report.anchors(models_))
     children = os.times()
     cpu_s = (time.process_time() - cpu_start + children.children_user - children_start.children_user
              + children.children_system - children_start.children_system)
@@ -357,7 +356,7 @@ def _run_demo(out: Path, s: Settings, progress: bool, fresh: bool, workers: int)
              # PyTorch's CPU kernels round differently per instruction set: say which ones ran
              "cpu_capability": torch.backends.cpu.get_cpu_capability(),
              "elapsed_s": round(time.time() - start, 1), "cpu_s": round(cpu_s, 1),
-             "models": report.models_summary(rows), "frontier": fronts, "matched": matched, "mechanism": mechanism}
+             "models": models_, "frontier": fronts, "matched": matched, "mechanism": mechanism}
     if note:
         extra["note"] = note
     report.write_json(out, methods, extra)
