@@ -394,6 +394,12 @@ def test_docs_blocks_compare_runs_and_rewrite_the_marked_blocks(tmp_path):
     assert not agree and "verdict: DIFFERENT" in table
     differing = [line for line in table.splitlines() if line.rstrip().endswith("NO")]
     assert differing and all("DPO->S" in line for line in differing)
+    probe_line = next(line for line in table.splitlines() if line.startswith("beta / lambda 0.5 ") and "catastrophic" in line)
+    assert "rsa higher: +1.00" in probe_line and probe_line.rstrip().endswith("yes")   # the probe agrees
+    probe_flipped = json.loads(json.dumps(a))
+    probe_flipped["mechanism"]["rsa_dpo_minus_sacpo"]["0.05"]["catastrophic"]["outcome"] = "inconclusive"
+    table, agree = docs.compare(a, probe_flipped)
+    assert not agree and "verdict: the same" in table and table.count(" NO") == 1
     found = docs.blocks(a, b)
     assert found["summary"] == report.summary_text(a) and found["verdict"] == a["verdict"].splitlines()[-1]
     assert found["run"] == "2 seeds, 2 worker processes, CPU capability AVX2: 10 s wall, 19 s of CPU"

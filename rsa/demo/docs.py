@@ -48,7 +48,8 @@ def _cell(e: dict) -> str:
 
 
 def compare(a: dict, b: dict, names=("run A", "run B")) -> tuple[str, bool]:
-    """The outcomes of two runs side by side; (table, whether every outcome and the verdict agree)."""
+    """The outcomes of two runs side by side, the matched comparisons' and the probe's; (tables,
+    whether every outcome and the verdict agree)."""
     rows = [("matched at", "family", "metric", *names, "same outcome")]
     same = True
     for axis, families in a["matched"].items():
@@ -60,8 +61,18 @@ def compare(a: dict, b: dict, names=("run A", "run B")) -> tuple[str, bool]:
                 label = METRIC_NAMES[metric] + (" %" if metric == "catastrophic_rate" else "")
                 rows.append((AXIS_NAMES[axis].split(" (")[0], family, label, _cell({**ea, "_metric": metric}),
                              _cell({**eb, "_metric": metric}), "yes" if agree else "NO"))
+    probe = [("probe: rsa (DPO->S) - sacpo (H->S)", "group", *names, "same outcome")]
+    for setting, groups in a.get("mechanism", {}).get("rsa_dpo_minus_sacpo", {}).items():
+        for group, ea in groups.items():
+            eb = b["mechanism"]["rsa_dpo_minus_sacpo"][setting][group]
+            agree = ea["outcome"] == eb["outcome"]
+            same &= agree
+            cell = lambda e: (e["outcome"] if e["diff_mean"] is None else f"{e['outcome']}: {e['diff_mean']:+.2f}"
+                              + ("" if e["ci95"] is None else f" [{e['ci95'][0]:+.2f}, {e['ci95'][1]:+.2f}]"))
+            probe.append((f"beta / lambda {setting}", group, cell(ea), cell(eb), "yes" if agree else "NO"))
     verdict_same = verdict_line(a) == verdict_line(b)
-    text = _layout(rows) + "\n\nverdict: " + ("the same" if verdict_same else "DIFFERENT")
+    text = _layout(rows) + ("\n\n" + _layout(probe) if len(probe) > 1 else "")
+    text += "\n\nverdict: " + ("the same" if verdict_same else "DIFFERENT")
     if not verdict_same:
         text += f"\n  {names[0]}: {verdict_line(a)}\n  {names[1]}: {verdict_line(b)}"
     return text, same and verdict_same
