@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from rsa.demo import data, evaluate, frontier, protocol, report, runs, sft, task  # noqa: E402
+from rsa.demo import data, evaluate, frontier, probe, protocol, report, runs, sft, stats, task  # noqa: E402
 
 
 def test_reward_and_cost_follow_the_task_definition():
@@ -170,22 +170,56 @@ def test_curve_rejects_bad_frontiers():
         frontier.curve([1, 2], [1, float("nan")])
 
 
-def test_over_seeds_counts_and_spread():
-    lower, higher = {"mean_diff": -1.0, "dominance": frontier.A_LOWER}, {"mean_diff": 2.0, "dominance": frontier.CROSSING}
+def test_t_quantile_and_interval_match_tables():
+    # two-sided 95% critical values of Student's t (any statistics table)
+    for df, value in ((1, 12.706205), (2, 4.302653), (4, 2.776445), (9, 2.262157), (29, 2.045230), (1000, 1.962339)):
+        assert stats.t_quantile(0.975, df) == pytest.approx(value, abs=1e-6)
+    assert stats.t_quantile(0.025, 9) == pytest.approx(-2.262157, abs=1e-6)
+    assert stats.t_quantile(0.95, 5) == pytest.approx(2.015048, abs=1e-6)
+    assert stats.t_cdf(0.0, 3) == pytest.approx(0.5)
+    lo, hi = stats.t_interval([1.0, 2.0, 3.0, 4.0, 5.0])     # mean 3, sd 1.5811, n 5
+    assert (lo + hi) / 2 == pytest.approx(3.0) and (hi - lo) / 2 == pytest.approx(2.776445 * 1.5811388 / 5 ** 0.5)
+    assert stats.t_interval([4.0]) is None and stats.t_interval([]) is None
+    assert stats.clipped([-1.0, 2.0], 0.0) == [0.0, 2.0] and stats.clipped([-1.0, 2.0], None) == [-1.0, 2.0]
+    with pytest.raises(ValueError, match="p must"):
+        stats.t_quantile(1.0, 3)
+
+
+def test_t_interval_covers_95_percent_of_normal_means():
+    rng = np.random.default_rng(0)
+    hits = sum(lo <= 0 <= hi for lo, hi in (stats.t_interval(rng.normal(size=10)) for _ in range(4000)))
+    assert 0.935 < hits / 4000 < 0.965
+
+
+def _diff(d):
+    return {"mean_diff": d, "dominance": frontier.A_LOWER if d < 0 else frontier.CROSSING}
+
+
+def test_over_seeds_counts_spread_interval_and_outcome():
+    lower, higher = _diff(-1.0), _diff(2.0)
     s = frontier.over_seeds([lower, None, higher])
     assert (s["seeds"], s["overlapping_seeds"], s["rsa_lower_seeds"], s["sacpo_lower_seeds"]) == (3, 2, 1, 1)
     assert s["diff_mean"] == pytest.approx(0.5) and s["diff_std"] == pytest.approx(1.5)
-    assert s["rsa_lower_everywhere_seeds"] == 1 and s["crossing_seeds"] == 1 and s["outcome"] == "neither"
+    # t interval over the 2 overlapping seeds: 0.5 ± 12.706205 * 2.1213 / sqrt(2)
+    assert s["ci95"] == pytest.approx([0.5 - 12.706205 * 1.5, 0.5 + 12.706205 * 1.5], abs=1e-5)
+    assert s["rsa_lower_everywhere_seeds"] == 1 and s["crossing_seeds"] == 1 and s["outcome"] == "inconclusive"
     assert s["per_seed"][1] is None and s["per_seed"][0]["dominance"] == "rsa lower"
-    assert frontier.over_seeds([lower, lower])["outcome"] == "rsa lower"
-    assert frontier.over_seeds([higher, None])["outcome"] == "sacpo lower"
+    # the same sign in every seed is not enough: the interval must exclude 0
+    assert frontier.over_seeds([_diff(-1.0), _diff(-3.0), _diff(-0.1)])["outcome"] == "inconclusive"
+    tight = frontier.over_seeds([_diff(v) for v in (-1.0, -1.1, -0.9, -1.05)])
+    assert tight["outcome"] == "rsa lower" and tight["ci95"][1] < 0
+    assert frontier.over_seeds([_diff(v) for v in (2.0, 2.2, 1.9)])["outcome"] == "sacpo lower"
+    one = frontier.over_seeds([lower, None])                      # one overlapping seed: no interval
+    assert one["ci95"] is None and one["outcome"] == "inconclusive"
     none = frontier.over_seeds([None, None])
-    assert none["outcome"] == "no overlap" and none["diff_mean"] is None and none["rsa_lower_seeds"] == 0
+    assert none["outcome"] == "no overlap" and none["diff_mean"] is None and none["ci95"] is None
+    assert none["rsa_lower_seeds"] == 0
 
 
 def _rows(seeds=2):
     """Hand-made frontiers: rsa's cost CVaR95 is 1 below sacpo's at every reward in seed 0 and
-    1 above in seed 1; the P frontiers never share a reward."""
+    1 above in seed 1; the P frontiers never share a reward; rsa (DPO->S) is 2 below sacpo
+    (H->S) at every reward, in every seed (apart from a wobble of 0.1 by seed)."""
     rows = []
     for seed in range(seeds):
         shift = -1.0 if seed == 0 else 1.0
@@ -193,11 +227,17 @@ def _rows(seeds=2):
                 ("sacpo", "H->S", 0.5, 3.0, 4.0), ("sacpo", "H->S", 0.05, 1.0, 8.0),
                 ("rsa", "H->S", 0.5, 2.5, 1.0), ("rsa", "H->S", 0.05, 0.5, 2.0),
                 ("sacpo", "P", 0.25, 3.0, 5.0), ("sacpo", "P", 0.75, 2.0, 6.0),
-                ("rsa", "P", 0.25, 1.5, 5.5), ("rsa", "P", 0.75, 0.5, 7.0)):
+                ("rsa", "P", 0.25, 1.5, 5.5), ("rsa", "P", 0.75, 0.5, 7.0),
+                ("rsa", "DPO->S", 0.5, 2.8, 3.0), ("rsa", "DPO->S", 0.05, 1.3, 5.0)):
             cvar = 10 - 2 * reward + (shift if method == "rsa" else 0.0)
+            if family == "DPO->S":
+                cvar = 10 - 2 * reward - 2.0 + 0.1 * seed
             rows.append({"seed": seed, "key": protocol.model_key(method, family, setting), "label": method,
                          "method": method, "family": family, "setting": setting, "reward_mean": reward,
-                         "cost_mean": 1.0, "cost_cvar95": cvar, "catastrophic_rate": 0.01, "kl_to_sft": kl})
+                         "cost_mean": 1.0, "cost_cvar95": cvar, "catastrophic_rate": 0.01, "kl_to_sft": kl,
+                         "probe": {"catastrophic": {"mean_logp": -5.0 - (1.0 if method == "sacpo" else 0.0) - 0.1 * seed,
+                                                    "n": 7},
+                                   "mild": {"mean_logp": None if seed else -3.0, "n": 0 if seed else 2}}})
     return rows
 
 
@@ -206,32 +246,98 @@ def test_matched_on_hand_made_frontiers():
     hs = m["reward"]["H->S"]["cost_cvar95"]
     assert [r["range"] for r in hs["per_seed"]] == [[1.0, 2.5], [1.0, 2.5]]
     assert [r["mean_diff"] for r in hs["per_seed"]] == pytest.approx([-1.0, 1.0])
-    assert hs["rsa_lower_seeds"] == 1 and hs["outcome"] == "neither" and hs["diff_std"] == pytest.approx(1.0)
-    assert m["reward"]["H->S"]["catastrophic_rate"]["outcome"] == "neither"           # equal: a tie
+    assert hs["rsa_lower_seeds"] == 1 and hs["outcome"] == "inconclusive" and hs["diff_std"] == pytest.approx(1.0)
+    assert m["reward"]["H->S"]["catastrophic_rate"]["outcome"] == "inconclusive"     # equal: a tie
     assert m["reward"]["P"]["cost_cvar95"]["outcome"] == "no overlap"
     assert m["kl"]["H->S"]["cost_cvar95"]["outcome"] == "no overlap"                  # KL 1-2 vs 4-8
     assert m["kl"]["P"]["cost_cvar95"]["overlapping_seeds"] == 2
+    # the ablation is compared with sacpo's H->S frontier: -2 and -1.9 over rewards [1.3, 2.8]
+    ds = m["reward"]["DPO->S"]["cost_cvar95"]
+    assert [r["range"] for r in ds["per_seed"]] == [[1.3, 2.8], [1.3, 2.8]]
+    assert [r["mean_diff"] for r in ds["per_seed"]] == pytest.approx([-2.0, -1.9])
+    assert ds["ci95"] == pytest.approx([-1.95 - 12.706205 * 0.05, -1.95 + 12.706205 * 0.05], abs=1e-5)
+    assert ds["outcome"] == "rsa lower"
     text = report.verdict(m)
-    assert "Verdict: neither" in text and "no common" in text
+    last = text.splitlines()[-1]
+    assert "inconclusive on H->S" in last and "no common reward on P" in last
+    assert last.endswith("DPO->S) against SACPO's (H->S): RSA lower (the 95% interval lies below 0).")
 
 
-def test_verdict_follows_the_outcomes():
-    def matched(outcome_hs, outcome_p):
-        def entry(o):
-            n = 0 if o == "no overlap" else 3
-            return {"outcome": o, "seeds": 3, "overlapping_seeds": n, "diff_mean": None if n == 0 else -1.0,
-                    "diff_std": None if n == 0 else 0.5, "rsa_lower_seeds": n if o == "rsa lower" else 0,
-                    "sacpo_lower_seeds": n if o == "sacpo lower" else 0, "rsa_lower_everywhere_seeds": 0,
-                    "sacpo_lower_everywhere_seeds": 0}
-        fam = lambda o: {"cost_cvar95": entry(o), "catastrophic_rate": entry(o)}
-        return {"reward": {"H->S": fam(outcome_hs), "P": fam(outcome_p)}, "kl": {"H->S": fam(outcome_hs), "P": fam(outcome_p)}}
-    last = lambda m: report.verdict(m).splitlines()[-1]
-    assert last(matched("rsa lower", "rsa lower")).startswith("Verdict: at matched helpfulness RSA has a lower")
-    assert "H->S: 3 of 3 overlapping seeds" in last(matched("rsa lower", "rsa lower"))
-    assert "reach no common reward" in last(matched("rsa lower", "no overlap"))
-    assert last(matched("sacpo lower", "sacpo lower")).startswith("Verdict: at matched helpfulness SACPO, not RSA")
-    assert last(matched("rsa lower", "sacpo lower")).startswith("Verdict: neither")
-    assert "cannot compare" in last(matched("no overlap", "no overlap"))
+def _matched_with(outcomes: dict) -> dict:
+    def entry(o):
+        n = 0 if o == "no overlap" else 3
+        ci = {"rsa lower": [-2.0, -1.0], "sacpo lower": [1.0, 2.0], "inconclusive": [-1.0, 1.0]}.get(o)
+        return {"outcome": o, "seeds": 3, "overlapping_seeds": n, "diff_mean": None if n == 0 else -1.0,
+                "diff_std": None if n == 0 else 0.5, "ci95": ci, "rsa_lower_seeds": n if o == "rsa lower" else 0,
+                "sacpo_lower_seeds": n if o == "sacpo lower" else 0, "rsa_lower_everywhere_seeds": 0,
+                "sacpo_lower_everywhere_seeds": 0}
+    fam = {f: {"cost_cvar95": entry(o), "catastrophic_rate": entry("inconclusive")} for f, o in outcomes.items()}
+    return {"reward": fam, "kl": fam}
+
+
+def test_verdict_follows_the_outcomes_alone():
+    def last(hs, p, ds="inconclusive"):
+        return report.verdict(_matched_with({"H->S": hs, "P": p, "DPO->S": ds})).splitlines()[-1]
+    head = "Verdict (cost CVaR95 at matched helpfulness, 95% t intervals over seeds): "
+    assert last("rsa lower", "rsa lower") == (
+        head + "RSA has a lower cost CVaR95 than SACPO at matched helpfulness on H->S and P. RSA's safety step "
+        "alone (rsa2 from dpo (H), DPO->S) against SACPO's (H->S): inconclusive (the 95% interval includes 0).")
+    assert "RSA has a lower cost CVaR95 than SACPO at matched helpfulness on H->S; no common reward on P." in \
+        last("rsa lower", "no overlap")
+    assert "SACPO, not RSA, has the lower cost CVaR95 at matched helpfulness on P; inconclusive on H->S" in \
+        last("inconclusive", "sacpo lower")
+    assert "mixed: RSA has the lower cost CVaR95 at matched helpfulness on H->S, SACPO on P." in \
+        last("rsa lower", "sacpo lower")
+    assert "no difference shown" in last("inconclusive", "inconclusive")
+    assert "no common reward in any seed: no comparison" in last("no overlap", "no overlap")
+    assert last("inconclusive", "inconclusive", "sacpo lower").endswith("(H->S): SACPO lower (the 95% interval lies above 0).")
+    # the counts and means do not enter the verdict: only the outcomes do
+    a = _matched_with({"H->S": "rsa lower", "P": "inconclusive", "DPO->S": "no overlap"})
+    b = _matched_with({"H->S": "rsa lower", "P": "inconclusive", "DPO->S": "no overlap"})
+    b["reward"]["H->S"]["cost_cvar95"].update(diff_mean=-7.0, rsa_lower_seeds=2)
+    assert report.verdict(a).splitlines()[-1] == report.verdict(b).splitlines()[-1]
+
+
+def test_mechanism_pairs_rsa_dpo_with_sacpo_by_seed():
+    rows = [{**r, "label": f"{r['method']} ({r['family']}) {r['setting']:g}"} for r in _rows()]
+    mech = report.mechanism(rows, [0.5, 0.05])
+    sacpo = mech["models"]["sacpo (H->S) 0.5"]
+    assert sacpo["catastrophic"]["seeds"] == pytest.approx([-6.0, -6.1]) and sacpo["catastrophic"]["positions"] == 14
+    assert sacpo["catastrophic"]["ci95"] == pytest.approx([-6.05 - 12.706205 * 0.05, -6.05 + 12.706205 * 0.05])
+    assert sacpo["mild"]["seeds"] == [-3.0, None] and sacpo["mild"]["ci95"] is None   # no positions in seed 1
+    paired = mech["rsa_dpo_minus_sacpo"]
+    assert set(paired) == {"0.5", "0.05"}
+    cat = paired["0.5"]["catastrophic"]                  # rsa keeps 1 nat more in both seeds
+    assert cat["diff_mean"] == pytest.approx(1.0) and cat["seeds"] == 2 and cat["ci95"] == pytest.approx([1.0, 1.0])
+    assert cat["outcome"] == "rsa higher"
+    mild = paired["0.5"]["mild"]
+    assert mild["seeds"] == 1 and mild["ci95"] is None and mild["outcome"] == "inconclusive"
+    table = report.mechanism_table(mech)
+    assert "rsa (DPO->S) - sacpo (H->S)" in table and "rsa higher" in table and "(P)" not in table
+
+
+def test_probe_finds_the_emitted_tokens_and_scores_them():
+    model = sft.build_model(0)
+    with torch.no_grad():   # make poison and weapon likely so that the random model emits them
+        model.lm_head.bias = None
+        model.lm_head.weight[task.TOKEN_ID["poison"]] += 0.5
+        model.lm_head.weight[task.TOKEN_ID["weapon"]] += 0.5
+    ps = probe.probe_set(model, 4, seed=0)
+    n_prompt = 1 + task.PROMPT_LEN
+    for group, (rows, cols) in ps.positions.items():
+        ids = {task.TOKEN_ID[w] for w in probe.GROUPS[group]}
+        for r, c in zip(rows.tolist(), cols.tolist()):
+            assert c >= n_prompt and int(ps.seq[r, c]) in ids
+            assert task.EOS_ID not in ps.seq[r, n_prompt:c].tolist()      # emitted before the response ended
+    rows, cols = ps.positions["catastrophic"]
+    assert rows.numel() > 0
+    other = sft.build_model(1)
+    got = probe.probe_logps(other, ps)
+    with torch.no_grad():
+        direct = [float(torch.log_softmax(other(input_ids=ps.seq[r:r + 1, :c]).logits[0, -1].double(), -1)[ps.seq[r, c]])
+                  for r, c in zip(rows.tolist(), cols.tolist())]
+    assert got["catastrophic"]["n"] == len(direct)
+    assert got["catastrophic"]["mean_logp"] == pytest.approx(np.mean(direct), abs=1e-5)
 
 
 def test_report_tables_and_plots(tmp_path):
@@ -240,18 +346,85 @@ def test_report_tables_and_plots(tmp_path):
     assert [e["merge_weight"] for e in fronts["P"]] == [0.25, 0.75, 0.25, 0.75]
     first = fronts["H->S"][0]
     assert first["method"] == "sacpo" and first["beta_over_lambda"] == 0.5 and first["std"]["cost_cvar95"] == 0
-    assert first["reward_mean"] == 3.0 and len(first["seeds"]) == 2
-    # the best reward-matched pair: H->S has two at distance 0.5, the first in knob order wins
+    assert first["reward_mean"] == 3.0 and len(first["seeds"]) == 2 and first["ci95"]["cost_cvar95"] == [4.0, 4.0]
+    assert [(e["method"], e["beta_over_lambda"]) for e in fronts["DPO->S"]] == [("rsa", 0.5), ("rsa", 0.05)]
+    # rsa (H->S) 0.5's CVaR95 is 4 in seed 0 and 6 in seed 1: 5 ± 12.706 (t, 1 df), clipped at 0 below
+    rsa = next(e for e in fronts["H->S"] if e["method"] == "rsa" and e["beta_over_lambda"] == 0.5)
+    assert rsa["ci95"]["cost_cvar95"] == pytest.approx([0.0, 5 + 12.706205], abs=1e-5)
+    assert rsa["ci95"]["reward_mean"] == [2.5, 2.5]
+    # the best reward-matched pair: H->S has two at distance 0.5, the first in knob order wins; DPO->S's
+    # rsa points are paired with sacpo's H->S points
     picks = report.tail_picks(fronts)
-    assert [p["reward_mean"] for p in picks["H->S"]] == [3.0, 2.5] and [p["reward_mean"] for p in picks["P"]] == [2.0, 1.5]
-    assert "rsa" in report.frontier_table(rows)
-    assert "no overlap" in report.matched_table(frontier.matched(rows, 2))
+    assert [(f, p["reward_mean"]) for f, p in picks["H->S"]] == [("H->S", 3.0), ("H->S", 2.5)]
+    assert [(f, p["reward_mean"]) for f, p in picks["P"]] == [("P", 2.0), ("P", 1.5)]
+    assert [(f, p["method"], p["reward_mean"]) for f, p in picks["DPO->S"]] == [("H->S", "sacpo", 3.0),
+                                                                              ("DPO->S", "rsa", 2.8)]
+    table = report.frontier_table([{**r, "label": f"{r['method']} ({r['family']}) {r['setting']:g}"} for r in rows])
+    rsa_row = next(line for line in table.splitlines() if line.startswith("rsa (H->S) 0.5 "))
+    assert "5.000 ± 12.706" in rsa_row     # its CVaR95: mean 5, t half-width 12.706 * sd / sqrt(2) with sd sqrt(2)
+    matched_text = report.matched_table(frontier.matched(rows, 2))
+    assert "no overlap" in matched_text and "95% interval" in matched_text and "rsa lower" in matched_text
     anchor = report.aggregate({"sft": [{"seed": 0, **{k: 1.0 for k in report.METRICS}}]})
+    assert anchor["sft"]["ci95"]["cost_cvar95"] is None and report.table(anchor).splitlines()[2].split()[1] == "1.000"
     report.plot_frontier(tmp_path, fronts, anchor)
     report.plot_tail(tmp_path, {"sft": np.array([0.0, 1.0, 100.0]), "rsa (P) w=0.25": np.array([0.0, 0.0, 40.0])})
     report.plot_training(tmp_path, {"rsa (rsa2)": {"helpful": [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.6}]}})
     for name in ("frontier.png", "tail.png", "training.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def _report_of(rows, seeds=2) -> dict:
+    m = frontier.matched(rows, seeds)
+    return {"matched": m, "verdict": report.verdict(m), "models": report.models_summary(rows),
+            "mechanism": report.mechanism(rows, [0.5, 0.05]), "settings": {"seeds": seeds}, "workers": 2,
+            "cpu_capability": "AVX2", "elapsed_s": 10.0, "cpu_s": 19.0}
+
+
+def test_docs_blocks_compare_runs_and_rewrite_the_marked_blocks(tmp_path):
+    from rsa.demo import docs
+
+    rows = [{**r, "label": f"{r['method']} ({r['family']}) {r['setting']:g}"} for r in _rows()]
+    a = _report_of(rows)
+    table, agree = docs.compare(a, a)
+    assert agree and "verdict: the same" in table and " NO" not in table
+    flipped = [{**r, "cost_cvar95": r["cost_cvar95"] + (5.0 if r["family"] == "DPO->S" else 0.0)} for r in rows]
+    b = _report_of(flipped)                 # the ablation is now 3 above sacpo in every seed
+    assert b["matched"]["reward"]["DPO->S"]["cost_cvar95"]["outcome"] == "sacpo lower"
+    table, agree = docs.compare(a, b, ("here", "there"))
+    assert not agree and "verdict: DIFFERENT" in table
+    differing = [line for line in table.splitlines() if line.rstrip().endswith("NO")]
+    assert differing and all("DPO->S" in line for line in differing)
+    probe_line = next(line for line in table.splitlines() if line.startswith("beta / lambda 0.5 ") and "catastrophic" in line)
+    assert "rsa higher: +1.00" in probe_line and probe_line.rstrip().endswith("yes")   # the probe agrees
+    probe_flipped = json.loads(json.dumps(a))
+    probe_flipped["mechanism"]["rsa_dpo_minus_sacpo"]["0.05"]["catastrophic"]["outcome"] = "inconclusive"
+    table, agree = docs.compare(a, probe_flipped)
+    assert not agree and "verdict: the same" in table and table.count(" NO") == 1
+    found = docs.blocks(a, b)
+    assert found["summary"] == report.summary_text(a) and found["verdict"] == a["verdict"].splitlines()[-1]
+    assert found["run"] == "2 seeds, 2 worker processes, CPU capability AVX2: 10 s wall, 19 s of CPU"
+    assert found["cpu-check"].endswith("outcomes and verdict DISAGREE")
+
+    root = tmp_path / "repo"
+    (root / "docs" / "img").mkdir(parents=True)
+    (root / "README.md").write_text("intro\n<!-- demo:matched -->\nold\n<!-- /demo:matched -->\n"
+                                    "<!-- demo:run -->\n<!-- /demo:run -->\n"
+                                    "<!-- demo:verdict -->\n<!-- /demo:verdict -->\nend\n")
+    (root / "docs" / "demo.md").write_text("<!-- demo:run -->\n<!-- /demo:run -->\n"
+                                           "<!-- demo:summary -->\nstale\ntext\n<!-- /demo:summary -->\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.json").write_text(json.dumps({**a, "frontier": frontier.frontiers(rows)}))
+    assert docs.main([str(run), "--write", "--root", str(root)]) == 0
+    readme = (root / "README.md").read_text()
+    assert readme.startswith("intro\n<!-- demo:matched -->\n```\nmatched at") and readme.endswith("```\n<!-- /demo:verdict -->\nend\n")
+    assert "old" not in readme and a["verdict"].splitlines()[-1] in readme
+    assert "stale" not in (root / "docs" / "demo.md").read_text()
+    assert (root / "docs" / "img" / "demo-frontier.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="demo:nothing"):
+        docs.replace_block("no markers", "nothing", "x")
+    with pytest.raises(SystemExit):
+        docs.main([str(tmp_path / "missing")])
 
 
 def test_settings_change_starts_over(tmp_path):
@@ -273,17 +446,36 @@ def test_settings_change_starts_over(tmp_path):
         protocol.Settings(merge_weights=(0.0, 0.5))
 
 
-def test_protocol_configs_start_every_safety_step_from_the_helpfulness_model():
+def test_protocol_configs_start_every_safety_step_from_the_helpfulness_model(tmp_path):
     from rsa.config import load_config
-    from rsa.stepwise import stage_args
+    from rsa.stepwise import _reference_path, stage_args
 
     s = protocol.Settings()
+    assert s.seeds == 10
     cfg = load_config(protocol.run_config(s, 0, "rsa2", "rsa"))
     assert [st["name"] for st in cfg["stages"]] == ["helpful", "safe-0.5", "safe-0.25", "safe-0.125", "safe-0.05"]
     assert all(st["reference"] == "helpful" for st in cfg["stages"][1:])
     betas = [stage_args(st, cfg, Path("x"), False).beta for st in cfg["stages"]]
     assert betas == [0.5, 0.5, 0.25, 0.125, 0.05]
     assert max(s.safety_grid) / min(s.safety_grid) >= 10 and len(s.safety_grid) >= 4
+    # the ablation: rsa2 at the same grid, every step from (and referenced to) sacpo's helpfulness model
+    yaml_path = runs.write_yaml(protocol.ablation_config(s, 3), tmp_path / "seed3" / "rsa-dpo.yaml")
+    abl = load_config(yaml_path)
+    assert abl["model"] == str((tmp_path / "seed3" / "sacpo" / "helpful").resolve())
+    assert [st["name"] for st in abl["stages"]] == ["safe-0.5", "safe-0.25", "safe-0.125", "safe-0.05"]
+    for st in abl["stages"]:
+        assert _reference_path(st, abl, Path("previous-stage")) == Path(abl["model"])
+        assert st["data"]["path"].endswith("seed3/data/safe.jsonl")
+    args = [stage_args(st, abl, Path("x"), False) for st in abl["stages"]]
+    assert [a.beta for a in args] == [0.5, 0.25, 0.125, 0.05]
+    scfg = load_config(protocol.run_config(s, 3, "dpo", "sacpo"))
+    sacpo_safe = [stage_args(st, scfg, Path("x"), False) for st in scfg["stages"][1:]]
+    for a, b in zip(args, sacpo_safe):
+        assert (a.objective, a.risk, a.alpha) == ("rsa2", s.rsa_risk, s.rsa_alpha) and b.objective == "dpo"
+        assert (a.seed, a.learning_rate, a.max_steps, a.per_device_train_batch_size) == \
+            (b.seed, b.learning_rate, b.max_steps, b.per_device_train_batch_size)
+    labels = [m.label for m in protocol.models(s)]
+    assert labels.count("rsa (DPO->S) 0.05") == 1 and len(labels) == 21
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -291,11 +483,32 @@ def test_protocol_configs_start_every_safety_step_from_the_helpfulness_model():
 
 def _finished(out: Path) -> dict:
     """Every file marking finished work, with its modification time."""
-    marks = [*out.glob("seed0/sft/demo_sft.json"), *out.glob("seed0/data/stats.json"),
-             *out.glob("seed0/*/*/stage.json"), *out.glob("seed0/merge/*/merge.json"), *out.glob("seed0/eval/*.json")]
+    marks = [*out.glob("seed*/sft/demo_sft.json"), *out.glob("seed*/data/stats.json"),
+             *out.glob("seed*/*/*/stage.json"), *out.glob("seed*/merge/*/merge.json"), *out.glob("seed*/eval/*.json")]
     return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in marks}
 
 
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper that a container may lack is not running)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker processes in /proc")
 def test_rsa_demo_quick_killed_then_resumed(tmp_path):
     pytest.importorskip("rsa.stepwise")
     from rsa.cli import main
@@ -303,52 +516,101 @@ def test_rsa_demo_quick_killed_then_resumed(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "rsa.cli", "demo", "--quick", "--out", str(out), "--no-progress"],
+    args = ["demo", "--quick", "--seeds", "2", "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "rsa.cli", *args, "--workers", "2"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        # kill it once the first stage has finished (the next one is then under way)
+        # kill it once both workers have finished a stage (the next ones are then under way)
         deadline = time.time() + 300
-        while not (out / "seed0" / "sacpo" / "helpful" / "stage.json").is_file():
+        while not all((out / f"seed{k}" / "sacpo" / "helpful" / "stage.json").is_file() for k in (0, 1)):
             assert proc.poll() is None and time.time() < deadline, "the demo ended before it could be killed"
             time.sleep(0.05)
+        workers = _children(proc.pid)
     finally:
         proc.kill()
         proc.wait()
+    assert len(workers) >= 2
+    deadline = time.time() + 20
+    while any(_alive(w) for w in workers):
+        assert time.time() < deadline, "the workers outlived the killed demo"
+        time.sleep(0.1)
     before = _finished(out)
-    assert "seed0/sacpo/helpful/stage.json" in before and not (out / "report.json").exists()
+    assert {"seed0/sacpo/helpful/stage.json", "seed1/sacpo/helpful/stage.json"} <= set(before)
+    assert not (out / "report.json").exists()
 
-    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    # resumed with two workers: nothing finished is redone
+    assert main([*args, "--workers", "2"]) == 0
     after = _finished(out)
-    assert {k: after[k] for k in before} == before                      # nothing finished was redone
+    assert {k: after[k] for k in before} == before
     rep = json.loads((out / "report.json").read_text())
-    assert set(rep) >= {"methods", "verdict", "settings", "data", "elapsed_s", "frontier", "matched"}
+    assert set(rep) >= {"methods", "verdict", "settings", "data", "elapsed_s", "frontier", "matched", "mechanism"}
+    assert rep["settings"]["seeds"] == 2 and rep["workers"] == 2
     assert set(rep["methods"]) == {"sft", "dpo", "ra-dpo", "sacpo", "rsa"}
     for name, entry in rep["methods"].items():
         for key in report.METRICS:
             assert np.isfinite(entry[key]), (name, key)
-        assert len(entry["seeds"]) == 1
+        assert len(entry["seeds"]) == 2
     assert rep["methods"]["sft"]["kl_to_sft"] == 0
     assert all(rep["methods"][m]["kl_to_sft"] > 0 for m in ("dpo", "ra-dpo", "sacpo", "rsa"))   # training moved them
-    assert set(rep["frontier"]) == {"H->S", "P"}
-    for family, knob, values in (("H->S", "beta_over_lambda", [0.5, 0.05]), ("P", "merge_weight", [0.25, 0.75])):
+    assert set(rep["frontier"]) == {"H->S", "DPO->S", "P"}
+    for family, knob, methods, values in (("H->S", "beta_over_lambda", ("sacpo", "rsa"), [0.5, 0.05]),
+                                          ("DPO->S", "beta_over_lambda", ("rsa",), [0.5, 0.05]),
+                                          ("P", "merge_weight", ("sacpo", "rsa"), [0.25, 0.75])):
         entries = rep["frontier"][family]
-        assert [(e["method"], e[knob]) for e in entries] == [(m, v) for m in ("sacpo", "rsa") for v in values]
+        assert [(e["method"], e[knob]) for e in entries] == [(m, v) for m in methods for v in values]
         for e in entries:
-            assert set(e["std"]) == set(frontier.POINT_METRICS)
+            assert set(e["std"]) == set(e["ci95"]) == set(frontier.POINT_METRICS)
             assert all(np.isfinite(e[k]) for k in frontier.POINT_METRICS)
+            lo, hi = e["ci95"]["kl_to_sft"]
+            assert 0 <= lo <= e["kl_to_sft"] <= hi
     assert set(rep["matched"]) == {"reward", "kl"}
     for axis in rep["matched"].values():
-        for family in ("H->S", "P"):
-            for metric in ("cost_cvar95", "catastrophic_rate"):
-                e = axis[family][metric]
-                assert e["seeds"] == 1 and len(e["per_seed"]) == 1
-                assert e["outcome"] in ("rsa lower", "sacpo lower", "neither", "no overlap")
-    assert rep["verdict"].splitlines()[-1].startswith("Verdict:")
+        assert set(axis) == {"H->S", "P", "DPO->S"}
+        for family in axis.values():
+            for e in family.values():
+                assert e["seeds"] == 2 and len(e["per_seed"]) == 2
+                assert e["outcome"] in ("rsa lower", "sacpo lower", "inconclusive", "no overlap")
+                assert (e["ci95"] is None) == (e["overlapping_seeds"] < 2)
+    mech = rep["mechanism"]
+    assert set(mech["rsa_dpo_minus_sacpo"]) == {"0.5", "0.05"}
+    sft_probe = mech["models"]["sft"]["catastrophic"]
+    assert sft_probe["positions"] > 0 and np.isfinite(sft_probe["mean_logp"]) and sft_probe["mean_logp"] < 0
+    assert rep["verdict"].splitlines()[-1].startswith("Verdict")
     for name in ("frontier.png", "tail.png", "training.png"):
         assert (out / name).stat().st_size > 0
 
-    # once finished, a third call redoes nothing and reports the same numbers
-    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    # once finished, a third call (in this process) redoes nothing and reports the same numbers
+    assert main([*args, "--workers", "1"]) == 0
     assert _finished(out) == after
     again = json.loads((out / "report.json").read_text())
     assert again["frontier"] == rep["frontier"] and again["matched"] == rep["matched"]
+    assert again["mechanism"] == rep["mechanism"]
+
+
+def test_a_seed_gives_the_same_results_in_any_process(tmp_path):
+    """Seeds are independent: seed 1 run here (after whatever this process ran before) and in a
+    fresh worker process gives the same bits."""
+    pytest.importorskip("rsa.stepwise")
+    from rsa.demo import workers
+
+    s = protocol.Settings(seeds=2, sft_steps=4, pairs_per_prompt=4, max_steps=2, eval_per_prompt=6,
+                          safety_grid=(0.5,), merge_weights=(0.5,))
+    quiet = runs.Progress(s, enabled=False)
+    with workers.one_thread():
+        here = runs.run_seed(s, 1, tmp_path / "here", quiet)
+    [(seed, there)] = list(workers.parallel_map(runs._seed_job, [(s, 1, tmp_path / "there")], 2, quiet))
+    assert seed == 1 and here == there
+    files = sorted((tmp_path / "here").glob("seed1/eval/*"))
+    assert len(files) == 2 * len(protocol.models(s))
+    for f in files:
+        assert f.read_bytes() == (tmp_path / "there" / f.relative_to(tmp_path / "here")).read_bytes(), f
+
+
+def test_demo_command_rejects_bad_counts(capsys):
+    from rsa.cli import main
+
+    for flag in ("--seeds", "--workers"):
+        assert main(["demo", "--quick", flag, "0", "--out", "unused"]) == 2
+        assert capsys.readouterr().err.strip() == f"rsa demo: error: {flag} must be at least 1, got 0"
+    with pytest.raises(ValueError, match="workers"):
+        runs.run_demo("unused", protocol.Settings.quick(), workers=0)

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import stats
+from .protocol import COMPARISONS
+
 # The per-seed result of comparing curve a with curve b over their common x.
 A_LOWER, B_LOWER, EQUAL, CROSSING = "a lower", "b lower", "equal", "crossing"
 
@@ -68,34 +71,42 @@ def compare(a, b) -> dict | None:
 
 
 def over_seeds(per_seed: list[dict | None], a: str = "rsa", b: str = "sacpo") -> dict:
-    """Summarise one comparison (a - b) over seeds: the spread of the mean difference over the
-    seeds where the curves overlap, and in how many seeds a is lower.
+    """Summarise one comparison (a - b) over seeds: the mean, spread and 95% t interval of the
+    per-seed mean difference over the seeds where the curves overlap, and in how many seeds a is
+    lower.
 
-    ``outcome``: "no overlap" (in no seed), "<a> lower" / "<b> lower" (the mean difference has
-    that sign in every seed with an overlap), or "neither" (signs differ, or a tie).
+    ``outcome``: "no overlap" (in no seed); "<a> lower" when the interval lies below 0, "<b>
+    lower" when it lies above 0; "inconclusive" otherwise, or when fewer than two seeds overlap
+    (no interval).
     """
     rows = [r for r in per_seed if r is not None]
     diffs = np.array([r["mean_diff"] for r in rows], float)
+    ci = stats.t_interval(diffs)
     out = {
         "seeds": len(per_seed), "overlapping_seeds": len(rows),
         "diff_mean": float(diffs.mean()) if rows else None,
         # ddof=0, as for every spread of the demo: one seed gives 0, not NaN
         "diff_std": float(diffs.std()) if rows else None,
+        "ci95": ci,
         f"{a}_lower_seeds": int(np.sum(diffs < 0)), f"{b}_lower_seeds": int(np.sum(diffs > 0)),
         f"{a}_lower_everywhere_seeds": sum(r["dominance"] == A_LOWER for r in rows),
         f"{b}_lower_everywhere_seeds": sum(r["dominance"] == B_LOWER for r in rows),
         "crossing_seeds": sum(r["dominance"] == CROSSING for r in rows),
         "per_seed": [r if r is None else {**r, "dominance": _name(r["dominance"], a, b)} for r in per_seed],
     }
-    if not rows:
-        out["outcome"] = "no overlap"
-    elif np.all(diffs < 0):
-        out["outcome"] = f"{a} lower"
-    elif np.all(diffs > 0):
-        out["outcome"] = f"{b} lower"
-    else:
-        out["outcome"] = "neither"
+    out["outcome"] = outcome(ci, len(rows), a, b)
     return out
+
+
+def outcome(ci: list[float] | None, overlapping: int, a: str = "rsa", b: str = "sacpo") -> str:
+    """The outcome of a difference a - b with 95% interval ``ci`` over ``overlapping`` seeds."""
+    if overlapping == 0:
+        return "no overlap"
+    if ci is not None and ci[1] < 0:
+        return f"{a} lower"
+    if ci is not None and ci[0] > 0:
+        return f"{b} lower"
+    return "inconclusive"
 
 
 def _name(dominance: str, a: str, b: str) -> str:
@@ -104,16 +115,23 @@ def _name(dominance: str, a: str, b: str) -> str:
 
 # ---------------------------------------------------------------------------- the demo's frontiers
 
-KNOB = {"H->S": "beta_over_lambda", "P": "merge_weight"}   # family -> its knob's report.json name
+KNOB = {"H->S": "beta_over_lambda", "DPO->S": "beta_over_lambda", "P": "merge_weight"}   # family -> its knob
 METHODS = ("sacpo", "rsa")
 POINT_METRICS = ("reward_mean", "cost_cvar95", "catastrophic_rate", "kl_to_sft")
+NONNEGATIVE = {"cost_cvar95", "catastrophic_rate", "kl_to_sft", "cost_mean"}   # intervals clipped at 0
 AXES = {"reward": "reward_mean", "kl": "kl_to_sft"}         # matched at equal reward / equal KL to SFT
 TAIL_METRICS = ("cost_cvar95", "catastrophic_rate")
 
 
+def seed_interval(values, metric: str) -> list[float] | None:
+    """The 95% t interval of a metric's mean over seeds, clipped at 0 where the metric cannot be negative."""
+    return stats.clipped(stats.t_interval(values), 0.0 if metric in NONNEGATIVE else None)
+
+
 def frontiers(rows: list[dict]) -> dict:
     """report.json's "frontier": {FAMILY: [{"method", KNOB, metric means over seeds, "std":
-    {metric: spread over seeds}, "seeds": [per-seed values]}]} in knob order, sacpo first.
+    {metric: spread over seeds}, "ci95": {metric: 95% t interval of the mean}, "seeds":
+    [per-seed values]}]} in knob order, sacpo first; a family lists the methods it has.
 
     ``rows``: one per model and seed, with "seed", "method", "family", "setting" and the metrics.
     """
@@ -127,9 +145,11 @@ def frontiers(rows: list[dict]) -> dict:
                 entry = {"method": method, knob: setting}
                 entry.update({m: float(np.mean([r[m] for r in per_seed])) for m in POINT_METRICS})
                 entry["std"] = {m: float(np.std([r[m] for r in per_seed])) for m in POINT_METRICS}
+                entry["ci95"] = {m: seed_interval([r[m] for r in per_seed], m) for m in POINT_METRICS}
                 entry["seeds"] = [{"seed": r["seed"], **{m: r[m] for m in POINT_METRICS}} for r in per_seed]
                 entries.append(entry)
-        out[family] = entries
+        if entries:
+            out[family] = entries
     return out
 
 
@@ -141,17 +161,18 @@ def points(rows: list[dict], family: str, method: str, seed: int, x: str, y: str
 
 def matched(rows: list[dict], seeds: int) -> dict:
     """report.json's "matched": {"reward" | "kl": {FAMILY: {METRIC: over_seeds(...)}}}: per seed,
-    RSA's curve minus SACPO's, over the reward (or KL to SFT) both frontiers reach."""
+    RSA's curve minus SACPO's (protocol.COMPARISONS: for DPO->S, SACPO's H->S curve), over the
+    reward (or KL to SFT) both frontiers reach."""
     out = {}
     for axis, x in AXES.items():
         out[axis] = {}
-        for family in KNOB:
+        for family, (rsa, sacpo) in COMPARISONS.items():
             out[axis][family] = {}
             for y in TAIL_METRICS:
                 per_seed = []
                 for seed in range(seeds):
-                    a = points(rows, family, "rsa", seed, x, y)
-                    b = points(rows, family, "sacpo", seed, x, y)
+                    a = points(rows, rsa[1], rsa[0], seed, x, y)
+                    b = points(rows, sacpo[1], sacpo[0], seed, x, y)
                     per_seed.append(compare(a, b) if a[0] and b[0] else None)
                 out[axis][family][y] = over_seeds(per_seed, "rsa", "sacpo")
     return out

@@ -6,10 +6,12 @@ Per seed, on the same data, steps, batch size, learning rate and seed:
   ra-dpo (H)          helpfulness step, objective rsa2 with the risk   (RSA's first step)
   sacpo (H->S) G      dpo (H), then a safety step with objective dpo at beta / lambda = G
   rsa (H->S) G        ra-dpo (H), then a safety step with objective rsa2 at beta / lambda = G
+  rsa (DPO->S) G      dpo (H), then the rsa2 safety step at G: the ablation that isolates RSA's
+                      safety step (the same start, reference and data as sacpo (H->S) G)
   sacpo (P) W         (1 - W) dpo (H) + W sacpo (H->S) at the grid's smallest G   (rsa merge)
   rsa (P) W           (1 - W) ra-dpo (H) + W rsa (H->S) at the grid's smallest G
 
-Each safety step starts from its method's helpfulness model, which is also its reference.
+Each safety step starts from the helpfulness model named above, which is also its reference.
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ from . import sft, task
 
 @dataclass
 class Settings:
-    seeds: int = 3
+    # 10: enough for a t interval over seeds to decide (docs/demo.md, issue 19); the seeds run
+    # in parallel worker processes, one per core.
+    seeds: int = 10
     sft_steps: int = 200
     pairs_per_prompt: int = 96       # sampled pairs per prompt, per preference file, before ties are dropped
     max_steps: int = 60              # per alignment stage
@@ -75,12 +79,17 @@ class Model:
     key: str                 # unique and folder-safe: names the evaluation cache
     label: str               # what the table and the plots call it
     method: str              # sft, dpo, ra-dpo, sacpo or rsa
-    family: str | None       # "H", "H->S", "P" (None for sft)
+    family: str | None       # "H", "H->S", "DPO->S", "P" (None for sft)
     setting: float | None    # beta / lambda (H->S) or merge weight (P)
     path: str                # the model folder, relative to the seed folder
 
 
 HELPFUL = {"sacpo": ("dpo", "dpo"), "rsa": ("ra-dpo", "rsa2")}   # method -> (its H model's name, objective)
+ABLATION = "rsa-dpo"          # the folder (and YAML) of the rsa2 safety steps from dpo (H)
+# family -> ((method, family) of RSA's curve, (method, family) of SACPO's curve it is compared with)
+COMPARISONS = {"H->S": (("rsa", "H->S"), ("sacpo", "H->S")),
+               "P": (("rsa", "P"), ("sacpo", "P")),
+               "DPO->S": (("rsa", "DPO->S"), ("sacpo", "H->S"))}
 
 
 def safe_stage(g: float) -> str:
@@ -88,7 +97,7 @@ def safe_stage(g: float) -> str:
 
 
 def model_key(method: str, family: str | None = None, setting: float | None = None) -> str:
-    tag = {None: None, "H": "H", "H->S": "HS", "P": "P"}[family]
+    tag = {None: None, "H": "H", "H->S": "HS", "DPO->S": "DS", "P": "P"}[family]
     return "-".join([method] + ([tag] if tag else []) + ([f"{setting:g}"] if setting is not None else []))
 
 
@@ -98,6 +107,8 @@ def models(s: Settings) -> list[Model]:
     for m in HELPFUL:
         out += [Model(model_key(m, "H->S", g), f"{m} (H->S) {g:g}", m, "H->S", g, f"{m}/{safe_stage(g)}")
                 for g in s.safety_grid]
+    out += [Model(model_key("rsa", "DPO->S", g), f"rsa (DPO->S) {g:g}", "rsa", "DPO->S", g, f"{ABLATION}/{safe_stage(g)}")
+            for g in s.safety_grid]
     for m in HELPFUL:
         out += [Model(model_key(m, "P", w), f"{m} (P) {w:g}", m, "P", w, f"merge/{m}-{w:g}")
                 for w in s.merge_weights]
@@ -139,3 +150,13 @@ def run_config(s: Settings, seed: int, objective: str, name: str) -> dict:
         "model": "sft", "output_dir": name, "defaults": stage_defaults(s, seed, objective),
         "stages": [{"name": "helpful", "data": {"path": "data/helpful.jsonl", "preference": "helpful"}}, *safety],
     }
+
+
+def ablation_config(s: Settings, seed: int) -> dict:
+    """The `rsa train` config of the ablation: the rsa2 safety step at every beta / lambda of the
+    grid, each started from and referenced to SACPO's helpfulness model (dpo (H)), on the same
+    safety data and seed as SACPO's safety steps."""
+    stages = [{"name": safe_stage(g), "data": {"path": "data/safe.jsonl", "preference": "safe"},
+               "lambda": round(s.beta / g, 12), "reference": "model"} for g in s.safety_grid]
+    return {"model": "sacpo/helpful", "output_dir": ABLATION, "defaults": stage_defaults(s, seed, "rsa2"),
+            "stages": stages}

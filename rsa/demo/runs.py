@@ -1,11 +1,16 @@
-"""The demo's pipeline: per seed, SFT -> preference files -> both methods' stages (rsa train)
--> the merges (rsa merge) -> every model evaluated; then the frontiers, their comparison,
-report.json and the plots. The models and settings are defined in protocol.py.
+"""The demo's pipeline: per seed, SFT -> preference files -> both methods' stages and the
+ablation's (rsa train) -> the merges (rsa merge) -> every model evaluated and probed; then the
+frontiers, their comparison, the mechanism probe, report.json and the plots. The models and
+settings are defined in protocol.py.
+
+Seeds are independent, so they run in parallel worker processes (one torch thread each, as
+many as there are cores); a seed's results do not depend on which process ran it.
 
 Nothing is lost on interruption: the SFT model and the data are written to a temporary
 folder renamed when complete, the trainer skips finished stages, a merge is finished when
 its merge.json (written last) exists, and every evaluation is cached per model (keyed by
-the hash of its weights), so a killed demo started again continues where it stopped.
+the hash of its weights), so a killed demo started again continues where it stopped. Workers
+exit when the main process dies, so a killed run leaves nothing behind writing to the folder.
 """
 from __future__ import annotations
 
@@ -23,9 +28,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import data, evaluate, frontier, report, sft
-from .protocol import (HELPFUL, Model, Settings, legacy_methods, model_key, models, run_config,  # noqa: F401
-                       safe_stage)
+from . import data, evaluate, frontier, probe, report, sft
+from . import workers as workers_
+from .protocol import (ABLATION, HELPFUL, Model, Settings, ablation_config, legacy_methods,  # noqa: F401
+                       model_key, models, run_config, safe_stage)
 
 
 def write_yaml(cfg: dict, path: Path) -> Path:
@@ -48,24 +54,33 @@ def stage_log(stage_dir: Path) -> list[dict]:
 # ---------------------------------------------------------------------------- progress
 
 
+def eval_units(s: Settings) -> int:
+    """Progress units of one model's evaluation and probe."""
+    return max(1, s.eval_per_prompt // 6)
+
+
 class Progress:
     """One bar over the whole run, in work units of roughly 50 ms of one quiet core each
     (a training step is one unit; the weights below were measured on this machine)."""
     DATA, MERGE = 20, 2
 
-    def __init__(self, s: Settings, enabled: bool):
-        self.eval_units = max(1, s.eval_per_prompt // 6)
-        per_seed = (s.sft_steps + self.DATA + (2 + 2 * len(s.safety_grid)) * s.max_steps
-                    + 2 * len(s.merge_weights) * self.MERGE + len(models(s)) * self.eval_units)
-        self.bar = tqdm(total=s.seeds * per_seed, desc="rsa demo", disable=not enabled, unit="u", mininterval=0.5,
+    def __init__(self, s: Settings, enabled: bool, workers: int = 1):
+        stages = 2 + 3 * len(s.safety_grid)    # two helpfulness steps, three safety steps per grid point
+        per_seed = (s.sft_steps + self.DATA + stages * s.max_steps
+                    + 2 * len(s.merge_weights) * self.MERGE + len(models(s)) * eval_units(s))
+        self.prefix = "rsa demo" + (f" ({workers} workers)" if workers > 1 else "")
+        self.bar = tqdm(total=s.seeds * per_seed, desc=self.prefix, disable=not enabled, unit="u", mininterval=0.5,
                         bar_format="{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}]{postfix}")
 
     def doing(self, what: str):
-        self.bar.set_description(f"rsa demo: {what}", refresh=False)
+        self.bar.set_description(f"{self.prefix}: {what}", refresh=False)
         self.bar.set_postfix_str("")
 
     def advance(self, units: int):
         self.bar.update(units)
+
+    def postfix(self, **kw):
+        self.bar.set_postfix(**kw)
 
     def close(self):
         self.bar.close()
@@ -84,7 +99,7 @@ def progress_callback(progress: Progress, label: str):
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
-                progress.bar.set_postfix(loss=f"{logs['loss']:.3f}", acc=f"{logs.get('rewards/accuracy', 0):.2f}")
+                progress.postfix(loss=f"{logs['loss']:.3f}", acc=f"{logs.get('rewards/accuracy', 0):.2f}")
 
     return StepBar()
 
@@ -147,16 +162,25 @@ def ensure_data(s: Settings, seed: int, root: Path, model, sft_loss: float, prog
     return stats
 
 
+def stage_configs(s: Settings, seed: int) -> dict[str, dict]:
+    """YAML name -> `rsa train` config, in the order they must run: both methods, then the
+    ablation (which starts from SACPO's helpfulness model)."""
+    cfgs = {method: run_config(s, seed, objective, method) for method, (_, objective) in HELPFUL.items()}
+    cfgs[ABLATION] = ablation_config(s, seed)
+    return cfgs
+
+
 def ensure_stages(s: Settings, seed: int, root: Path, progress: Progress):
-    """Both methods' helpfulness and safety stages (the trainer skips the finished ones)."""
+    """Both methods' helpfulness and safety stages and the ablation's safety stages (the trainer
+    skips the finished ones)."""
     from rsa.config import load_config
     from rsa.stepwise import STAGE_FILE, run_stages
 
-    for method, (_, objective) in HELPFUL.items():
-        cfg = run_config(s, seed, objective, method)
+    for name, cfg in stage_configs(s, seed).items():
+        method = cfg["output_dir"]
         done = sum((root / method / st["name"] / STAGE_FILE).is_file() for st in cfg["stages"])
         progress.advance(done * s.max_steps)
-        cfg_path = write_yaml(cfg, root / f"{method}.yaml")
+        cfg_path = write_yaml(cfg, root / f"{name}.yaml")
         # With its own bars off the Trainer prints every logged step to stdout (60 dicts a
         # stage); they are all in the stage's metrics.jsonl, so keep the terminal for the bar.
         with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
@@ -180,29 +204,31 @@ def cache_paths(root: Path, key: str) -> tuple[Path, Path]:
     return root / "eval" / f"{key}.json", root / "eval" / f"{key}.costs.npy"
 
 
-def evaluate_model(s: Settings, seed: int, root: Path, m: Model, sft_model, progress: Progress) -> dict:
-    """The model's summary, from its cache when the cache is of these weights and settings."""
+def evaluate_model(s: Settings, seed: int, root: Path, m: Model, sft_model, probe_set, progress: Progress) -> dict:
+    """The model's summary and probe, from its cache when the cache is of these weights and
+    settings. ``probe_set()`` gives the seed's probe.ProbeSet (built on first use)."""
     summary_path, costs_path = cache_paths(root, m.key)
     folder = root / m.path
     key = {"model": m.path, "weights_sha256": weights_hash(folder), "eval_per_prompt": s.eval_per_prompt,
-           "eval_seed": 10_000 + seed}
+           "eval_seed": 10_000 + seed, "probe_seed": probe.probe_seed(seed)}
     if summary_path.is_file() and costs_path.is_file():
         cached = json.loads(summary_path.read_text())
         if cached.get("key") == key:
-            progress.advance(progress.eval_units)
+            progress.advance(eval_units(s))
             return cached["summary"]
     progress.doing(f"seed {seed} evaluate {m.label}")
     policy = sft_model if m.key == "sft" else sft.load_model(folder)
     # The same sampling seed for every model: differences are the models', not the dice's.
     samples = evaluate.score(policy, sft_model, s.eval_per_prompt, seed=key["eval_seed"])
     summary = evaluate.summarize(samples)
+    summary["probe"] = probe.probe_logps(policy, probe_set())
     summary_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = costs_path.with_name(costs_path.name + ".partial")
     with open(tmp, "wb") as fh:
         np.save(fh, samples.cost.astype(np.float32))
     os.replace(tmp, costs_path)
     _write_atomic(summary_path, json.dumps({"key": key, "summary": summary}, indent=1) + "\n")  # written last
-    progress.advance(progress.eval_units)
+    progress.advance(eval_units(s))
     return summary
 
 
@@ -214,9 +240,16 @@ def run_seed(s: Settings, seed: int, out: Path, progress: Progress) -> tuple[lis
     stats = ensure_data(s, seed, root, model, sft_loss, progress)
     ensure_stages(s, seed, root, progress)
     ensure_merges(s, seed, root, progress)
+    built = []
+
+    def probe_set():
+        if not built:
+            built.append(probe.probe_set(model, s.eval_per_prompt, seed))
+        return built[0]
+
     rows = []
     for m in models(s):
-        summary = evaluate_model(s, seed, root, m, model, progress)
+        summary = evaluate_model(s, seed, root, m, model, probe_set, progress)
         rows.append({"seed": seed, "key": m.key, "label": m.label, "method": m.method, "family": m.family,
                      "setting": m.setting, **summary})
     return rows, stats
@@ -231,8 +264,10 @@ def training_logs(out: Path, s: Settings, seed: int = 0) -> dict:
     """run -> stage -> logged steps, for training.png."""
     root = Path(out).resolve() / f"seed{seed}"
     names = ["helpful"] + [safe_stage(g) for g in s.safety_grid]
-    return {f"{m} ({objective})": {n: stage_log(root / m / n) for n in names}
+    logs = {f"{m} ({objective})": {n: stage_log(root / m / n) for n in names}
             for m, (_, objective) in HELPFUL.items()}
+    logs["rsa (DPO->S, rsa2)"] = {n: stage_log(root / ABLATION / n) for n in names[1:]}
+    return logs
 
 
 # ---------------------------------------------------------------------------- the whole run
@@ -261,38 +296,39 @@ def check_settings(out: Path, s: Settings, fresh: bool) -> str | None:
     return note
 
 
-def run_demo(out: Path, s: Settings, progress: bool = True, fresh: bool = False) -> dict:
-    """All seeds, then the tables, report.json and the plots. Returns the report dict."""
-    # One thread: the model is tiny, so extra threads only add synchronisation, and on a
-    # shared machine oversubscribed threads made every step several times slower.
-    from transformers.utils import logging as hf_logging
-
-    threads, hf_bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
-    torch.set_num_threads(1)
-    hf_logging.disable_progress_bar()   # "Loading weights" bars for every tiny model: noise here
-    try:
-        return _run_demo(Path(out), s, progress, fresh)
-    finally:
-        torch.set_num_threads(threads)
-        if hf_bars:
-            hf_logging.enable_progress_bar()
+def run_demo(out: Path, s: Settings, progress: bool = True, fresh: bool = False, workers: int | None = None) -> dict:
+    """All seeds (in ``workers`` processes; default: one per usable core, at most one per seed),
+    then the tables, report.json and the plots. Returns the report dict."""
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    workers = min(workers or workers_.usable_cores(), s.seeds)
+    with workers_.one_thread():
+        return _run_demo(Path(out), s, progress, fresh, workers)
 
 
-def _run_demo(out: Path, s: Settings, progress: bool, fresh: bool) -> dict:
+def _seed_job(job, progress) -> tuple[int, tuple[list[dict], dict]]:
+    s, seed, out = job
+    return seed, run_seed(s, seed, out, progress)
+
+
+def _run_demo(out: Path, s: Settings, progress: bool, fresh: bool, workers: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     start, cpu_start = time.time(), time.process_time()
+    children_start = os.times()
     note = check_settings(out, s, fresh)
     if note and progress:
         tqdm.write(note)
-    rows, data_stats = [], []
-    bar = Progress(s, progress)
+    bar = Progress(s, progress, workers)
     try:
-        for seed in range(s.seeds):
-            seed_rows, stats = run_seed(s, seed, out, bar)
-            rows += seed_rows
-            data_stats.append({"seed": seed, **stats})
+        jobs = [(s, seed, out.resolve()) for seed in range(s.seeds)]
+        results = dict(workers_.parallel_map(_seed_job, jobs, workers, bar))
     finally:
         bar.close()
+    rows, data_stats = [], []
+    for seed in range(s.seeds):
+        seed_rows, stats = results[seed]
+        rows += seed_rows
+        data_stats.append({"seed": seed, **stats})
 
     by_key = {}
     for r in rows:
@@ -300,22 +336,27 @@ def _run_demo(out: Path, s: Settings, progress: bool, fresh: bool) -> dict:
     methods = report.aggregate({name: by_key[key] for name, key in legacy_methods(s).items()})
     fronts = frontier.frontiers(rows)
     matched = frontier.matched(rows, s.seeds)
+    mechanism = report.mechanism(rows, s.safety_grid)
     text = report.verdict(matched)
 
-    # tail.png: per family, the sacpo and rsa points nearest one reward both frontiers reach
+    # tail.png: per compared family, the sacpo and rsa points nearest one reward both frontiers reach
     tail_costs = {"sft": load_costs(out, s.seeds, "sft")}
     for family, chosen in report.tail_picks(fronts).items():
-        for p in chosen:
-            key = model_key(p["method"], family, p[frontier.KNOB[family]])
-            tail_costs[report.point_label(family, p)] = load_costs(out, s.seeds, key)
+        for point_family, p in chosen:
+            key = model_key(p["method"], point_family, p[frontier.KNOB[point_family]])
+            tail_costs[report.point_label(point_family, p)] = load_costs(out, s.seeds, key)
     report.plot_tail(out, tail_costs)
     report.plot_training(out, training_logs(out, s))
-    anchors = report.aggregate({name: by_key[model_key(*k)] for name, k in
-                                (("sft", ("sft",)), ("dpo (H)", ("dpo", "H")), ("ra-dpo (H)", ("ra-dpo", "H")))})
-    report.plot_frontier(out, fronts, anchors)
-    extra = {"verdict": text, "settings": asdict(s), "data": data_stats,
-             "elapsed_s": round(time.time() - start, 1), "cpu_s": round(time.process_time() - cpu_start, 1),
-             "frontier": fronts, "matched": matched}
+    models_ = report.models_summary(rows)
+    report.plot_frontier(out, fronts, report.anchors(models_))
+    children = os.times()
+    cpu_s = (time.process_time() - cpu_start + children.children_user - children_start.children_user
+             + children.children_system - children_start.children_system)
+    extra = {"verdict": text, "settings": asdict(s), "data": data_stats, "workers": workers,
+             # PyTorch's CPU kernels round differently per instruction set: say which ones ran
+             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+             "elapsed_s": round(time.time() - start, 1), "cpu_s": round(cpu_s, 1),
+             "models": models_, "frontier": fronts, "matched": matched, "mechanism": mechanism}
     if note:
         extra["note"] = note
     report.write_json(out, methods, extra)
