@@ -133,7 +133,7 @@ def check_4bit_available(at: str):
         import bitsandbytes  # noqa: F401
     except ImportError as err:
         raise ValueError(f"{at}: 4bit needs bitsandbytes, which is not installed here "
-                         "(pip install 'bitsandbytes>=0.45')") from err
+                         "(pip install 'bitsandbytes>=0.50', or the project's qlora extra)") from err
 
 
 def check_lora_chain(stages: list[dict], defaults: dict, where: str):
