@@ -132,9 +132,9 @@ def _lora_start(stage: dict, reference: Path, dtype: str) -> tuple[Path, list]:
 def _parameter_counts(model) -> dict:
     if hasattr(model, "get_nb_trainable_parameters"):   # PEFT: counts a 4-bit weight's elements
         trainable, total = model.get_nb_trainable_parameters()
-    else:
-        total = sum(p.numel() for p in model.parameters())
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    else:   # ds_numel: a parameter DeepSpeed ZeRO-3 partitioned at load time
+        sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+        total, trainable = sum(n for n, _ in sizes), sum(n for n, grad in sizes if grad)
     return {"trainable_parameters": trainable, "parameters": total}
 
 
