@@ -143,7 +143,7 @@ def check_lora_chain(stages: list[dict], defaults: dict, where: str):
     for i, st in enumerate(stages):
         values = {**defaults, **st["overrides"]}
         ref = st["reference"]
-        start = (stages[i - 1]["name"] if i else None) if ref == "previous" else ref
+        start = {"previous": stages[i - 1]["name"] if i else None, "model": None}.get(ref, ref)
         parent = by_name.get(start)
         at = f"{where}: stages[{i}] ({st['name']})"
         if st["lora"] is not None and st["lora"]["quantization"] and (values.get("fsdp") or values.get("deepspeed")):
@@ -310,7 +310,7 @@ class AdapterDeltas:
 
     def __init__(self, folder):
         from accelerate import init_empty_weights
-        from peft import PeftModel
+        from peft import LoraConfig, get_peft_model
         from peft.tuners.lora import Linear as LoraLinear
         from peft.tuners.lora import LoraLayer
         from safetensors.torch import load_file
@@ -320,7 +320,13 @@ class AdapterDeltas:
         self.base = Path(chain["base"])
         with init_empty_weights():
             skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(self.base)))
-        peft_model = _stack(skeleton, chain["adapters"])
+        peft_model = None   # the adapters' layers and scalings, without their weights
+        for i, adapter in enumerate(chain["adapters"]):
+            config = LoraConfig.from_pretrained(str(adapter))
+            if peft_model is None:
+                peft_model = get_peft_model(skeleton, config, adapter_name=FROZEN.format(i))
+            else:
+                peft_model.add_adapter(FROZEN.format(i), config)
         self.terms: dict[str, list] = {}
         for i, adapter in enumerate(chain["adapters"]):
             name = FROZEN.format(i)
