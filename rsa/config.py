@@ -11,6 +11,7 @@ YAML schema (relative paths are resolved against the YAML file's folder)::
                eval_path: FILE, split: FRACTION held out for evaluation, max_samples: N}
         lambda: 2.0             # optional: this stage's beta is beta / lambda (SACPO safety step)
         reference: previous     # optional: previous (default) | model | STAGE_NAME | PATH
+        lora: {r: 16, ...}      # optional (here or in defaults): train a LoRA adapter (rsa.lora_config)
         ...                     # any other RSAConfig field overrides the defaults for this stage
 """
 from __future__ import annotations
@@ -25,6 +26,8 @@ from transformers import TrainingArguments
 
 from rsa_kernels.risk import parse_risk
 from rsa_kernels.validation import check_objective_args
+
+from .lora import check_lora, check_lora_chain
 
 
 @dataclass
@@ -75,7 +78,7 @@ def check_loss_settings(values: dict):
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(RSAConfig) if f.init}
 MANAGED = {"output_dir"}  # set per stage by rsa.stepwise
 TOP_KEYS = {"model", "output_dir", "defaults", "stages"}
-STAGE_KEYS = {"name", "data", "lambda", "reference"}
+STAGE_KEYS = {"name", "data", "lambda", "reference", "lora"}
 DATA_KEYS = {"path", "preference", "eval_path", "split", "max_samples"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -85,7 +88,9 @@ def load_config(path_or_dict) -> dict:
 
     Returns a plain dict: model and output_dir as absolute path strings, defaults (dict), and
     stages, each {name, data: {path, preference, eval_path, split, max_samples}, lambda,
-    reference, overrides: {...}}. Validating an already validated config returns it unchanged.
+    reference, lora, overrides: {...}}; ``lora`` is the stage's checked LoRA mapping (the
+    defaults' ``lora`` updated by the stage's own) or None for a full-weight stage, and
+    ``defaults`` no longer holds it. Validating an already validated config returns it unchanged.
     """
     if isinstance(path_or_dict, (str, Path)):
         import yaml
@@ -117,6 +122,8 @@ def load_config(path_or_dict) -> dict:
     defaults = raw.get("defaults") or {}
     if not isinstance(defaults, dict):
         raise ValueError(f"{where}: defaults must be a mapping of RSAConfig fields")
+    defaults = dict(defaults)
+    default_lora = check_lora(defaults.pop("lora", None), f"{where}: defaults.lora")
     _check_fields(defaults, f"{where}: defaults")
     stages_raw = raw["stages"]
     if not isinstance(stages_raw, list) or not stages_raw:
@@ -161,11 +168,22 @@ def load_config(path_or_dict) -> dict:
             raise ValueError(f"{at}.reference must be previous, model, a stage name or a path, got {ref!r}")
         if ref not in ("previous", "model"):
             ref = ref if ref in names - {name} else resolve(ref, f"stages[{i}].reference")
-        overrides = st.get("overrides") if isinstance(st.get("overrides"), dict) else {
-            k: v for k, v in st.items() if k not in STAGE_KEYS}
+        validated = isinstance(st.get("overrides"), dict)
+        overrides = st["overrides"] if validated else {k: v for k, v in st.items() if k not in STAGE_KEYS}
         _check_fields(overrides, at)
         check_loss_settings({**defaults, **overrides})
-        stages.append({"name": name, "data": data, "lambda": lam, "reference": ref, "overrides": dict(overrides)})
+        if validated or "lora" not in st:   # a validated stage holds its final mapping (None: full weights)
+            lora = st.get("lora") if validated else default_lora
+            lora = check_lora(lora, f"{at}.lora")
+        elif st["lora"] is None:
+            lora = None
+        else:
+            if not isinstance(st["lora"], dict):
+                check_lora(st["lora"], f"{at}.lora")   # raises: not a mapping
+            lora = check_lora({**(default_lora or {}), **st["lora"]}, f"{at}.lora")
+        stages.append({"name": name, "data": data, "lambda": lam, "reference": ref, "lora": lora,
+                       "overrides": dict(overrides)})
+    check_lora_chain(stages, defaults, where)
     return {"model": resolve(raw["model"], "model"), "output_dir": resolve(raw["output_dir"], "output_dir"),
             "defaults": dict(defaults), "stages": stages, "source": raw.get("source", where)}
 

@@ -1,7 +1,9 @@
 """P-SACPO merge: write (1 - W) A + W B of two saved models with the same tensors.
 
 Both models are read from safetensors only; each output file mirrors A's (sharding and the
-index included); A's config and tokenizer files are copied alongside.
+index included); A's config and tokenizer files are copied alongside. A LoRA stage stands
+for its full weights, base + the scaled products B A of its adapters (rsa/lora.py), and the
+output is then a full model with the layout of A's base.
 """
 from __future__ import annotations
 
@@ -12,9 +14,12 @@ from pathlib import Path
 
 import torch
 
+from .lora import AdapterDeltas, is_lora_folder
+
 # Written by training runs or pickled: never copied into a merged model.
 SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".pkl", ".ckpt")
 SKIP_NAMES = {"stage.json", "metrics.jsonl", "merge.json", "training_args.bin"}
+ADAPTER_NAMES = {"adapter_config.json", "README.md"}   # PEFT's, in a LoRA stage folder
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -28,7 +33,9 @@ def merge_models(a, b, weight: float, out) -> Path:
     """Save (1 - weight) * A + weight * B to ``out``; returns ``out``.
 
     Floating tensors are combined in float64 and cast back to A's dtype (so merging A with
-    itself gives A exactly); other tensors must be equal in A and B.
+    itself gives A exactly); other tensors must be equal in A and B. A or B may be a LoRA stage
+    folder: its full weights (base + adapter updates, in float64) are used, so `rsa merge A A
+    --weight 0` writes a LoRA stage's full weights.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -42,13 +49,26 @@ def merge_models(a, b, weight: float, out) -> Path:
             raise ValueError(f"{name}: no such model folder {str(p)!r}")
     if out.resolve() in (a.resolve(), b.resolve()):
         raise ValueError("out must differ from both inputs")
-    b_index = {}
-    for f in _weight_files(b):
-        with safe_open(str(f), framework="pt") as fh:
-            b_index.update({k: f for k in fh.keys()})
+    deltas = {name: AdapterDeltas(p) if is_lora_folder(p) else None for name, p in (("a", a), ("b", b))}
+    a_files, b_files = (d.base if d is not None else p for d, p in ((deltas["a"], a), (deltas["b"], b)))
+    indexes = {}
+    for name, folder in (("a", a_files), ("b", b_files)):
+        indexes[name] = {}
+        for f in _weight_files(folder):
+            with safe_open(str(f), framework="pt") as fh:
+                indexes[name].update({k: f for k in fh.keys()})
+    b_index = indexes["b"]
+    for name, d in deltas.items():
+        missing = sorted(set(d.terms) - set(indexes[name])) if d is not None else []
+        if missing:
+            raise ValueError(f"{name}: its adapters change {missing[0]!r}, which its base model does not have")
+
+    def full(name, key, tensor):
+        return deltas[name].full(key, tensor) if deltas[name] is not None else tensor.double()
+
     out.mkdir(parents=True, exist_ok=True)
     seen = set()
-    for f in _weight_files(a):
+    for f in _weight_files(a_files):
         with safe_open(str(f), framework="pt") as fh:
             metadata = fh.metadata() or {"format": "pt"}
         tensors = load_file(str(f))
@@ -61,7 +81,7 @@ def merge_models(a, b, weight: float, out) -> Path:
             if tb.shape != ta.shape:
                 raise ValueError(f"b: tensor {key!r} has shape {tuple(tb.shape)}, a has {tuple(ta.shape)}")
             if ta.is_floating_point():
-                merged[key] = ((1 - weight) * ta.double() + weight * tb.double()).to(ta.dtype)
+                merged[key] = ((1 - weight) * full("a", key, ta) + weight * full("b", key, tb)).to(ta.dtype)
             elif torch.equal(ta, tb):
                 merged[key] = ta
             else:
@@ -71,8 +91,13 @@ def merge_models(a, b, weight: float, out) -> Path:
     missing = sorted(set(b_index) - seen)
     if missing:
         raise ValueError(f"a: has no tensor {missing[0]!r} (the models differ in architecture)")
-    for f in a.iterdir():
-        if f.is_file() and f.name not in SKIP_NAMES and not f.name.endswith(SKIP_SUFFIXES):
-            shutil.copy2(f, out / f.name)
-    (out / "merge.json").write_text(json.dumps({"a": str(a), "b": str(b), "weight": weight}, indent=2) + "\n")
+    # A's config (from its base for a LoRA stage) and tokenizer files; never PEFT's adapter files.
+    for folder in dict.fromkeys((a_files, a)):
+        skip = SKIP_NAMES | (ADAPTER_NAMES if is_lora_folder(folder) else set())
+        for f in folder.iterdir():
+            if f.is_file() and f.name not in skip and not f.name.endswith(SKIP_SUFFIXES):
+                shutil.copy2(f, out / f.name)
+    record = {"a": str(a), "b": str(b), "weight": weight}
+    record.update({f"{name}_base": str(d.base) for name, d in deltas.items() if d is not None})
+    (out / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
     return out

@@ -17,8 +17,9 @@ from torch import nn
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_model(path, dtype: str = "auto"):
-    """A causal LM from a local folder, weights from safetensors only (never unpickled)."""
+def load_model(path, dtype: str = "auto", **from_pretrained):
+    """A causal LM from a local folder, weights from safetensors only (never unpickled).
+    ``from_pretrained``: more keywords for from_pretrained (a quantization_config, a device_map)."""
     from transformers import AutoModelForCausalLM
     path = Path(path)
     if not path.is_dir():
@@ -28,7 +29,7 @@ def load_model(path, dtype: str = "auto"):
                          "safetensors first (pickled .bin weights are never loaded)")
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, use_safetensors=True,
-                                                trust_remote_code=False)
+                                                trust_remote_code=False, **from_pretrained)
 
 
 def load_tokenizer(path):

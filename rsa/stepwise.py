@@ -2,8 +2,9 @@
 
 Stage k's reference (and its starting point) is stage k-1's result (the SFT model for the
 first stage, unless the stage names another `reference`). Its model is saved to
-OUTPUT/STAGE_NAME (safetensors + tokenizer), with stage.json (written last: its presence
-marks the stage finished) and metrics.jsonl (one JSON object per logged step).
+OUTPUT/STAGE_NAME (safetensors + tokenizer; a LoRA stage: its adapter, rsa/lora.py), with
+stage.json (written last: its presence marks the stage finished) and metrics.jsonl (one JSON
+object per logged step).
 """
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import json
 import shutil
 from pathlib import Path
 
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 
 from .config import RSAConfig, load_config
 from .data import PairDataset, load_pairs, split_pairs
 from .errors import UserError
+from .lora import build_policy, is_lora_folder, lora_chain, stage_record
 
 STAGE_FILE = "stage.json"
 METRICS_FILE = "metrics.jsonl"
@@ -113,20 +115,55 @@ def stage_args(stage: dict, config: dict, stage_dir: Path, progress: bool) -> RS
         raise UserError(f"stage {stage['name']}: {err}") from err
 
 
+def _lora_start(stage: dict, reference: Path, dtype: str) -> tuple[Path, list]:
+    """(base folder, frozen adapters oldest first) a LoRA stage starts from: the reference itself,
+    or the base and adapters of a LoRA reference, loaded as that stage was (rsa/lora.py)."""
+    if not is_lora_folder(reference):
+        return reference, []
+    chain = lora_chain(reference)
+    for key, mine, theirs in (("lora.quantization", stage["lora"]["quantization"], chain["quantization"]),
+                              ("model_dtype", dtype, chain["model_dtype"])):
+        if mine != theirs:
+            raise UserError(f"stage {stage['name']}: {key} is {mine!r} but its reference {str(reference)!r} was "
+                            f"trained with {theirs!r}; they share one base model, which must be loaded the same way")
+    return Path(chain["base"]), chain["adapters"]
+
+
+def _parameter_counts(model) -> dict:
+    if hasattr(model, "get_nb_trainable_parameters"):   # PEFT: counts a 4-bit weight's elements
+        trainable, total = model.get_nb_trainable_parameters()
+    else:   # ds_numel: a parameter DeepSpeed ZeRO-3 partitioned at load time
+        sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+        total, trainable = sum(n for n, _ in sizes), sum(n for n, grad in sizes if grad)
+    return {"trainable_parameters": trainable, "parameters": total}
+
+
 def train_stage(stage: dict, config: dict, reference: Path, stage_dir: Path, train_pairs, eval_pairs,
                 progress: bool = True, callbacks=None) -> Path:
     from .models import load_model, load_tokenizer
     from .trainer import RSATrainer
 
-    if not (reference / "config.json").is_file():
+    lora = stage.get("lora")
+    if not ((reference / "config.json").is_file() or is_lora_folder(reference)):
         raise ValueError(f"stage {stage['name']}: reference {str(reference)!r} is not a saved model folder "
                          "(did its stage finish?)")
+    if lora is None and is_lora_folder(reference):
+        raise UserError(f"stage {stage['name']}: trains full weights from the LoRA stage {str(reference)!r}: give "
+                        "it lora too, or write that stage's full weights with `rsa merge DIR DIR --weight 0 --out "
+                        "FULL` and start from that folder")
     args = stage_args(stage, config, stage_dir, progress)
     tokenizer = load_tokenizer(reference)
     train_set = PairDataset(train_pairs, tokenizer, args.max_length, args.max_prompt_length, progress)
     eval_set = PairDataset(eval_pairs, tokenizer, args.max_length, args.max_prompt_length) if eval_pairs else None
-    policy = load_model(reference, args.model_dtype)
-    ref_model = load_model(reference, args.model_dtype)
+    if lora is not None:
+        # One copy of the base: the reference is the policy with its trainable adapter off.
+        base, stack = _lora_start(stage, reference, args.model_dtype)
+        set_seed(args.seed)   # the new adapter's random A: the same in every run of the config
+        policy, ref_model = build_policy(base, stack, lora, args.model_dtype, args.device), None
+    else:
+        policy = load_model(reference, args.model_dtype)
+        ref_model = load_model(reference, args.model_dtype)
+    counts = _parameter_counts(policy)
     trainer = RSATrainer(model=policy, ref_model=ref_model, args=args, train_dataset=train_set,
                          eval_dataset=eval_set, processing_class=tokenizer,
                          callbacks=[MetricsLog(stage_dir / METRICS_FILE), *(callbacks or [])])
@@ -152,8 +189,10 @@ def train_stage(stage: dict, config: dict, reference: Path, stage_dir: Path, tra
             "base_beta": {**config["defaults"], **stage["overrides"]}.get("beta", 0.1),
             "alpha": args.alpha, "gamma": args.gamma, "label_smoothing": args.label_smoothing,
             "steps": trainer.state.global_step, "train_pairs": len(train_set),
-            "eval_pairs": len(eval_set) if eval_set is not None else 0, "final_metrics": final,
+            "eval_pairs": len(eval_set) if eval_set is not None else 0, **counts, "final_metrics": final,
         }
+        if lora is not None:
+            record["lora"] = stage_record(base, stack, lora, args.model_dtype)
         if not args.keep_checkpoints:
             # Their optimizer states are as large as the model several times over.
             for ckpt in stage_dir.glob("checkpoint-*"):

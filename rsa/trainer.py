@@ -14,6 +14,7 @@ from transformers import Trainer
 
 from .config import RSAConfig
 from .data import PairCollator
+from .lora import trainable_adapters_off
 from .models import hidden_and_head, is_peft_model, output_head, prepare_reference
 from .sharding import broadcast_module_states, enforce_requested_sharding, fsdp1_cpu_state_dict, fsdp_plugin_held_back
 
@@ -28,7 +29,8 @@ class RSATrainer(Trainer):
     """Trainer for preference pairs (chosen rows first) with a frozen reference.
 
     ``ref_model``: the frozen reference (placed and sharded like the policy). Leave it None
-    for a PEFT policy: the base model with its adapters disabled is then the reference.
+    for a PEFT policy: the same model with its trainable adapters switched off (frozen ones
+    stay on, rsa/lora.py) is then the reference.
     """
 
     def __init__(self, model=None, ref_model=None, args: RSAConfig | None = None, data_collator=None,
@@ -76,9 +78,8 @@ class RSATrainer(Trainer):
         with torch.no_grad():
             if self.ref_model is not None:
                 return hidden_and_head(self.ref_model, self._head(self.ref_model), inputs)
-            # PEFT: the same weights with the adapters switched off are the reference.
-            unwrapped = self.accelerator.unwrap_model(model)
-            with unwrapped.disable_adapter():
+            # PEFT: the same weights with the trained adapters switched off are the reference.
+            with trainable_adapters_off(self.accelerator.unwrap_model(model)):
                 return hidden_and_head(model, self._head(model), inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

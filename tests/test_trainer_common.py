@@ -6,7 +6,11 @@ Imported by the other test_trainer*.py files; its own tests check the pieces the
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -81,6 +85,34 @@ def write_jsonl(records, path) -> Path:
 def read_weights(folder) -> dict:
     from safetensors.torch import load_file
     return load_file(str(Path(folder) / "model.safetensors"))
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from transformers import TrainerCallback
+    from rsa.stepwise import run_stages
+
+    class KillAtStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if args.output_dir.endswith("safe") and state.global_step == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    run_stages(sys.argv[1], progress=False, callbacks=[KillAtStep()])
+""")
+
+
+def sigkill_at_safe_step_3(config: Path, cwd: Path):
+    """Run a config's stages in a process that SIGKILLs itself after step 3 of the stage 'safe'."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(config)], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+
+
+def logged_steps(stage_dir) -> list[int]:
+    """The steps of a stage's training lines in metrics.jsonl."""
+    lines = [json.loads(ln) for ln in (Path(stage_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [ln["step"] for ln in lines if "loss" in ln]
 
 
 def test_tiny_tokenizer_round_trip(tmp_path):

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,8 @@ import torch
 import yaml
 
 from rsa.cli import main as rsa_main
-from test_trainer_common import pku_records, plain_records, read_weights, save_tiny_model, write_jsonl
+from test_trainer_common import (logged_steps, pku_records, plain_records, read_weights, save_tiny_model,
+                                 sigkill_at_safe_step_3, write_jsonl)
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "kl/chosen",
@@ -71,34 +71,16 @@ def test_rerun_skips_finished_stages(straight_run, workdir):
     assert stamps == [(straight_run / s / "stage.json").stat().st_mtime_ns for s in ("helpful", "safe")]
 
 
-KILLER = textwrap.dedent("""
-    import os, signal, sys
-    from transformers import TrainerCallback
-    from rsa.stepwise import run_stages
-
-    class KillAtStep(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if args.output_dir.endswith("safe") and state.global_step == 3:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    run_stages(sys.argv[1], progress=False, callbacks=[KillAtStep()])
-""")
-
-
 def test_sigkill_mid_stage_then_resume_equals_straight_run(straight_run, workdir):
     cfg = two_stage_config(workdir, "killed")
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(cfg)], cwd=workdir, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
-    assert proc.returncode == -9, proc.stderr[-3000:]
+    sigkill_at_safe_step_3(cfg, workdir)
     safe = workdir / "killed" / "safe"
     assert (safe / "checkpoint-2").is_dir() and not (safe / "stage.json").exists()
     assert rsa_main(["train", str(cfg), "--no-progress"]) == 0
     got, want = read_weights(safe), read_weights(straight_run / "safe")
     for name, value in want.items():
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
-    steps = [json.loads(ln)["step"] for ln in (safe / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(ln)]
-    assert steps == list(range(1, 7))  # the log lines of the lost step 3 were dropped on resume
+    assert logged_steps(safe) == list(range(1, 7))  # the log lines of the lost step 3 were dropped on resume
 
 
 def test_torchrun_two_processes_equal_one(straight_run, workdir):

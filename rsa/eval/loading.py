@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rsa.errors import UserError
+from rsa.lora import is_lora_folder, load_lora_stage, lora_chain
 
 
 def check_model_folder(path, what: str) -> Path:
@@ -17,6 +18,13 @@ def check_model_folder(path, what: str) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{what}: no such model folder {str(path)!r}")
+    if is_lora_folder(path):   # a LoRA stage of `rsa train` (or a PEFT adapter over a local base)
+        try:
+            base = lora_chain(path)["base"]
+        except ValueError as err:
+            raise UserError(f"{what}: {err}") from err
+        check_model_folder(base, f"{what} (the base of {str(path)!r})")
+        return path
     if not (path / "config.json").is_file():
         raise UserError(f"{what}: {str(path)!r} has no config.json; is it a Hugging Face model folder?")
     if not any(path.glob("*.safetensors")):
@@ -31,6 +39,8 @@ def load_causal_lm(path, what: str, device: str):
     from transformers import AutoModelForCausalLM
 
     path = check_model_folder(path, what)
+    if is_lora_folder(path):   # its base with its adapters, as it was trained
+        return load_lora_stage(path, device=device)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", use_safetensors=True,
                                                  trust_remote_code=False)
     return model.to(device).eval().requires_grad_(False)
