@@ -27,11 +27,11 @@ def check_model_folder(path, what: str) -> Path:
     return path
 
 
-def load_causal_lm(path, what: str, device: str):
+def load_causal_lm(path, what: str, device: str, dtype: str = "auto"):
     from transformers import AutoModelForCausalLM
 
     path = check_model_folder(path, what)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", use_safetensors=True,
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
                                                  trust_remote_code=False)
     return model.to(device).eval().requires_grad_(False)
 
@@ -49,13 +49,13 @@ def load_tokenizer(path, what: str):
     return tok
 
 
-def load_classifier(path, what: str, device: str):
+def load_classifier(path, what: str, device: str, dtype: str = "auto"):
     """A sequence-classification model whose every weight, the head included, comes from the folder."""
     from transformers import AutoModelForSequenceClassification
 
     path = check_model_folder(path, what)
     model, info = AutoModelForSequenceClassification.from_pretrained(
-        str(path), dtype="auto", use_safetensors=True, trust_remote_code=False, output_loading_info=True)
+        str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False, output_loading_info=True)
     missing = sorted(info.get("missing_keys") or [])
     mismatched = sorted(str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys") or [])
     if missing or mismatched:
