@@ -14,13 +14,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Bytes per logit live at the peak of sampler_logits with top-p: the float32 tempered logits
-# (4), their sorted copy (4) and order (int64, 8), the sorted probabilities (4), their
-# cumulative sum (4) and the drop mask (1).
-SAMPLER_BYTES_PER_LOGIT = 25
-# Bytes per logit live in step_kl besides its inputs: two float32 log-distributions (8), the
-# float32 copy of reference logits held in another dtype (4, transient) and a bool mask (1).
-KL_BYTES_PER_LOGIT = 13
+# Bytes per logit live at the peak of sampler_logits with top-p (besides its input): the
+# float32 tempered logits (4), their sorted copy (4) and order (int64, 8), the sorted
+# probabilities (4) and their cumulative sum (4).
+SAMPLER_BYTES_PER_LOGIT = 24
+# Bytes per logit live at the peak of step_kl besides its inputs: two float32
+# log-distributions (8) and the float32 copy of reference logits held in another dtype (4).
+KL_BYTES_PER_LOGIT = 12
 # step_kl works through the rows in chunks whose working set stays under this.
 KL_BUDGET_BYTES = 256 * 2**20
 

@@ -28,6 +28,8 @@ __all__ = ["Decoder", "Sampled", "SamplingError", "generate", "multinomial_draw"
            "row_seed", "sample"]
 
 Draw = Callable[[torch.Tensor], torch.Tensor]   # (rows, V) probabilities -> (rows,) token ids
+# Bytes per logit per_row_draw holds besides its input: the float64 probabilities and their cumulative sum.
+DRAW_BYTES_PER_LOGIT = 16
 
 
 class SamplingError(ValueError):

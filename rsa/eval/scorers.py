@@ -95,7 +95,8 @@ class ModelScorer(Scorer):
             ids = [self.encode(p + r) for p, r in zip(prompts[start:start + self.batch_size],
                                                       responses[start:start + self.batch_size])]
             enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
-            out.append(self.model(**enc).logits[:, self.index].float().cpu())
+            # use_cache=False: a classifier would otherwise build a key/value cache of the whole batch.
+            out.append(self.model(**enc, use_cache=False).logits[:, self.index].float().cpu())
         return torch.cat(out).numpy() if out else np.zeros(0)
 
 
