@@ -78,7 +78,7 @@ class Decoder:
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         self.model, self.kwargs = model, last_position_only(model)
         if attention_mask is not None:
-            # Left padding: positions count real tokens only, as in generate().
+            # Left padding: positions count real tokens only, as Transformers' generate() counts them.
             self.kwargs["attention_mask"] = attention_mask
             self.kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         self.out = model(input_ids=input_ids, use_cache=True, **self.kwargs)
