@@ -251,3 +251,23 @@ def test_dtype_loads_every_model_in_it(work):
                       progress=False)
     assert json.loads((out / "settings.json").read_text())["dtype"] == "bfloat16"
     assert report["settings"]["dtype"] == "bfloat16" and np.isfinite(report["models"]["a"]["kl_to_reference"])
+
+
+def test_rsa_eval_imports_run_one_way():
+    """No module of rsa.eval imports, even inside a function, one that imports it back."""
+    import ast
+    folder = ROOT / "rsa" / "eval"
+    names = {p.stem for p in folder.glob("*.py")}
+    graph = {}
+    for path in folder.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps |= {node.module} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rsa.eval."):
+                deps.add(node.module.split(".")[2])
+        graph[path.stem] = deps & names - {"__init__"}
+
+    def reaches(start, goal, seen=()):
+        return any(d == goal or (d not in seen and reaches(d, goal, seen + (d,))) for d in graph[start])
+    assert [m for m in graph if reaches(m, m)] == []
