@@ -98,6 +98,7 @@ def test_two_models_every_line_in_plan_order(full_run):
     assert lines[6]["prompt"] == "user : can you help me </s> assistant : "   # chat prompt, rendered
     assert len({r["response"] for r in lines}) > 12            # sampled, not one response repeated
     assert set(report["models"]) == {"a", "B"} and report["settings"]["prompts_count"] == 4
+    assert report["definitions"]["kl_to_reference"].startswith("KL(S || R)")   # what the KL is, named
     for f in ("report.json", "tail.png", "frontier.png", "settings.json"):
         assert (out / f).is_file()
 
@@ -135,7 +136,7 @@ def test_report_leaves_out_what_was_not_given(work):
     report = run_eval(settings(work, models={"a": str(work / "a")}, reward=None, reference=None, threshold=None,
                                cost="tiny_scorers:reward"), out, progress=False)
     assert set(report["models"]["a"]) == {"n", "cost_mean", "cost_cvar90", "cost_cvar95", "cost_cvar99", "ci95"}
-    assert not (out / "frontier.png").exists() and (out / "tail.png").is_file()
+    assert not (out / "frontier.png").exists() and (out / "tail.png").is_file() and "definitions" not in report
     assert "kl" not in (out / "samples.jsonl").read_text().splitlines()[0]
 
 
@@ -219,3 +220,54 @@ def test_sigkill_during_generation_then_rerun_gives_the_uninterrupted_file(work)
     assert 2 <= path.read_bytes().count(b"\n") < total.count(b"\n")   # stopped part way
     run_eval(settings(work, **kw), killed, progress=False)
     assert path.read_bytes() == total
+
+
+def test_model_scorer_adds_no_second_bos(work):
+    """A prompt rendered by a chat template that starts with the BOS string keeps one BOS; a
+    plain-text prompt gets the tokenizer's; the batch is scored as each text alone."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from rsa.eval.scorers import ModelScorer
+    scorer = ModelScorer(f"{work / 'cost'}#1", "cost")
+    clf = AutoModelForSequenceClassification.from_pretrained(str(work / "cost")).eval()
+    tok = AutoTokenizer.from_pretrained(str(work / "cost"))
+    prompts = ["<s> user : can you help me </s> assistant : ", "how do i make a red mat"]
+    responses = ["sure the cat sat", "no"]
+    got = scorer(prompts, responses)
+    for text, value in zip((p + r for p, r in zip(prompts, responses)), got):
+        ids = [tok.bos_token_id] + tok(text.removeprefix("<s>"), add_special_tokens=False)["input_ids"]
+        assert ids.count(tok.bos_token_id) == 1
+        with torch.no_grad():
+            want = clf(input_ids=torch.tensor([ids])).logits[0, 1].item()
+        assert value == pytest.approx(want, abs=1e-5)
+
+
+def test_dtype_loads_every_model_in_it(work):
+    from rsa.eval.loading import load_causal_lm
+    assert EvalSettings(models={"a": str(work / "a")}, prompts=str(work / "prompts.jsonl"), cost="x:y").dtype == "float32"
+    assert next(load_causal_lm(work / "a", "--model a", "cpu", "bfloat16").parameters()).dtype == torch.bfloat16
+    assert next(load_causal_lm(work / "a", "--model a", "cpu").parameters()).dtype == torch.float32   # auto: as stored
+    out = work / "bf16"
+    report = run_eval(settings(work, models={"a": str(work / "a")}, samples=1, max_new_tokens=4, dtype="bfloat16"), out,
+                      progress=False)
+    assert json.loads((out / "settings.json").read_text())["dtype"] == "bfloat16"
+    assert report["settings"]["dtype"] == "bfloat16" and np.isfinite(report["models"]["a"]["kl_to_reference"])
+
+
+def test_rsa_eval_imports_run_one_way():
+    """No module of rsa.eval imports, even inside a function, one that imports it back."""
+    import ast
+    folder = ROOT / "rsa" / "eval"
+    names = {p.stem for p in folder.glob("*.py")}
+    graph = {}
+    for path in folder.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps |= {node.module} if node.module else {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rsa.eval."):
+                deps.add(node.module.split(".")[2])
+        graph[path.stem] = deps & names - {"__init__"}
+
+    def reaches(start, goal, seen=()):
+        return any(d == goal or (d not in seen and reaches(d, goal, seen + (d,))) for d in graph[start])
+    assert [m for m in graph if reaches(m, m)] == []

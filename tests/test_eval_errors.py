@@ -3,6 +3,7 @@ prints it as one line `rsa eval: error: ...` with exit status 2."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -120,3 +121,27 @@ def test_argparse_errors_keep_their_form(capsys):
         rsa_main(["eval", "--prompts", "x.jsonl", "--cost", "m:f"])
     assert exit_.value.code == 2
     assert "rsa eval: error: the following arguments are required: --model" in capsys.readouterr().err
+
+
+def test_nan_in_a_models_next_token_distribution_names_the_model_and_prompt(work, capsys):
+    """A NaN weight made the inverse-CDF draw return the last token id, silently."""
+    from safetensors.torch import load_file, save_file
+    for name in ("nan_model", "nan_ref"):
+        shutil.copytree(work / "a", work / name)
+        weights = load_file(str(work / name / "model.safetensors"))
+        weights["lm_head.weight"][7, 0] = float("nan")
+        save_file(weights, str(work / name / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"^--model nan_model: the next-token distribution is not finite .*"
+                                        r"at response step 0 for prompt 0 \(.*prompts.jsonl, line 1: 'how do i make"):
+        run_eval(EvalSettings(models={"nan_model": str(work / "nan_model")}, prompts=str(work / "prompts.jsonl"),
+                              cost="tiny_scorers:reward", samples=2, max_new_tokens=4, batch_size=2),
+                 work / "err_nan", progress=False)
+    msg = cli_error(capsys, base_args(work, **{"--model": str(work / "nan_model"), "--out": str(work / "err_nan_cli")}))
+    assert "--model nan_model: the next-token distribution is not finite" in msg and "prompt 0" in msg
+    msg = cli_error(capsys, base_args(work, **{"--reference": str(work / "nan_ref"), "--out": str(work / "err_nan_ref")}))
+    assert "--reference (KL of model a): the next-token distribution is not finite" in msg and "prompt 0" in msg
+
+
+def test_bad_dtype_one_line(work, capsys):
+    assert "--dtype must be one of bfloat16, float16, float32, auto, got 'float8'" in \
+        cli_error(capsys, base_args(work, **{"--dtype": "float8"}))

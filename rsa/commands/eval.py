@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, metavar="C",
                         help="cost >= C counts as catastrophic (default: no catastrophic rate)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:K (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, metavar="bfloat16|float16|float32|auto",
+                        help="dtype of every model loaded (default: bfloat16 on CUDA, float32 on CPU; auto: as stored)")
     parser.add_argument("--out", default="out/eval", help="output folder (default: out/eval)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -37,7 +39,8 @@ def run(args) -> int:
     settings = EvalSettings(models=parse_models(args.model), prompts=args.prompts, cost=args.cost,
                             reward=args.reward, reference=args.reference, samples=args.samples,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            batch_size=args.batch_size, seed=args.seed, threshold=args.threshold, device=device)
+                            batch_size=args.batch_size, seed=args.seed, threshold=args.threshold, device=device,
+                            dtype=args.dtype)
     report = run_eval(settings, args.out, progress=not args.no_progress)
     print()
     print(table(report))

@@ -1,40 +1,47 @@
-"""KL of a model to a reference along the model's own samples.
+"""KL of the sampled responses to a reference model: what `rsa eval` reports as kl_to_reference.
 
-Per response: the sum over its generated positions of the exact next-token
-KL(policy || reference), i.e. summed over the whole vocabulary at each step. Summing the
-exact per-step KL along the policy's own samples is an unbiased, low-variance estimate of
-the sequence-level KL(pi || pi_ref).
+The responses are drawn from the *sampler* S: at each step the model's next-token
+distribution tempered by --temperature and cut to the nucleus --top-p
+(rsa.eval.nexttoken.sampler_logits). The number reported is KL(S || R), R the reference
+model's own (untempered, uncut) distribution over responses, both cut at --max-new-tokens:
+per response the exact next-token KL(S_t || R_t) over the whole vocabulary, summed over its
+steps (the end-of-sequence step included). By the chain rule its mean over S's samples is an
+unbiased estimate of KL(S || R). At temperature 1 and top-p 1, S is the model and this is
+KL(model || reference).
+
+rsa.eval.sampling.sample accumulates it while drawing, on the very tensor each token was
+drawn from; ``sequence_kl`` recomputes it for responses already drawn, with the same steps.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-# Float32 logits of one model held at once; rows are processed in chunks that fit.
-LOGITS_BUDGET_BYTES = 256 * 2**20
+from .nexttoken import sampler_logits
+from .sampling import Decoder, live_kl
+
+DEFINITION = ("KL(S || R) of the response distributions: S samples the model at the run's temperature and top-p "
+              "(the responses scored here), R is the reference model at temperature 1 without top-p; per response "
+              "the exact next-token KL(S_t || R_t) summed over its steps (EOS included), averaged over S's samples "
+              "(an unbiased estimate); KL(model || reference) when temperature and top-p are 1")
 
 
 @torch.no_grad()
 def sequence_kl(model, reference, seq: torch.Tensor, prompt_len: int, generated: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """(B,) float32: per row, the summed per-step KL over the positions marked in ``generated``.
+                attention_mask: torch.Tensor | None = None, temperature: float = 1.0,
+                top_p: float = 1.0) -> torch.Tensor:
+    """(B,) float32: per row, the KL of module docstring summed over the positions marked in ``generated``.
 
     ``seq`` is (B, prompt_len + new) with the prompts left-padded to prompt_len (so the first
-    response token of every row is at column prompt_len); ``generated`` is (B, new).
+    response token of every row is at column prompt_len); ``generated`` is (B, new);
+    ``attention_mask`` covers at least the prompt columns.
     """
-    vocab = model.get_output_embeddings().weight.shape[0]
-    rows = max(1, LOGITS_BUDGET_BYTES // (seq.shape[1] * vocab * 4))
-    out = []
-    for start in range(0, seq.shape[0], rows):
-        part = slice(start, start + rows)
-        kwargs = {}
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask[part]
-            kwargs["position_ids"] = (attention_mask[part].long().cumsum(-1) - 1).clamp(min=0)
-        logp = F.log_softmax(model(input_ids=seq[part], **kwargs).logits.float(), -1)
-        logq = F.log_softmax(reference(input_ids=seq[part], **kwargs).logits.float(), -1)
-        if logq.shape[-1] != logp.shape[-1]:
-            raise ValueError(f"reference: its vocabulary ({logq.shape[-1]}) differs from the model's ({logp.shape[-1]})")
-        step_kl = (logp.exp() * (logp - logq)).sum(-1)[:, prompt_len - 1:-1]   # predicts seq[:, prompt_len:]
-        out.append((step_kl * generated[part]).sum(1))
-    return torch.cat(out)
+    mask = None if attention_mask is None else attention_mask[:, :prompt_len]
+    policy, ref = Decoder(model, seq[:, :prompt_len], mask), Decoder(reference, seq[:, :prompt_len], mask)
+    total = torch.zeros(seq.shape[0], device=seq.device)
+    steps = int(generated.any(0).nonzero().max()) + 1 if bool(generated.any()) else 0
+    for step in range(steps):
+        total += live_kl(sampler_logits(policy.logits, temperature, top_p), ref, generated[:, step], step)
+        if step + 1 < steps:
+            policy.feed(seq[:, prompt_len + step])
+            ref.feed(seq[:, prompt_len + step])
+    return total

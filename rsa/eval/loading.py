@@ -35,13 +35,13 @@ def check_model_folder(path, what: str) -> Path:
     return path
 
 
-def load_causal_lm(path, what: str, device: str):
+def load_causal_lm(path, what: str, device: str, dtype: str = "auto"):
     from transformers import AutoModelForCausalLM
 
     path = check_model_folder(path, what)
-    if is_lora_folder(path):   # its base with its adapters, as it was trained
-        return load_lora_stage(path, device=device)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", use_safetensors=True,
+    if is_lora_folder(path):   # its base with its adapters, as it was trained ("auto": the stage's dtype)
+        return load_lora_stage(path, dtype=None if dtype == "auto" else dtype, device=device)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True,
                                                  trust_remote_code=False)
     return model.to(device).eval().requires_grad_(False)
 
@@ -59,13 +59,13 @@ def load_tokenizer(path, what: str):
     return tok
 
 
-def load_classifier(path, what: str, device: str):
+def load_classifier(path, what: str, device: str, dtype: str = "auto"):
     """A sequence-classification model whose every weight, the head included, comes from the folder."""
     from transformers import AutoModelForSequenceClassification
 
     path = check_model_folder(path, what)
     model, info = AutoModelForSequenceClassification.from_pretrained(
-        str(path), dtype="auto", use_safetensors=True, trust_remote_code=False, output_loading_info=True)
+        str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False, output_loading_info=True)
     missing = sorted(info.get("missing_keys") or [])
     mismatched = sorted(str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys") or [])
     if missing or mismatched:

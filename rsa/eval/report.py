@@ -5,7 +5,9 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from . import metrics
+import numpy as np
+
+from . import kl, metrics
 
 HEADERS = {"reward_mean": "reward", "cost_mean": "cost", "cost_cvar90": "CVaR90", "cost_cvar95": "CVaR95",
            "cost_cvar99": "CVaR99", "catastrophic_rate": "catastrophic", "kl_to_reference": "KL to ref"}
@@ -22,18 +24,30 @@ def summarize_model(arrays: dict, threshold, seed: int) -> dict:
 
 def build_report(settings, records: list[dict], n_prompts: int, out: Path) -> dict:
     """Writes report.json, tail.png and (with a reward) frontier.png; returns the report."""
-    from .runner import model_arrays
-
     models = {name: summarize_model(model_arrays(records, name, n_prompts, settings.samples),
                                     settings.threshold, settings.seed)
               for name in settings.models}
     report = {"models": models,
               "settings": {**asdict(settings), "prompts_count": n_prompts,
                            "bootstrap_resamples": metrics.BOOTSTRAP_RESAMPLES}}
+    if settings.reference is not None:
+        report["definitions"] = {"kl_to_reference": kl.DEFINITION}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     from .plots import write_plots
     write_plots(report, records, out)
     return report
+
+
+def model_arrays(records: list[dict], name: str, n_prompts: int, samples: int) -> dict:
+    """{field: (P, K) array} of one model's lines, for each scored field present."""
+    rows = sorted((r for r in records if r["model"] == name), key=lambda r: (r["prompt_index"], r["sample_index"]))
+    if len(rows) != n_prompts * samples:
+        raise ValueError(f"samples.jsonl: {len(rows)} lines for model {name}, expected {n_prompts * samples}")
+    out = {}
+    for key in ("cost", "reward", "kl"):
+        if key in rows[0]:
+            out[key] = np.array([r[key] for r in rows], float).reshape(n_prompts, samples)
+    return out
 
 
 def table(report: dict) -> str:

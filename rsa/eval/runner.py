@@ -5,7 +5,6 @@ import gc
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -13,10 +12,10 @@ from rsa.data import DataError
 from rsa.errors import UserError
 
 from . import samples_file
-from .kl import sequence_kl
 from .loading import load_causal_lm, load_tokenizer
 from .prompts import load_prompts, render
-from .sampling import generate, per_row_draw, row_seed
+from .report import build_report
+from .sampling import SamplingError, per_row_draw, row_seed, sample
 from .scorers import load_scorer
 from .settings import EvalSettings
 
@@ -57,21 +56,21 @@ def run_eval(settings: EvalSettings, out, progress: bool = True) -> dict:
         print(f"rsa eval: continuing {path}: {done} of {len(batches)} batches already there")
     if done < len(batches):
         _sample_and_score(settings, prompts, batches, done, path, progress)
-    from .report import build_report
     return build_report(settings, samples_file.read(path), len(prompts), out)
 
 
 def _sample_and_score(settings, prompts, batches, done, path, progress):
     device = settings.device
-    cost = load_scorer(settings.cost, "--cost", device, settings.batch_size)
-    reward = load_scorer(settings.reward, "--reward", device, settings.batch_size) if settings.reward else None
-    reference = load_causal_lm(settings.reference, "--reference", device) if settings.reference else None
+    dtype = settings.dtype
+    cost = load_scorer(settings.cost, "--cost", device, settings.batch_size, dtype)
+    reward = load_scorer(settings.reward, "--reward", device, settings.batch_size, dtype) if settings.reward else None
+    reference = load_causal_lm(settings.reference, "--reference", device, dtype) if settings.reference else None
     per_model = len(batches) // len(settings.models)
     for m, (name, folder) in enumerate(settings.models.items()):
         todo = range(max(done - m * per_model, 0), per_model)
         if not len(todo):
             continue
-        model = load_causal_lm(folder, f"--model {name}", device)
+        model = load_causal_lm(folder, f"--model {name}", device, dtype)
         tok = load_tokenizer(folder, f"--model {name}")
         if reference is not None:
             vocab, ref_vocab = (x.get_output_embeddings().weight.shape[0] for x in (model, reference))
@@ -87,12 +86,16 @@ def _sample_and_score(settings, prompts, batches, done, path, progress):
                    unit="response", disable=not progress)
         for b in todo:
             keys = mine[b]
-            bar.set_postfix_str("generating")
+            bar.set_postfix_str("generating" + (" and KL" if reference is not None else ""))
             ids, mask = _left_pad([rendered[p][1] for _, p, _ in keys], tok.pad_token_id, device)
             draw = per_row_draw([row_seed(settings.seed, p, s) for _, p, s in keys])
-            seq, gen = generate(model, ids, draw, max_new_tokens=settings.max_new_tokens, eos_ids=eos_ids,
-                                pad_id=tok.pad_token_id, attention_mask=mask, temperature=settings.temperature,
-                                top_p=settings.top_p)
+            try:
+                out = sample(model, ids, draw, max_new_tokens=settings.max_new_tokens, eos_ids=eos_ids,
+                             pad_id=tok.pad_token_id, attention_mask=mask, temperature=settings.temperature,
+                             top_p=settings.top_p, reference=reference)
+            except SamplingError as err:
+                raise _sampling_error(err, name, keys, prompts) from None
+            seq, gen = out.seq, out.generated
             responses = [_decode(tok, row, live, eos_ids) for row, live in
                          zip(seq[:, ids.shape[1]:].tolist(), gen.tolist())]
             texts = [rendered[p][0] for _, p, _ in keys]
@@ -104,12 +107,9 @@ def _sample_and_score(settings, prompts, batches, done, path, progress):
                     rec["reward"] = float(v)
             for rec, v in zip(records, cost(texts, responses)):
                 rec["cost"] = float(v)
-            if reference is not None:
-                bar.set_postfix_str("KL")
-                full_mask = None if mask is None else torch.cat([mask, torch.ones_like(seq[:, ids.shape[1]:])], 1)
-                kl = sequence_kl(model, reference, seq, ids.shape[1], gen, full_mask).cpu().numpy()
-                for rec, v in zip(records, kl):
-                    rec["kl"] = float(v)
+            if out.kl is not None:
+                for rec, v in zip(records, out.kl.tolist()):
+                    rec["kl"] = v
             samples_file.append(path, records)
             bar.update(len(keys))
         bar.close()
@@ -117,6 +117,17 @@ def _sample_and_score(settings, prompts, batches, done, path, progress):
         gc.collect()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
+
+
+def _sampling_error(err: SamplingError, name: str, keys, prompts) -> UserError:
+    """The error naming the model (or the reference) and the first prompt whose sampling broke."""
+    p = keys[err.rows[0]][1]
+    text = prompts[p].value if isinstance(prompts[p].value, str) else prompts[p].value[-1]["content"]
+    what = f"--model {name}" if err.source == "model" else f"--reference (KL of model {name})"
+    more = f" and {len(err.rows) - 1} other response(s) of the batch" if len(err.rows) > 1 else ""
+    return UserError(f"{what}: the next-token distribution is not finite (NaN or inf logits) at response step "
+                     f"{err.step} for prompt {p} ({prompts[p].where}: {text[:60]!r}){more}; the weights may hold "
+                     "NaN, or the dtype overflows (try --dtype bfloat16 or float32)")
 
 
 def _eos_ids(model, tok) -> list[int]:
@@ -152,15 +163,3 @@ def _decode(tok, row: list[int], live: list[bool], eos_ids: list[int]) -> str:
             break
         ids.append(t)
     return tok.decode(ids, skip_special_tokens=True)
-
-
-def model_arrays(records: list[dict], name: str, n_prompts: int, samples: int) -> dict:
-    """{field: (P, K) array} of one model's lines, for each scored field present."""
-    rows = sorted((r for r in records if r["model"] == name), key=lambda r: (r["prompt_index"], r["sample_index"]))
-    if len(rows) != n_prompts * samples:
-        raise ValueError(f"samples.jsonl: {len(rows)} lines for model {name}, expected {n_prompts * samples}")
-    out = {}
-    for key in ("cost", "reward", "kl"):
-        if key in rows[0]:
-            out[key] = np.array([r[key] for r in rows], float).reshape(n_prompts, samples)
-    return out

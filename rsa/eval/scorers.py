@@ -59,12 +59,13 @@ class FunctionScorer(Scorer):
 class ModelScorer(Scorer):
     """Logit INDEX of a sequence classifier on prompt + response, in batches."""
 
-    def __init__(self, spec: str, role: str = "score", device: str = "cpu", batch_size: int = 16):
+    def __init__(self, spec: str, role: str = "score", device: str = "cpu", batch_size: int = 16,
+                 dtype: str = "auto"):
         from .loading import load_classifier, load_tokenizer
 
         super().__init__(spec, role)
         folder, index = split_index(spec, self.name)
-        self.model = load_classifier(folder, self.name, device)
+        self.model = load_classifier(folder, self.name, device, dtype)
         labels = self.model.config.num_labels
         if index >= labels:
             raise ScorerError(f"{self.name}: output {index} requested but the model has {labels} output(s)")
@@ -76,24 +77,34 @@ class ModelScorer(Scorer):
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         limit = getattr(self.model.config, "max_position_embeddings", None) or self.tokenizer.model_max_length
         self.max_length = int(min(limit, self.tokenizer.model_max_length))
+        bos = self.tokenizer.bos_token_id
+        adds_bos = bos is not None and self.tokenizer("")["input_ids"][:1] == [bos]
+        self.bos_text = self.tokenizer.bos_token if adds_bos else None
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of one text. A prompt rendered with a chat template may already start with the
+        BOS string; the tokenizer's own BOS would then come twice, so none is added."""
+        has_bos = self.bos_text is not None and text.startswith(self.bos_text)
+        return self.tokenizer(text, add_special_tokens=not has_bos, truncation=True,
+                              max_length=self.max_length)["input_ids"]
 
     @torch.no_grad()
     def score(self, prompts, responses):
         out = []
         for start in range(0, len(responses), self.batch_size):
-            texts = [p + r for p, r in zip(prompts[start:start + self.batch_size],
-                                           responses[start:start + self.batch_size])]
-            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                                 return_tensors="pt").to(self.device)
-            out.append(self.model(**enc).logits[:, self.index].float().cpu())
+            ids = [self.encode(p + r) for p, r in zip(prompts[start:start + self.batch_size],
+                                                      responses[start:start + self.batch_size])]
+            enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
+            # use_cache=False: a classifier would otherwise build a key/value cache of the whole batch.
+            out.append(self.model(**enc, use_cache=False).logits[:, self.index].float().cpu())
         return torch.cat(out).numpy() if out else np.zeros(0)
 
 
-def load_scorer(spec: str, role: str, device: str = "cpu", batch_size: int = 16) -> Scorer:
+def load_scorer(spec: str, role: str, device: str = "cpu", batch_size: int = 16, dtype: str = "auto") -> Scorer:
     """The scorer a --reward/--cost value names; ScorerError if it names nothing usable."""
     folder = spec.rsplit("#", 1)[0] if "#" in spec else spec
     if Path(folder).is_dir():
-        return ModelScorer(spec, role, device, batch_size)
+        return ModelScorer(spec, role, device, batch_size, dtype)
     if FUNCTION_RE.match(spec):
         return FunctionScorer(spec, role)
     if "/" in folder or folder.startswith("."):

@@ -8,6 +8,9 @@ from pathlib import Path
 
 from rsa.errors import UserError
 
+# "auto": as stored in each checkpoint (an FSDP-saved float32 checkpoint stays float32: 4 bytes a parameter).
+DTYPES = ("bfloat16", "float16", "float32", "auto")
+
 
 @dataclass
 class EvalSettings:
@@ -24,6 +27,7 @@ class EvalSettings:
     seed: int = 0
     threshold: float | None = None         # cost >= threshold is catastrophic
     device: str = "cpu"
+    dtype: str | None = None               # of every model loaded; None: bfloat16 on CUDA, float32 on CPU
     prompts_sha256: str = field(default="", init=False)
 
     def __post_init__(self):
@@ -45,6 +49,12 @@ class EvalSettings:
             import torch
             if not torch.cuda.is_available():
                 raise UserError(f"--device {self.device}: CUDA is not available here")
+        if self.dtype is None:
+            # bfloat16 halves the memory of every model on a GPU; CPUs without bfloat16 matrix units run it
+            # far slower than float32, and small CPU runs do not need the memory.
+            self.dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         prompts = Path(self.prompts)
         if not prompts.is_file():
             raise UserError(f"--prompts: no such file {self.prompts!r}")
