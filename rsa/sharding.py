@@ -48,6 +48,10 @@ def enforce_requested_sharding(trainer) -> bool:
     if getattr(args, "deepspeed", None) and not trainer.is_deepspeed_enabled:
         deepspeed_on_cpu(trainer)
     if trainer.is_deepspeed_enabled:
+        if not torch.distributed.is_initialized():
+            # DeepSpeed would then look for MPI to find its processes (and fail inside deepspeed.initialize).
+            raise ValueError("deepspeed is set but this process was started without a launcher: start it with "
+                             "torchrun, accelerate launch or deepspeed (on CPU with use_cpu: true), or remove deepspeed")
         check_deepspeed_saving(state.deepspeed_plugin)
         return False
     if args.fsdp_plugin_args is None or trainer.is_fsdp_enabled:
@@ -88,9 +92,12 @@ def enforce_requested_sharding(trainer) -> bool:
 
 
 def deepspeed_on_cpu(trainer) -> None:
-    """DeepSpeed on CPU processes: what accelerate's AcceleratorState does for DeepSpeed on
-    accelerators (the plugin selected, the state saying DEEPSPEED), on the gloo group that
-    PartialState already made; DeepSpeed's own CPU accelerator runs the engine over it."""
+    """DeepSpeed on CPU processes when accelerate was told it runs on CPU (ACCELERATE_USE_CPU,
+    as `accelerate launch --cpu` sets it): what AcceleratorState does for DeepSpeed otherwise
+    (the plugin selected, the state saying DEEPSPEED), on the gloo group that PartialState
+    already made; DeepSpeed's own CPU accelerator runs the engine over it. (With `use_cpu` in
+    the Trainer's arguments alone accelerate enables DeepSpeed itself: the Trainer does not pass
+    `cpu` on to the Accelerator.)"""
     args, state = trainer.args, trainer.accelerator.state
     from accelerate.utils import DistributedType
     if state.distributed_type != DistributedType.MULTI_CPU:
@@ -109,6 +116,7 @@ def deepspeed_on_cpu(trainer) -> None:
     state.deepspeed_plugins = plugin
     switch_distributed_type(state, DistributedType.DEEPSPEED)
     trainer.is_deepspeed_enabled = True
+    trainer.deepspeed_on_cpu = True
 
 
 def check_deepspeed_saving(plugin) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -115,7 +116,7 @@ def one_step(workdir: Path, stage: int, objective: str, risk: str) -> dict:
     assert trainer.is_deepspeed_enabled, "the Trainer did not enable DeepSpeed"
     trainer.train()
     engine = grads.engine
-    record = {"policy": engine_kind(engine), "reference": engine_kind(trainer.ref_model),
+    record = {"policy": engine_kind(engine), "switched": getattr(trainer, "deepspeed_on_cpu", False), "reference": engine_kind(trainer.ref_model),
               "policy_share": local_share(engine.module), "reference_share": local_share(trainer.ref_model.module),
               "head_share": local_share(engine.module.lm_head),
               # ZeRO-3 released the head after the step's forward and backward: the loss read a gathered copy.
@@ -163,6 +164,9 @@ def one_step(workdir: Path, stage: int, objective: str, risk: str) -> dict:
 
 
 def rsa_train(config: Path) -> dict:
+    """The stage with ACCELERATE_USE_CPU set, as `accelerate launch --cpu` runs it: accelerate
+    then leaves DeepSpeed off and rsa/sharding.py switches it on (the one-step cases above take
+    the other path, `use_cpu` alone, where accelerate enables DeepSpeed itself)."""
     from rsa.stepwise import run_stages
     from rsa.trainer import RSATrainer
     seen = {}
@@ -170,14 +174,16 @@ def rsa_train(config: Path) -> dict:
 
     def spy(self, *a, **kw):  # the stage's trainer: DeepSpeed enabled, ZeRO-3 partitions
         init(self, *a, **kw)
-        seen.update(deepspeed=self.is_deepspeed_enabled, reference=engine_kind(self.ref_model),
-                    reference_share=local_share(self.ref_model.module))
+        seen.update(deepspeed=self.is_deepspeed_enabled, switched=getattr(self, "deepspeed_on_cpu", False),
+                    reference=engine_kind(self.ref_model), reference_share=local_share(self.ref_model.module))
 
     RSATrainer.__init__ = spy
+    os.environ["ACCELERATE_USE_CPU"] = "true"
     try:
         run_stages(str(config), progress=False)
     finally:
         RSATrainer.__init__ = init
+        del os.environ["ACCELERATE_USE_CPU"]
     return seen
 
 
