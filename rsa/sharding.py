@@ -1,15 +1,17 @@
 """The sharding a config asks for, or an error: never a silent fall-back to plain DDP.
 
-Accelerate turns a Trainer's `fsdp` or `deepspeed` setting into FSDP or DeepSpeed only on
-accelerators (its AcceleratorState promotes MULTI_GPU and kin, never MULTI_CPU), so either
-with `use_cpu: true` under torchrun would quietly train with DDP, and in a process started
-without a launcher unsharded. On CPU processes with a process group we switch them on
-ourselves, as AcceleratorState does on GPUs: torch's FSDP1 (device_id=cpu) and FSDP2 both run
-over gloo, and so does DeepSpeed with its CPU accelerator; the rest of accelerate's path
-(wrapping, clipping, saving) only needs the state to say FSDP or DEEPSPEED. FSDP1 needs its
-weights broadcast by us (sync_module_states) and a final save without the copy "to CPU" that
-crashes it. Anything else that would drop the requested sharding is refused with a ValueError
-naming the setting. Tested: tests/test_trainer_fsdp.py, tests/test_trainer_deepspeed.py.
+Accelerate turns a Trainer's `fsdp` setting into FSDP only on accelerators (its
+AcceleratorState promotes MULTI_GPU and kin to FSDP, never MULTI_CPU), so `fsdp` with
+`use_cpu: true` under torchrun would quietly train with DDP, and `fsdp` in a process started
+without a launcher would train unsharded. On CPU processes with a process group we switch
+FSDP on ourselves: torch's FSDP1 (device_id=cpu) and FSDP2 both run over gloo, and the rest
+of accelerate's FSDP path (wrapping, clipping, FSDP2 saving) only needs the state to say
+FSDP; FSDP1 needs its weights broadcast by us (sync_module_states) and a final save without
+the copy "to CPU" that crashes it. DeepSpeed (its CPU accelerator runs over gloo) accelerate
+enables with `use_cpu` itself, but not when told it runs on CPU (ACCELERATE_USE_CPU): we
+switch it on then, and initialise DeepSpeed's communication before models load. Anything
+else that would drop the requested sharding is refused with a ValueError naming the setting.
+Tested: tests/test_trainer_fsdp.py, tests/test_trainer_deepspeed.py.
 """
 from __future__ import annotations
 
@@ -48,11 +50,7 @@ def enforce_requested_sharding(trainer) -> bool:
     if getattr(args, "deepspeed", None) and not trainer.is_deepspeed_enabled:
         deepspeed_on_cpu(trainer)
     if trainer.is_deepspeed_enabled:
-        if not torch.distributed.is_initialized():
-            # DeepSpeed would then look for MPI to find its processes (and fail inside deepspeed.initialize).
-            raise ValueError("deepspeed is set but this process was started without a launcher: start it with "
-                             "torchrun, accelerate launch or deepspeed (on CPU with use_cpu: true), or remove deepspeed")
-        check_deepspeed_saving(state.deepspeed_plugin)
+        check_deepspeed(trainer)
         return False
     if args.fsdp_plugin_args is None or trainer.is_fsdp_enabled:
         return False
@@ -104,13 +102,6 @@ def deepspeed_on_cpu(trainer) -> None:
         raise ValueError(f"deepspeed is set but accelerate runs this process as {state.distributed_type.value} "
                          f"({state.num_processes} process(es)), without DeepSpeed: start it with torchrun or "
                          "accelerate launch (on CPU with use_cpu: true)")
-    if state.mixed_precision != "no":
-        raise ValueError("deepspeed with use_cpu runs in float32 only (DeepSpeed's bf16/fp16 engines are not "
-                         "tested on CPU); remove bf16/fp16")
-    from deepspeed.accelerator import get_accelerator
-    if get_accelerator().device_name() != "cpu":
-        raise ValueError(f"deepspeed with use_cpu needs DeepSpeed's CPU accelerator, but it chose "
-                         f"{get_accelerator().device_name()!r}: set DS_ACCELERATOR=cpu")
     plugin = args.deepspeed_plugin
     plugin.select(_from_accelerator_state=True)
     state.deepspeed_plugins = plugin
@@ -119,10 +110,40 @@ def deepspeed_on_cpu(trainer) -> None:
     trainer.deepspeed_on_cpu = True
 
 
-def check_deepspeed_saving(plugin) -> None:
-    """Every stage is saved as a whole model; under ZeRO-3 only DeepSpeed can gather it."""
+def deepspeed_comm_on_cpu(args) -> None:
+    """DeepSpeed's communication on the CPU process group, once the arguments have made it.
+
+    With `use_cpu` Transformers initialises torch.distributed itself (gloo), where on GPUs
+    accelerate initialises it through DeepSpeed. Models loaded next under ZeRO-3
+    (from_pretrained's deepspeed.zero.Init) read DeepSpeed's world size, which is 1 until
+    deepspeed.comm is initialised: "train_batch_size is not equal to micro_batch_per_gpu *
+    gradient_acc_step * world_size 2 != 1 * 1 * 1". This initialises it, as accelerate does.
+    """
+    if not getattr(args, "deepspeed", None) or not on_cpu(args) or not torch.distributed.is_initialized():
+        return
+    import deepspeed.comm
+    if not deepspeed.comm.is_initialized():
+        deepspeed.comm.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+
+
+def check_deepspeed(trainer) -> None:
+    """ValueError for a DeepSpeed run that would fail later or save something else than a model."""
+    args, plugin = trainer.args, trainer.accelerator.state.deepspeed_plugin
+    if not torch.distributed.is_initialized():
+        # DeepSpeed would look for MPI to find its processes, inside deepspeed.initialize.
+        raise ValueError("deepspeed is set but this process was started without a launcher: start it with "
+                         "torchrun, accelerate launch or deepspeed (on CPU with use_cpu: true), or remove deepspeed")
+    if on_cpu(args):
+        if args.bf16 or args.fp16:
+            raise ValueError("deepspeed with use_cpu runs in float32 only (DeepSpeed's bf16/fp16 engines are not "
+                             "tested on CPU); remove bf16/fp16")
+        from deepspeed.accelerator import get_accelerator
+        if get_accelerator().device_name() != "cpu":
+            raise ValueError(f"deepspeed with use_cpu needs DeepSpeed's CPU accelerator, but it chose "
+                             f"{get_accelerator().device_name()!r}: set DS_ACCELERATOR=cpu")
     zero = plugin.deepspeed_config.get("zero_optimization", {})
     if plugin.zero_stage == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
+        # Every stage is saved as a whole model; under ZeRO-3 only DeepSpeed can gather it.
         raise ValueError("deepspeed ZeRO-3 needs zero_optimization.stage3_gather_16bit_weights_on_model_save: "
                          "true, or the trained model is saved as partitions only (rsa saves each stage as a "
                          "whole model)")

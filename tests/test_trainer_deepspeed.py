@@ -26,7 +26,6 @@ from rsa.trainer import RSATrainer
 from test_trainer_common import build_model, build_tokenizer, plain_records, read_weights, save_tiny_model, write_jsonl
 from test_trainer_fsdp import stage_config
 
-pytest.importorskip("deepspeed")
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_STEP = ["zero3-rsa2", "zero3-dpo", "zero2-rsa2", "zero2-dpo"]
@@ -71,7 +70,7 @@ def test_one_step_equals_one_process(deepspeed_job, case):
 
 def test_rsa_train_with_zero3_on_cpu_equals_one_process(deepspeed_job):
     tmp, results = deepspeed_job
-    got = results["rsa-train-zero3"]
+    got = {k: v for k, v in results["rsa-train-zero3"].items() if k != "seconds"}
     assert "error" not in got, got.get("error")
     assert got == {"deepspeed": True, "switched": True, "reference": "zero3",
                    "reference_share": pytest.approx(0.5, abs=0.02)}
@@ -90,7 +89,7 @@ def test_rsa_train_with_zero3_on_cpu_equals_one_process(deepspeed_job):
 
 def test_deepspeed_without_a_launcher_is_refused(tmp_path, monkeypatch):
     """One process, no torchrun: DeepSpeed would not apply, so the run stops instead of training unsharded."""
-    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)  # the Accelerator sets it
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")  # the Accelerator sets it: unset afterwards
     tok = build_tokenizer()
     args = RSAConfig(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none",
                      deepspeed={"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"})
