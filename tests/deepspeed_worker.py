@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import copy
 import datetime
-import json
 import os
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -30,10 +27,9 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import rsa_kernels as rk  # noqa: E402
 from rsa.config import RSAConfig  # noqa: E402
-from rsa.data import Pair, PairCollator, PairDataset  # noqa: E402
-from fsdp_worker import IndexLog, LossLog, worst  # noqa: E402
+from rsa.data import Pair, PairDataset  # noqa: E402
+from fsdp_worker import IndexLog, LossLog, loss_and_oracle, run_jobs, worst  # noqa: E402
 from test_trainer_common import build_model, build_tokenizer, plain_records  # noqa: E402
 
 PAIRS_PER_RANK = 2
@@ -124,21 +120,7 @@ def one_step(workdir: Path, stage: int, objective: str, risk: str) -> dict:
               "head_numel_between_steps": engine.module.lm_head.weight.numel()}
     after = gathered(engine.module)
 
-    indices = [None] * world
-    dist.all_gather_object(indices, seen.seen)
-    everything = sorted(i for part in indices for i in part)
-    assert everything == list(range(len(data))), f"the processes' batches were {indices}"
-    loss = torch.stack(trainer.losses).sum()
-    dist.all_reduce(loss)
-    loss = loss / world
-
-    batch = PairCollator(tok.pad_token_id)([data[i] for i in everything])
-    fwd = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-    logits = oracle(**fwd).logits
-    with torch.no_grad():
-        ref_logits = oracle_ref(**fwd).logits
-    want, _ = rk.preference_loss(logits, ref_logits, batch["labels"], shift=True, backend="torch", **loss_args)
-    want.backward()
+    loss, want = loss_and_oracle(trainer, seen, data, tok.pad_token_id, oracle, oracle_ref, loss_args)
     want_grads = {n: p.grad.clone() for n, p in oracle.named_parameters()}
     head_before = oracle.lm_head.weight.detach().clone()
     torch.optim.SGD(oracle.parameters(), lr=LR).step()
@@ -191,22 +173,11 @@ def rsa_train(config: Path) -> dict:
 def main(workdir: str, results: str, configs: list[str]):
     workdir = Path(workdir)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
-    out = {}
     cases = [(3, "rsa2", "cvar:0.9"), (3, "dpo", "kl"), (2, "rsa2", "cvar:0.9"), (2, "dpo", "kl")]
     # `rsa train` first, while DeepSpeed's communication is not yet initialised, as in a fresh run.
     jobs = [(f"rsa-train-{Path(c).stem}", lambda c=c: rsa_train(Path(c))) for c in configs]
     jobs += [(f"zero{s}-{o}", lambda s=s, o=o, r=r: one_step(workdir, s, o, r)) for s, o, r in cases]
-    for name, job in jobs:
-        start = time.perf_counter()
-        try:
-            out[name] = job()
-        except Exception:  # one broken case must not hide the others; the test fails on it
-            out[name] = {"error": traceback.format_exc()}
-        out[name]["seconds"] = round(time.perf_counter() - start, 2)
-    if dist.get_rank() == 0:
-        Path(results).write_text(json.dumps(out, indent=2))
-    dist.barrier()
-    dist.destroy_process_group()
+    run_jobs(jobs, results)
 
 
 if __name__ == "__main__":

@@ -149,23 +149,7 @@ def one_step(workdir: Path, version: int, objective: str, risk: str, dtype: torc
     record = {"dtype": str(dtype), "policy": is_fsdp(grads.model), "reference": ref_kind,
               "policy_share": local_share(grads.model), "reference_share": local_share(trainer.ref_model)}
 
-    # The global batch: every process's items, each exactly once.
-    indices = [None] * world
-    dist.all_gather_object(indices, seen.seen)
-    everything = sorted(i for part in indices for i in part)
-    assert everything == list(range(len(data))), f"the processes' batches were {indices}"
-    loss = torch.stack(trainer.losses).sum()
-    dist.all_reduce(loss)  # each process's loss is its pairs' mean; equal shares
-    loss = loss / world
-
-    batch = PairCollator(tok.pad_token_id)([data[i] for i in everything])
-    fwd = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-    logits = oracle(**fwd).logits
-    with torch.no_grad():
-        ref_logits = oracle_ref(**fwd).logits
-    want, _ = rk.preference_loss(logits, ref_logits, batch["labels"], shift=True, backend="torch", **loss_args)
-    want.backward()
-
+    loss, want = loss_and_oracle(trainer, seen, data, tok.pad_token_id, oracle, oracle_ref, loss_args)
     record["loss"] = {"got": loss.item(), "want": want.item(), **worst(loss, want.detach())}
     torch.testing.assert_close(loss, want.detach(), **LOSS_TOL[dtype])
     want_grads = {n: p.grad for n, p in oracle.named_parameters()}
@@ -179,6 +163,30 @@ def one_step(workdir: Path, version: int, objective: str, risk: str, dtype: torc
         print(f"fsdp{version} {objective}: loss {loss.item():.12f} err {record['loss']['abs']:.1e}, "
               f"max grad err {record['grad_abs']:.1e}", flush=True)
     return record
+
+
+def loss_and_oracle(trainer, seen: IndexLog, data, pad_id: int, oracle, oracle_ref, loss_args: dict):
+    """(the processes' mean loss, the oracle's loss on the global batch, after its backward).
+
+    The oracle is a single process running the models' ordinary forward (full logits) and
+    rsa_kernels.preference_loss on every process's items, each exactly once."""
+    world = dist.get_world_size()
+    indices = [None] * world
+    dist.all_gather_object(indices, seen.seen)
+    everything = sorted(i for part in indices for i in part)
+    assert everything == list(range(len(data))), f"the processes' batches were {indices}"
+    loss = torch.stack(trainer.losses).sum()
+    dist.all_reduce(loss)  # each process's loss is its pairs' mean; equal shares
+    loss = loss / world
+
+    batch = PairCollator(pad_id)([data[i] for i in everything])
+    fwd = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    logits = oracle(**fwd).logits
+    with torch.no_grad():
+        ref_logits = oracle_ref(**fwd).logits
+    want, _ = rk.preference_loss(logits, ref_logits, batch["labels"], shift=True, backend="torch", **loss_args)
+    want.backward()
+    return loss, want
 
 
 class SeeWrapping(TrainerCallback):
@@ -369,7 +377,6 @@ def main(workdir: str, results: str, configs: list[str]):
     workdir = Path(workdir)
     # A process that fails mid-collective must not leave the other waiting for half an hour.
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
-    out = {}
     f64, f32 = torch.float64, torch.float32
     cases = [(2, "rsa2", "cvar:0.9", f64), (2, "dpo", "kl", f64), (1, "rsa2", "cvar:0.9", f32), (1, "dpo", "kl", f32)]
     jobs = [(f"fsdp{v}-{o}", lambda v=v, o=o, r=r, d=d: one_step(workdir, v, o, r, d)) for v, o, r, d in cases]
@@ -385,6 +392,12 @@ def main(workdir: str, results: str, configs: list[str]):
              ("layout-fsdp1-param-init", lambda: reference_layout(
                  workdir, "l1p", {"version": 1, "sync_module_states": False}, meta_reference=True))]
     jobs += [(f"rsa-train-{Path(c).stem}", lambda c=c: rsa_train(Path(c))) for c in configs]
+    run_jobs(jobs, results)
+
+
+def run_jobs(jobs, results: str):
+    """Runs every (name, job) in order; rank 0 writes {name: result or error, seconds} to RESULTS."""
+    out = {}
     for name, job in jobs:
         start = time.perf_counter()
         try:

@@ -13,9 +13,6 @@ One torchrun job runs every case:
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,7 @@ import torch
 from rsa.config import RSAConfig
 from rsa.trainer import RSATrainer
 from test_trainer_common import build_model, build_tokenizer, plain_records, read_weights, save_tiny_model, write_jsonl
-from test_trainer_fsdp import stage_config
+from test_trainer_fsdp import stage_config, torchrun_job
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,13 +35,8 @@ def deepspeed_job(tmp_path_factory):
     write_jsonl(plain_records(8, seed=1), tmp / "helpful.jsonl")
     config = stage_config(tmp, "zero3", per_device_train_batch_size=1, ddp_backend="gloo",
                           deepspeed=str(ROOT / "examples" / "deepspeed_zero3.json"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "deepspeed_worker.py"), str(tmp), str(tmp / "results.json"), str(config)]
     # DeepSpeed compiles its shared-memory communication op once per machine (about a minute).
-    proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=400,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
-    assert proc.returncode == 0 and (tmp / "results.json").is_file(), proc.stderr[-4000:]
-    return tmp, json.loads((tmp / "results.json").read_text())
+    return tmp, torchrun_job("deepspeed_worker.py", tmp, [config], DS_ACCELERATOR="cpu")
 
 
 @pytest.mark.parametrize("case", ONE_STEP)

@@ -60,12 +60,19 @@ def fsdp_job(tmp_path_factory):
     configs = [stage_config(tmp, f"fsdp{v}", per_device_train_batch_size=1, ddp_backend="gloo",
                             fsdp="full_shard", fsdp_config={"version": v},
                             **({} if v == 2 else {"save_strategy": "no"})) for v in VERSIONS]
+    return tmp, torchrun_job("fsdp_worker.py", tmp, configs)
+
+
+def torchrun_job(worker: str, tmp: Path, configs, **env) -> dict:
+    """tests/WORKER on 2 processes (torchrun, CPU); the results it wrote."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "fsdp_worker.py"), str(tmp), str(tmp / "results.json"), *map(str, configs)]
+           str(ROOT / "tests" / worker), str(tmp), str(tmp / "results.json"), *map(str, configs)]
     proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=400,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env})
     assert proc.returncode == 0 and (tmp / "results.json").is_file(), proc.stderr[-4000:]
-    return tmp, json.loads((tmp / "results.json").read_text())
+    results = json.loads((tmp / "results.json").read_text())
+    print(worker, "seconds per case:", {name: r.get("seconds") for name, r in results.items()})  # pytest -s
+    return results
 
 
 @pytest.mark.parametrize("case", ONE_STEP)
