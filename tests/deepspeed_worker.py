@@ -3,14 +3,15 @@ gloo, CPU (DeepSpeed's CPU accelerator).
 
     torchrun --nproc_per_node 2 tests/deepspeed_worker.py WORKDIR RESULTS.json [STAGE_CONFIG.yaml ...]
 
-1. one optimizer step (torch SGD, no clipping) of RSATrainer with `deepspeed` = ZeRO-2 or
+1. `rsa train`'s stage runner (rsa.stepwise.run_stages) with examples/deepspeed_zero3.json,
+   first, while DeepSpeed's communication is not initialised yet (as in a fresh run), with
+   ACCELERATE_USE_CPU set; the test compares the saved weights with a single-process run;
+2. one optimizer step (torch SGD, no clipping) of RSATrainer with `deepspeed` = ZeRO-2 or
    ZeRO-3 and `use_cpu`, for rsa2/cvar:0.9 and dpo, float32: the processes' mean loss, every
    parameter's gradient before the step (deepspeed.utils.safe_get_full_grad) and every
    parameter after it (gathered), the lm head's above all, compared here with a
    single-process oracle on the global batch (the models' ordinary forward, full logits,
-   rsa_kernels.preference_loss, the same SGD step);
-2. `rsa train`'s stage runner (rsa.stepwise.run_stages) with examples/deepspeed_zero3.json;
-   the test compares the saved weights with a single-process run.
+   rsa_kernels.preference_loss, the same SGD step).
 
 Rank 0 writes RESULTS.json; the test asserts on it.
 """
@@ -113,8 +114,9 @@ def one_step(workdir: Path, stage: int, objective: str, risk: str) -> dict:
     assert trainer.is_deepspeed_enabled, "the Trainer did not enable DeepSpeed"
     trainer.train()
     engine = grads.engine
-    record = {"policy": engine_kind(engine), "switched": getattr(trainer, "deepspeed_on_cpu", False), "reference": engine_kind(trainer.ref_model),
-              "policy_share": local_share(engine.module), "reference_share": local_share(trainer.ref_model.module),
+    record = {"policy": engine_kind(engine), "switched": getattr(trainer, "deepspeed_on_cpu", False),
+              "reference": engine_kind(trainer.ref_model), "policy_share": local_share(engine.module),
+              "reference_share": local_share(trainer.ref_model.module),
               "head_share": local_share(engine.module.lm_head),
               # ZeRO-3 released the head after the step's forward and backward: the loss read a gathered copy.
               "head_numel_between_steps": engine.module.lm_head.weight.numel()}
@@ -147,9 +149,9 @@ def one_step(workdir: Path, stage: int, objective: str, risk: str) -> dict:
 
 
 def rsa_train(config: Path) -> dict:
-    """The stage with ACCELERATE_USE_CPU set, as `accelerate launch --cpu` runs it: accelerate
-    then leaves DeepSpeed off and rsa/sharding.py switches it on (the one-step cases above take
-    the other path, `use_cpu` alone, where accelerate enables DeepSpeed itself)."""
+    """The stage with ACCELERATE_USE_CPU set, as an accelerate config with use_cpu sets it:
+    accelerate then leaves DeepSpeed off and rsa/sharding.py switches it on (the one-step cases
+    take the other path, `use_cpu` alone, where accelerate enables DeepSpeed itself)."""
     from rsa.stepwise import run_stages
     from rsa.trainer import RSATrainer
     seen = {}
