@@ -28,6 +28,7 @@ from rsa_kernels.risk import parse_risk
 from rsa_kernels.validation import check_objective_args
 
 from .lora import check_lora, check_lora_chain
+from .sharding import deepspeed_comm_on_cpu
 
 
 @dataclass
@@ -57,6 +58,7 @@ class RSAConfig(TrainingArguments):
     def __post_init__(self):
         check_loss_settings(vars(self))
         super().__post_init__()
+        deepspeed_comm_on_cpu(self)  # before any model is loaded (rsa/sharding.py)
 
 
 def check_loss_settings(values: dict):

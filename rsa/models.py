@@ -9,6 +9,8 @@ bias. The model thus returns its final hidden states where the logits would be, 
 from __future__ import annotations
 
 import contextlib
+import copy
+import re
 from pathlib import Path
 
 import torch
@@ -74,7 +76,7 @@ def _pass_through(head: nn.Linear):
     seen = {}
 
     def forward(hidden):
-        seen.update(weight=head.weight, bias=head.bias, out=hidden)
+        seen.update(weight=_held(head.weight), bias=_held(head.bias), out=hidden)
         return hidden
 
     head.forward = forward  # an instance attribute shadows nn.Linear.forward for this call only
@@ -82,6 +84,20 @@ def _pass_through(head: nn.Linear):
         yield seen
     finally:
         del head.forward
+
+
+def _held(param):
+    """The parameter as the loss must read it after the forward.
+
+    DeepSpeed ZeRO-3 gathers a module's parameters for its forward and then points
+    `param.data` back at an empty tensor. A view taken while the head's weight is gathered
+    keeps that gathered storage alive for the loss's forward and backward, and its gradient
+    (of the full shape, as for any gathered use) flows through the view into the parameter,
+    where ZeRO-3's gradient hook reduce-scatters it into the partitions.
+    """
+    if param is None or not hasattr(param, "ds_status"):  # not a ZeRO-3 parameter
+        return param
+    return param.view_as(param)
 
 
 def hidden_and_head(model: nn.Module, head: nn.Linear, batch: dict):
@@ -117,41 +133,79 @@ def hidden_and_head(model: nn.Module, head: nn.Linear, batch: dict):
 
 def prepare_reference(ref: nn.Module, accelerator) -> nn.Module:
     """Place (and shard) the frozen reference as the policy is: DDP/single -> device;
-    FSDP -> wrapped with the same plugin settings; DeepSpeed ZeRO-3 -> partitioned the same way."""
+    FSDP -> wrapped as accelerate wraps the policy, from the same plugin and mesh;
+    DeepSpeed -> an engine of the policy's config (ZeRO-3: partitioned the same way)."""
     from accelerate.utils import DistributedType
     freeze(ref)
     kind = accelerator.distributed_type
     if kind == DistributedType.FSDP:
-        if getattr(accelerator, "is_fsdp2", False):
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-            plugin = accelerator.state.fsdp_plugin
-            # The policy's compute dtype and offloading, so that both models give the loss
-            # hidden states and head weights of one dtype.
-            kwargs = {"mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy()}
-            if plugin.cpu_offload is not None:
-                kwargs["offload_policy"] = plugin.cpu_offload
-            layer_types = set(getattr(ref, "_no_split_modules", None) or ())
-            for module in ref.modules():
-                if type(module).__name__ in layer_types:
-                    fully_shard(module, **kwargs)
-            fully_shard(ref, **kwargs)
-            return freeze(ref)
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        plugin = accelerator.state.fsdp_plugin
-        plugin.set_auto_wrap_policy(ref)
-        ref = FSDP(ref, sharding_strategy=plugin.sharding_strategy, cpu_offload=plugin.cpu_offload,
-                   auto_wrap_policy=plugin.auto_wrap_policy, mixed_precision=plugin.mixed_precision_policy,
-                   sync_module_states=plugin.sync_module_states, use_orig_params=plugin.use_orig_params,
-                   limit_all_gathers=plugin.limit_all_gathers, device_id=accelerator.device)
-        return freeze(ref)
+        return freeze(_fsdp_reference(ref, accelerator))
     if kind == DistributedType.DEEPSPEED:
-        import copy
         import deepspeed
-        cfg = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-        cfg.pop("optimizer", None)
-        cfg.pop("scheduler", None)
-        stage = cfg.get("zero_optimization", {}).get("stage", 0)
-        cfg["zero_optimization"] = {"stage": 3 if stage == 3 else 0}
-        engine, *_ = deepspeed.initialize(model=ref, config=cfg)
+        engine, *_ = deepspeed.initialize(model=ref, config=reference_deepspeed_config(
+            accelerator.state.deepspeed_plugin.deepspeed_config, ref))
         return freeze(engine)
     return freeze(ref.to(accelerator.device))
+
+
+class _Overlay:
+    """`base` with some attributes replaced (accelerate reads accelerator.state.fsdp_plugin)."""
+
+    def __init__(self, base, **replaced):
+        self.__dict__.update(_base=base, **replaced)
+
+    def __getattr__(self, name):
+        return getattr(self._base, name)
+
+
+def _fsdp_reference(ref: nn.Module, accelerator) -> nn.Module:
+    """The reference wrapped by the code and the settings that wrap the policy.
+
+    accelerate adapts its plugin to each model it wraps (the auto-wrap policy bound to the
+    model's layer classes, FSDP1's param_init_fn re-tying weights): the reference gets a copy,
+    so the policy, wrapped later by the Trainer, sees the plugin as the user configured it.
+    FSDP2 runs accelerate's own fsdp2_prepare_model (its mesh, layer classes, tail unit,
+    mixed precision, offloading and cpu_ram_efficient_loading); FSDP1 the arguments of
+    Accelerator.prepare_model. Activation checkpointing is left out: the reference has no backward.
+    """
+    plugin = copy.copy(accelerator.state.fsdp_plugin)
+    if getattr(accelerator, "is_fsdp2", False):
+        from accelerate.utils import fsdp2_prepare_model
+        view = _Overlay(accelerator, state=_Overlay(accelerator.state, fsdp_plugin=plugin))
+        return fsdp2_prepare_model(view, ref)
+    from accelerate.utils import ensure_weights_retied
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    plugin.set_auto_wrap_policy(ref)
+    ignored = plugin.ignored_modules
+    if isinstance(ignored, str):  # a regular expression over module names, as accelerate reads it
+        pattern = re.compile(ignored)
+        ignored = [m.to(accelerator.device) for n, m in ref.named_modules() if pattern.fullmatch(n)]
+    return FSDP(ref, sharding_strategy=plugin.sharding_strategy or plugin.reshard_after_forward,
+                cpu_offload=plugin.cpu_offload, auto_wrap_policy=plugin.auto_wrap_policy,
+                mixed_precision=plugin.mixed_precision_policy, sync_module_states=plugin.sync_module_states,
+                backward_prefetch=plugin.backward_prefetch, forward_prefetch=plugin.forward_prefetch,
+                use_orig_params=plugin.use_orig_params,
+                param_init_fn=ensure_weights_retied(plugin.param_init_fn, ref, accelerator.device),
+                ignored_modules=ignored, limit_all_gathers=plugin.limit_all_gathers, device_id=accelerator.device)
+
+
+def reference_deepspeed_config(policy_config: dict, ref: nn.Module) -> dict:
+    """The policy's DeepSpeed config for the frozen reference: no optimizer or scheduler;
+    ZeRO-3 keeps the policy's partitioning settings (offloading included), with the
+    model-size "auto" values filled as accelerate fills the policy's; ZeRO-0/1/2 partition
+    nothing the forward uses, so the reference is a whole copy on each process (stage 0),
+    cast to the policy's dtype by the engine."""
+    cfg = copy.deepcopy(policy_config)
+    cfg.pop("optimizer", None)
+    cfg.pop("scheduler", None)
+    zero = cfg.get("zero_optimization", {})
+    if zero.get("stage") != 3:
+        cfg["zero_optimization"] = {"stage": 0}
+        return cfg
+    hidden = getattr(getattr(ref, "config", None), "hidden_size", None)
+    sizes = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+             "stage3_param_persistence_threshold": 10 * hidden} if hidden else {}
+    for key, value in sizes.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    return cfg

@@ -10,6 +10,9 @@ One torchrun job runs every case (its start-up costs more than they do):
   Transformers Trainer alone would silently run as DDP): the policy is FSDP-wrapped and
   sharded at every step, and the saved model equals a single-process run;
 - FSDP2 with bf16 mixed precision: the reference computes in the policy's dtype;
+- the reference is sharded as the policy (FSDP2 and FSDP1): the user's layer classes, a
+  ParallelismConfig mesh, cpu_ram_efficient_loading, FSDP1's param_init_fn on a meta-device
+  reference, and the shared plugin left as configured;
 - what cannot run is refused with a ValueError: FSDP without a launcher, FSDP1 on CPU with
   checkpoints, an lm head that FSDP reshards before the loss reads it.
 """
@@ -57,12 +60,19 @@ def fsdp_job(tmp_path_factory):
     configs = [stage_config(tmp, f"fsdp{v}", per_device_train_batch_size=1, ddp_backend="gloo",
                             fsdp="full_shard", fsdp_config={"version": v},
                             **({} if v == 2 else {"save_strategy": "no"})) for v in VERSIONS]
+    return tmp, torchrun_job("fsdp_worker.py", tmp, configs)
+
+
+def torchrun_job(worker: str, tmp: Path, configs, **env) -> dict:
+    """tests/WORKER on 2 processes (torchrun, CPU); the results it wrote."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "fsdp_worker.py"), str(tmp), str(tmp / "results.json"), *map(str, configs)]
+           str(ROOT / "tests" / worker), str(tmp), str(tmp / "results.json"), *map(str, configs)]
     proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=400,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env})
     assert proc.returncode == 0 and (tmp / "results.json").is_file(), proc.stderr[-4000:]
-    return tmp, json.loads((tmp / "results.json").read_text())
+    results = json.loads((tmp / "results.json").read_text())
+    print(worker, "seconds per case:", {name: r.get("seconds") for name, r in results.items()})  # pytest -s
+    return results
 
 
 @pytest.mark.parametrize("case", ONE_STEP)
@@ -110,9 +120,32 @@ def test_bf16_reference_computes_like_the_policy(fsdp_job):
     (when the reference was wrapped without the policy's MixedPrecisionPolicy it computed in
     float32: KL up to 3e-7 and rewards up to 3e-4 here)."""
     _, results = fsdp_job
-    got = results["fsdp2-bf16"]
+    got = {k: v for k, v in results["fsdp2-bf16"].items() if k != "seconds"}
     assert "error" not in got, got.get("error")
     assert got == {"kl/chosen": 0.0, "kl/rejected": 0.0, "rewards/chosen": 0.0, "rewards/rejected": 0.0}
+
+
+LAYOUTS = ["fsdp2-classes", "fsdp2-efficient", "fsdp2-mesh", "fsdp1-classes", "fsdp1-param-init"]
+
+
+@pytest.mark.parametrize("case", LAYOUTS)
+def test_reference_is_sharded_as_the_policy(fsdp_job, case):
+    """prepare_reference wraps the reference from the policy's plugin and mesh, without changing
+    the plugin: the same units (the user's transformer_layer_cls_to_wrap, not _no_split_modules),
+    the same placements on the same mesh (a ParallelismConfig's named one), the reference's
+    weights intact (cpu_ram_efficient_loading: rank 0's; FSDP1 on the meta device: materialised
+    by the plugin's param_init_fn, where torch would call reset_parameters, which RMSNorm lacks)."""
+    _, results = fsdp_job
+    got = results[f"layout-{case}"]
+    assert "error" not in got, got.get("error")
+    assert got["reference"] == got["policy"]
+    assert got["plugin_untouched_by_reference"]
+    assert got["reference_weights_err"] == 0.0
+    units = {unit[2] for unit in got["policy"] if unit[0] == "unit"}
+    if case.endswith("classes"):
+        assert any("LlamaMLP" in u for u in units) and not any("DecoderLayer" in u for u in units)
+    if case == "fsdp2-mesh":
+        assert {tuple(p[4]) for p in got["policy"] if p[0] != "unit"} == {("dp_shard_cp",)}
 
 
 def test_fsdp1_checkpoints_on_cpu_are_refused(fsdp_job):
@@ -127,7 +160,7 @@ def test_lm_head_resharded_before_the_loss_is_refused(fsdp_job):
 
 def test_fsdp_without_a_launcher_is_refused(tmp_path, monkeypatch):
     """One process, no torchrun: FSDP would not apply, so the run stops instead of training unsharded."""
-    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)  # the Accelerator sets it
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")  # the Accelerator sets it: unset afterwards
     tok = build_tokenizer()
     args = RSAConfig(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none", fsdp="full_shard")
     with pytest.raises(ValueError, match="fsdp is set"):
@@ -136,3 +169,24 @@ def test_fsdp_without_a_launcher_is_refused(tmp_path, monkeypatch):
     write_jsonl(plain_records(2), tmp_path / "helpful.jsonl")
     with pytest.raises(ValueError, match="fsdp is set"):
         run_stages(stage_config(tmp_path, "refused", fsdp="full_shard"), progress=False)
+
+
+def test_accelerate_state_of_another_layout_is_refused(monkeypatch):
+    """rsa/sharding.py writes accelerate's private PartialState._shared_state to switch FSDP on
+    for CPU processes; an accelerate that keeps that state otherwise stops the run with a
+    RuntimeError naming the tested version instead of leaving a half-switched state."""
+    from types import SimpleNamespace
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+    from rsa.sharding import TESTED_ACCELERATE, enforce_requested_sharding
+    PartialState(cpu=True)
+    storage = PartialState._shared_state
+    monkeypatch.setitem(storage, "distributed_type", DistributedType.MULTI_CPU)
+    state = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, mixed_precision="no", num_processes=2)
+    args = SimpleNamespace(deepspeed=None, fsdp_plugin_args={"fsdp_version": 2}, save_strategy="no",
+                           activation_checkpointing=False)
+    trainer = SimpleNamespace(args=args, accelerator=SimpleNamespace(state=state), is_deepspeed_enabled=False,
+                              is_fsdp_enabled=False)
+    monkeypatch.delitem(storage, "distributed_type")  # say, a future accelerate keeps it elsewhere
+    with pytest.raises(RuntimeError, match=f"tested with accelerate {TESTED_ACCELERATE}"):
+        enforce_requested_sharding(trainer)
