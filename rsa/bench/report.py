@@ -60,6 +60,13 @@ def headline(rows: list[dict]) -> list[str]:
     return out
 
 
+def _headline_rounds(results: dict) -> str:
+    rounds = results.get("headline_rounds")
+    if not rounds:
+        return ""
+    return f" ({rounds['baseline']} for the baselines, {rounds['kernel']} for the kernels at the headline point)"
+
+
 def render(results: dict) -> str:
     mach = results["machine"]
     rows = results["measurements"]
@@ -72,8 +79,9 @@ def render(results: dict) -> str:
         f"dtype {results['dtype']}; torch {v.get('torch')}, rsa-kernels {v.get('rsa-kernels')}, "
         f"liger-kernel {v.get('liger-kernel')}, triton {v.get('triton')}; commit {str(mach.get('git_commit'))[:10]}.",
         "",
-        f"Time: median over {results['rounds']} timed rounds after {results['warmup_rounds']} warm-up round(s) "
-        "(pytest-benchmark, bench/test_bench_grid.py), forward + backward. Peak memory: "
+        f"Time: median over {results['rounds']} timed rounds{_headline_rounds(results)} after "
+        f"{results['warmup_rounds']} warm-up round(s) (bench/test_bench_grid.py: each round one step, its backward "
+        "timed by pytest-benchmark, its forward in the round's setup), forward + backward. Peak memory: "
         + ("CUDA allocator peak" if results["device"].startswith("cuda") else "peak resident set (VmHWM) of a "
            "subprocess") + " during one forward + backward above what was held before it (the inputs), the "
         "gradients it returns included. "
