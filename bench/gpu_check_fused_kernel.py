@@ -133,7 +133,7 @@ def step(x, variant, risk="kl", weights=None):
         h, rh = x["hidden"], x["ref_hidden"]
         out = hybrid_rows_token_stats(h, x["weight"], x["bias"], rh, x["ref_weight"], x["ref_bias"], x["labels"],
                                       risk=parse_risk(risk), ignore_index=-100, backend=get_backend("auto", h),
-                                      rows=budget_rows(x["weight"].shape[0], h.dtype, None, h.device))
+                                      rows=budget_rows(x["weight"].shape[0], h.dtype, None))
     else:  # the float64 oracle: the token path on float64 copies (the torch row kernel)
         d = {k: t if t is None or k == "labels" else t.detach().double().requires_grad_(t.requires_grad)
              for k, t in x.items()}

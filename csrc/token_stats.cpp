@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "fresh.h"
 #include "rows.h"
 
 namespace {
@@ -281,6 +282,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused CPU row kernels of rsa_kernels (SPEC section 1)";
   m.def("forward", &forward, "(z, zr, labels, code, param, ignore_index) -> [stats (N, 4), saved (N, 5)]");
   m.def("backward", &backward, "(z, zr, labels, saved, grads, code, param, ignore_index, out) -> out");
+  m.def("fresh_like", &rsa::fresh_like, "(z) -> a new uninitialised tensor like z, on 2 MiB pages where Linux allows");
   m.def("exp", &exp_tensor, "(x) -> the kernels' vectorised exp of a float32/float64 tensor");
   m.def("exp_throughput", &exp_throughput, "(n) -> sum of n float32 exps of cache-resident values (timing)");
   m.attr("SIMD_WIDTH_FLOAT") = rsa::width<float>();

@@ -322,3 +322,35 @@ def test_bracketed_selection(risk, dtype):
     _, saved_c = cpu_rows.forward(z, zr, labels, r, IGNORE)
     _, saved_t = torch_rows.forward(z, zr, labels, r, IGNORE)
     torch.testing.assert_close(saved_c[:, 2], saved_t[:, 2], rtol=tol / 10, atol=tol / 10)
+
+
+def _rss_bytes():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fresh_gradient_on_huge_pages(monkeypatch, dtype):
+    """The fresh gradient of a large backward (csrc/fresh.h): the same bits as on torch.empty,
+    a tensor of its own, 2 MiB-aligned on Linux, and unmapped again when freed."""
+    z, zr, labels = make_rows(128, 40000, dtype=dtype)  # >= 8 MiB in either dtype: the 2 MiB-page path
+    risk = parse_risk("erm:0.5")
+    stats, saved = cpu_rows.forward(z, zr, labels, risk, IGNORE)
+    g = upstream(128).T.contiguous().float()
+    got = cpu_rows.backward(z, zr, labels, saved, g, risk, IGNORE)
+    monkeypatch.setattr(cpu_rows, "HUGE_PAGES", False)
+    want = cpu_rows.backward(z, zr, labels, saved, g, risk, IGNORE)
+    assert got.dtype == dtype and got.shape == z.shape and got.is_contiguous()
+    assert torch.equal(got, want)
+    assert got.untyped_storage().data_ptr() != z.untyped_storage().data_ptr()
+    if sys.platform.startswith("linux"):
+        assert got.data_ptr() % (2 << 20) == 0
+        small = rsa_kernels._C.fresh_like(torch.empty(3, 5, dtype=dtype))  # below 8 MiB: at::empty
+        assert small.shape == (3, 5) and small.dtype == dtype
+        del got, want
+        before = _rss_bytes()
+        for _ in range(20):  # 20 x 64 MiB written and freed: nothing may stay mapped
+            t = rsa_kernels._C.fresh_like(torch.empty(1024, 16384))
+            t.fill_(1.0)
+            del t
+        assert _rss_bytes() - before < 32 * 2**20

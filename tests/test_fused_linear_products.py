@@ -1,5 +1,5 @@
 """How many (tokens x hidden x vocabulary) matrix products one forward + backward of the
-fused-linear loss costs with the default memory budget, at Llama-3's vocabulary.
+fused-linear loss costs with the default chunk sizes, at Llama-3's vocabulary.
 
 Whole pairs in a chunk: 4 (both models' logits, then G W and G^T h once); token chunks
 with recomputation: 6. The products are counted as they reach ATen (mm/addmm/bmm calls
@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rsa_kernels as rk
-from rsa_kernels.fused_linear.linear import default_memory_budget
+from rsa_kernels.fused_linear import linear
 
 aten = torch.ops.aten
 SEQUENCES, LENGTH, PROMPT, H = 4, 128, 16, 64     # 2 pairs of 128-token sequences
@@ -63,20 +63,13 @@ def _products(vocab, **kw):
     return counter.flops // unit, loss.detach(), (hidden.grad, weight.grad)
 
 
-def _pair_bytes(vocab):
-    return 2 * (LENGTH - PROMPT) * 2 * vocab * 4  # one pair's rows, policy + reference, float32
-
-
 def test_defaults_fit_whole_pairs_four_products():
-    vocab = LLAMA3_VOCAB
-    budget = default_memory_budget(torch.device("cpu"))
-    if budget < _pair_bytes(vocab):
-        pytest.skip(f"this machine's default budget ({budget >> 20} MiB, from its available memory) does not "
-                    f"hold a pair ({_pair_bytes(vocab) >> 20} MiB): the token schedule is the right choice here")
-    products, loss, grads = _products(vocab)
+    # one pair's logits (2 x 112 labelled rows, policy + reference, float32) take 219 MiB:
+    # more than MEMORY_BUDGET, within PAIR_BUDGET, so a chunk holds exactly that pair
+    products, loss, grads = _products(LLAMA3_VOCAB)
     assert products == 4
     # a small budget forces token chunks with recomputation: 6 products, the same loss and gradients
-    products_tokens, loss_tokens, grads_tokens = _products(vocab, memory_budget=64 * 2**20)
+    products_tokens, loss_tokens, grads_tokens = _products(LLAMA3_VOCAB, memory_budget=64 * 2**20)
     assert products_tokens == 6
     # (float32 sums of 112 tokens' statistics per sequence, in a different order)
     torch.testing.assert_close(loss_tokens, loss, rtol=1e-4, atol=1e-6)
@@ -84,14 +77,18 @@ def test_defaults_fit_whole_pairs_four_products():
         assert (a - b).norm() <= 1e-4 * b.norm()
 
 
-def test_default_budget_follows_available_memory():
-    from rsa_kernels.fused_linear import linear
-
-    budget = default_memory_budget(torch.device("cpu"))
-    avail = linear.available_memory(torch.device("cpu"))
-    assert linear.MEMORY_BUDGET <= budget <= linear.BUDGET_CAP["cpu"]
-    if avail is not None:
-        want = min(linear.BUDGET_CAP["cpu"], max(linear.MEMORY_BUDGET, avail * linear.BUDGET_FRACTION))
-        assert abs(budget - want) <= 0.05 * want  # (available memory moves between the two readings)
-    # an explicit budget still wins over the default
-    assert linear.budget_rows(LLAMA3_VOCAB, torch.float32, 64 * 2**20, torch.device("cpu")) == 65
+def test_default_pair_chunk_is_the_smallest_that_holds_the_largest_pair():
+    f32 = torch.float32
+    labelled = 2 * (LENGTH - PROMPT)
+    per_row = linear.row_bytes(LLAMA3_VOCAB, f32)
+    assert per_row == 2 * LLAMA3_VOCAB * 4
+    assert linear.MEMORY_BUDGET < labelled * per_row <= linear.PAIR_BUDGET
+    assert linear.pair_chunk_rows(labelled, LLAMA3_VOCAB, f32, None) == labelled
+    # pairs that fit MEMORY_BUDGET share chunks of that size (at V=32000, 524 float32 rows)
+    assert linear.pair_chunk_rows(512, 32000, f32, None) == linear.MEMORY_BUDGET // linear.row_bytes(32000, f32) == 524
+    # a pair past PAIR_BUDGET: MEMORY_BUDGET's rows, so `auto` takes token chunks
+    too_big = linear.PAIR_BUDGET // per_row + 1
+    assert linear.pair_chunk_rows(too_big, LLAMA3_VOCAB, f32, None) == linear.MEMORY_BUDGET // per_row < too_big
+    # an explicit budget always wins
+    assert linear.pair_chunk_rows(labelled, LLAMA3_VOCAB, f32, 64 * 2**20) == 65
+    assert linear.budget_rows(LLAMA3_VOCAB, f32, 64 * 2**20) == 65

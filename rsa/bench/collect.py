@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .grid import (ENV_BACKENDS, ENV_COMPILED, ENV_DEVICE, ENV_LIGER, ENV_MODE, ENV_THREADS, centres, device_kind,
-                   liger_available, make_grid)
+from .grid import (ENV_BACKENDS, ENV_COMPILED, ENV_DEVICE, ENV_LIGER, ENV_MODE, ENV_THREADS, QUICK_HEADLINE_ROUNDS,
+                   centres, device_kind, headline, liger_available, make_grid)
 from .measure import MALLOC_ENV, can_reset_rss_peak
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,11 +103,11 @@ def run_times(out: Path, env: dict, log) -> list[dict]:
 
 
 def cuda_memory(benchmarks: list[dict]) -> dict:
-    """On CUDA the suite's backward tests record the allocator's peak themselves."""
+    """On CUDA the suite's tests record the allocator's peak themselves."""
     out = {}
     for b in benchmarks:
         info = b.get("extra_info", {})
-        if info.get("phase") == "backward" and "peak_bytes" in info:
+        if "peak_bytes" in info:
             out[info["case_id"]] = {k: info[k] for k in ("peak_bytes", "input_bytes", "grad_bytes")}
     return out
 
@@ -126,7 +127,15 @@ def run_memory(out: Path, env: dict, device: str, case_ids: list[str], log) -> d
     return merged
 
 
-def _stats(bench: dict) -> dict:
+def _stats(data: list) -> dict | None:
+    """The forward's times (timed in the rounds' setups) summarised as pytest-benchmark does."""
+    if not data:
+        return None
+    return {"median_s": statistics.median(data), "min_s": min(data), "max_s": max(data), "rounds": len(data),
+            "data_s": list(data)}
+
+
+def _bench_stats(bench: dict) -> dict:
     s = bench["stats"]
     return {"median_s": s["median"], "min_s": s["min"], "max_s": s["max"], "rounds": s["rounds"],
             "data_s": s.get("data")}
@@ -136,8 +145,9 @@ def merge(cases, benchmarks: list[dict], memory: dict) -> list[dict]:
     by_id: dict = {}
     for b in benchmarks:
         info = b.get("extra_info", {})
-        if "case_id" in info:
-            by_id.setdefault(info["case_id"], {})[info["phase"]] = _stats(b)
+        if "case_id" in info:  # the backward from pytest-benchmark, the forward from the rounds' setups
+            by_id[info["case_id"]] = {"forward": _stats(info.get("forward_s")),
+                                      "backward": _bench_stats(b)}
     rows = []
     for c in cases:
         t = by_id.get(c.id, {})
@@ -186,6 +196,7 @@ def run_bench(out: Path, mode: str, device: str, backends: list[str], threads: i
     results = {
         "machine": {**machine_info(device), **({"torch_threads": threads} if threads else {})}, "device": device, "mode": mode, "backends": backends,
         "command": command, "dtype": cases[0].dtype if cases else None, "centres": centres(mode, device), "warmup_rounds": warmup, "rounds": rounds,
+        "headline_rounds": QUICK_HEADLINE_ROUNDS if mode == "quick" and headline(mode, device) else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "seconds": {"times": round(t_mid - started, 1), "memory": round(time.time() - t_mid, 1)},
         "measurements": merge(cases, benchmarks, memory),

@@ -91,6 +91,19 @@ class Case:
 # token_stats' headline point (N, V), measured for every risk with every implementation and
 # both baselines: the size the README quotes (a 1024-token batch at a 32k vocabulary)
 HEADLINE = {("cpu", "quick"): (1024, 32000), ("cpu", "full"): (1024, 32000)}
+# Timed rounds at the quick grid's headline point (warm-up rounds as everywhere): the
+# baselines' steps take 0.25-3 s there and their rounds differ by a few percent, so 2 rounds;
+# the kernels' take 0.1-0.25 s and vary more (the fresh gradient's page faults), so 5 rounds
+# for a steadier median at almost no cost
+QUICK_HEADLINE_ROUNDS = {"baseline": 2, "kernel": 5}
+
+
+def case_rounds(case: Case, mode: str, rounds: int) -> int:
+    """Timed rounds of ``case`` in a grid of ``mode`` whose default is ``rounds``."""
+    at = case.path == "token_stats" and (case.n, case.v) == HEADLINE.get((device_kind(case.device), mode))
+    if mode != "quick" or not at:
+        return rounds
+    return QUICK_HEADLINE_ROUNDS["baseline" if case.impl in BASELINES else "kernel"]
 
 
 def device_kind(device: str) -> str:
@@ -148,6 +161,10 @@ def make_grid(mode: str, device: str, backends: list[str], *, liger: bool, compi
     return cases, warmup, rounds
 
 
+def mode_from_env() -> str:
+    return os.environ.get(ENV_MODE, "tiny")
+
+
 def grid_from_env() -> tuple[list[Case], int, int]:
     """The grid the `rsa bench` process asked for (defaults: tiny on this machine's device).
 
@@ -159,7 +176,7 @@ def grid_from_env() -> tuple[list[Case], int, int]:
     if os.environ.get(ENV_THREADS):
         torch.set_num_threads(int(os.environ[ENV_THREADS]))
     device = os.environ.get(ENV_DEVICE) or ("cuda" if torch.cuda.is_available() else "cpu")
-    mode = os.environ.get(ENV_MODE, "tiny")
+    mode = mode_from_env()
     names = os.environ.get(ENV_BACKENDS)
     backends = names.split(",") if names else backends_for(device, rsa_kernels.available_backends())
     liger, comp = os.environ.get(ENV_LIGER), os.environ.get(ENV_COMPILED)

@@ -1,7 +1,8 @@
 """Measurements of one workload: timed forward / backward steps, and peak memory of a step.
 
-Times come from pytest-benchmark (bench/test_bench_grid.py calls ``timed_forward`` and
-``timed_backward``). Peak memory is measured apart, by ``python -m rsa.bench.peak``:
+Times come from bench/test_bench_grid.py (``timed_step``: pytest-benchmark times the
+backward, the round's setup times its forward). Peak memory is measured apart, by
+``python -m rsa.bench.peak``:
 
 - CUDA: the caching allocator's peak (torch.cuda.max_memory_allocated) during one forward
   and backward, minus what was allocated before it (the inputs);
@@ -17,6 +18,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
+import time
 
 import torch
 
@@ -29,26 +31,19 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_forward(work):
-    """A pytest-benchmark target: one forward, finished (gradients of a previous round dropped)."""
-    dev = work.case.device
-
-    def target():
-        work.zero_grad()
-        loss = work.forward()
-        sync(dev)
-        return loss
-    return target
-
-
-def timed_backward(work):
-    """(setup, target) for benchmark.pedantic: the forward is setup, only the backward is timed."""
+def timed_step(work, forward_s: list):
+    """(setup, target) for benchmark.pedantic: one forward + backward per round. The forward
+    runs in the untimed setup, timed here with perf_counter and appended to ``forward_s``;
+    pytest-benchmark times the backward. One step per round serves both figures."""
     dev = work.case.device
 
     def setup():
-        work.zero_grad()
+        work.zero_grad()  # (the previous round's gradient is freed outside both timers)
+        sync(dev)
+        start = time.perf_counter()
         loss = work.forward()
         sync(dev)
+        forward_s.append(time.perf_counter() - start)
         return (loss,), {}
 
     def target(loss):

@@ -1,7 +1,7 @@
 """time.png and memory.png: cost against V and against N (log-log), one row per section."""
 from __future__ import annotations
 
-from .report import MiB, impl_order, peak, total_time
+from .tables import MiB, impl_order, peak, total_time
 
 ROWS = (  # (path, objective, risk, title)
     ("token_stats", "", "cvar:0.9", "token statistics, cvar:0.9"),

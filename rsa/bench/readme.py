@@ -6,7 +6,7 @@ command that produced it. Regenerate with the command printed above the tables.
 """
 from __future__ import annotations
 
-from .report import MiB, memory_floor, peak, ratio_table, summary_sections, total_time
+from .tables import MiB, memory_floor, peak, ratio_table, summary_sections, total_time
 
 
 def readme_tables(results: dict) -> list[str]:

@@ -1,98 +1,20 @@
-"""report.md from results.json: times and peak memory as ratios against the baselines.
-
-Ratios read "x times better than the baseline": baseline time / this time, baseline
-memory / this memory, so 2.0x means half the time (or memory) of the baseline.
-"""
+"""report.md from results.json: times and peak memory as ratios against the baselines
+(the tables themselves: tables.py), fitted exponents, the README section (readme.py)."""
 from __future__ import annotations
 
 from collections import defaultdict
 
 from .fit import fit_exponents
 from .grid import BASELINES
+from .readme import readme_tables
+from .tables import (MiB, SECTIONS, fmt_ratio, impl_order, memory_floor, peak, ratio_table, summary_sections,
+                     total_time)
 
-MiB = 2 ** 20
-SECTIONS = (  # (path, objective, title, baselines the ratios refer to)
-    ("token_stats", "", "Token statistics from logits (N, V)", ("plain", "compiled")),
-    ("fused_linear", "rsa2", "Fused linear, objective rsa2: hidden (N, H) and lm head (V, H)", ("plain", "compiled")),
-    ("fused_linear", "dpo", "Fused linear, objective dpo (risk kl): against Liger Kernel", ("plain", "compiled", "liger")),
-)
 BASELINE_TEXT = (
     "Baselines, measured in the same run on the same inputs (rsa/bench/baselines.py): plain = the published "
     "Ra-DPO formulation in plain PyTorch (log_softmax, softmax, their products over full (N, V) tensors, "
     "torch.quantile; autograd), on the fused path after materialising both models' logits; compiled = the same "
     "under torch.compile (compilation in the warm-up, not timed); liger = LigerFusedLinearDPOLoss (dpo only).")
-
-
-def total_time(m: dict):
-    if m.get("forward") and m.get("backward"):
-        return m["forward"]["median_s"] + m["backward"]["median_s"]
-    return None
-
-
-def peak(m: dict):
-    """The step's peak above its inputs, the gradients it returns included.
-
-    Not less the gradients: the plain path allocates the weight's gradient after its own
-    peak has passed, so subtracting it would understate the baseline (and fit a negative
-    exponent in H). results.json keeps grad_bytes for anyone who wants the difference."""
-    return m.get("peak_bytes")
-
-
-def impl_order(impls) -> list[str]:
-    kernels = [i for i in ("triton", "cpu", "torch") if i in impls]
-    return kernels + [b for b in BASELINES if b in impls] + sorted(set(impls) - set(kernels) - set(BASELINES))
-
-
-# Resident-set figures move in 4 KiB pages: below this floor a peak reads as "about nothing",
-# and a ratio against it only as a lower bound
-MEMORY_FLOOR = 64 * 1024
-
-
-def _fmt_ratio(base, this, floor: float = 0.0) -> str:
-    if base is None or this is None or base <= 0 or (this <= 0 and floor <= 0):
-        return "n/a"
-    if this < floor:  # only a lower bound, and none when the baseline is as small
-        return f">{base / floor:.0f}x" if base >= 2 * floor else "n/a"
-    return f"{base / this:.2f}x"
-
-
-def _fmt_value(val: float, unit: str) -> str:
-    """3 significant digits, without exponents: seconds past 1000 ms, whole MiB past 1000."""
-    if val >= 1000:
-        return f"{val / 1000:.3g} s" if unit == "ms" else f"{val:.0f} {unit}"
-    return f"{val:.3g} {unit}"
-
-
-def _size(m: dict) -> str:
-    return f"{m['n']} | {m['v']}" + (f" | {m['h']}" if m["h"] else "")
-
-
-def ratio_table(rows: list[dict], value, unit: str, scale: float, baselines, floor: float = 0.0) -> list[str]:
-    """Rows: (risk, sizes); a column per implementation: value (ratio vs each baseline)."""
-    impls = impl_order({m["impl"] for m in rows})
-    bases = [b for b in baselines if b in impls]
-    cell = {(m["risk"], m["n"], m["v"], m["h"], m["impl"]): m for m in rows}
-    keys = sorted({(m["risk"], m["n"], m["v"], m["h"]) for m in rows}, key=lambda k: (k[0], k[1] * k[2] * max(k[3], 1), k))
-    fused = any(m["h"] for m in rows)
-    head = "| risk | N | V |" + (" H |" if fused else "") + "".join(f" {i} |" for i in impls)
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for risk, n, v, h in keys:
-        cols = []
-        for impl in impls:
-            m = cell.get((risk, n, v, h, impl))
-            x = value(m) if m else None
-            if x is None:
-                cols.append("failed" if m else "")
-                continue
-            text = f"<{floor / scale:.2g} {unit}" if x < floor else _fmt_value(x / scale, unit)
-            if impl not in bases:
-                refs = [(b, cell.get((risk, n, v, h, b))) for b in bases]
-                ratios = [f"{_fmt_ratio(value(r), x, floor)} {b}" for b, r in refs if r and value(r) is not None]
-                if ratios:
-                    text += " (" + ", ".join(ratios) + ")"
-            cols.append(text)
-        lines.append(f"| {risk} | {n} | {v} |" + (f" {h} |" if fused else "") + "".join(f" {c} |" for c in cols))
-    return lines
 
 
 def exponent_table(rows: list[dict]) -> list[str]:
@@ -117,23 +39,6 @@ def exponent_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def summary_point(sec: list[dict]) -> tuple:
-    """(N, V, H) a section is summarised at: where the compiled baseline was measured (the
-    headline point, or the centre), else the largest point."""
-    comp = [m for m in sec if m["impl"] == "compiled"]
-    big = max(comp or sec, key=lambda m: (m["n"] * m["v"] * max(m["h"], 1), m["v"]))
-    return big["n"], big["v"], big["h"]
-
-
-def summary_sections(rows: list[dict]):
-    """(path, objective, title, baselines, (N, V, H), the measurements there) of each measured section."""
-    for path, obj, title, bases in SECTIONS:
-        sec = [m for m in rows if m["path"] == path and m["objective"] == obj]
-        if sec:
-            point = summary_point(sec)
-            yield path, obj, title, bases, point, [m for m in sec if (m["n"], m["v"], m["h"]) == point]
-
-
 def headline(rows: list[dict]) -> list[str]:
     """At each section's summary point: every kernel's ratios to every baseline measured there."""
     out = []
@@ -149,19 +54,20 @@ def headline(rows: list[dict]) -> list[str]:
                 if not m or not refs:
                     continue
                 size = f"N={m['n']}, V={m['v']}" + (f", H={m['h']}" if m["h"] else "")
-                parts = [f"{b} / this: time {_fmt_ratio(total_time(r), total_time(m))}, memory "
-                         f"{_fmt_ratio(peak(r), peak(m), floor)}" for b, r in refs]
+                parts = [f"{b} / this: time {fmt_ratio(total_time(r), total_time(m))}, memory "
+                         f"{fmt_ratio(peak(r), peak(m), floor)}" for b, r in refs]
                 out.append(f"- {path}{'/' + obj if obj else ''}, {impl}, {risk}, {size}: " + "; ".join(parts))
     return out
 
 
-def memory_floor(rows: list[dict]) -> float:
-    return 0.0 if any(m["device"].startswith("cuda") for m in rows) else MEMORY_FLOOR
+def _headline_rounds(results: dict) -> str:
+    rounds = results.get("headline_rounds")
+    if not rounds:
+        return ""
+    return f" ({rounds['baseline']} for the baselines, {rounds['kernel']} for the kernels at the headline point)"
 
 
 def render(results: dict) -> str:
-    from .readme import readme_tables  # (it builds on this module's tables)
-
     mach = results["machine"]
     rows = results["measurements"]
     v = mach["versions"]
@@ -173,8 +79,9 @@ def render(results: dict) -> str:
         f"dtype {results['dtype']}; torch {v.get('torch')}, rsa-kernels {v.get('rsa-kernels')}, "
         f"liger-kernel {v.get('liger-kernel')}, triton {v.get('triton')}; commit {str(mach.get('git_commit'))[:10]}.",
         "",
-        f"Time: median over {results['rounds']} timed rounds after {results['warmup_rounds']} warm-up round(s) "
-        "(pytest-benchmark, bench/test_bench_grid.py), forward + backward. Peak memory: "
+        f"Time: median over {results['rounds']} timed rounds{_headline_rounds(results)} after "
+        f"{results['warmup_rounds']} warm-up round(s) (bench/test_bench_grid.py: each round one step, its backward "
+        "timed by pytest-benchmark, its forward in the round's setup), forward + backward. Peak memory: "
         + ("CUDA allocator peak" if results["device"].startswith("cuda") else "peak resident set (VmHWM) of a "
            "subprocess") + " during one forward + backward above what was held before it (the inputs), the "
         "gradients it returns included. "

@@ -9,7 +9,7 @@ MODES = ("tiny", "quick", "full")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="out/bench", help="output folder (default: out/bench)")
     parser.add_argument("--quick", action="store_true",
-                        help="a small grid, plus every risk at N=1024, V=32000 on a CPU (25 minutes on 2 shared cores)")
+                        help="a small grid, plus every risk at N=1024, V=32000 on a CPU (under 3 minutes on 2 idle cores)")
     parser.add_argument("--grid", choices=MODES, default=None,
                         help="grid by name: tiny (the tests' smoke run), quick (= --quick) or full (default)")
     parser.add_argument("--device", default="auto",

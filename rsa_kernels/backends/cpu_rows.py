@@ -46,6 +46,16 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[-1] == 1 or t.stride(-1) == 1 else t.contiguous()
 
 
+# RSA_CPU_HUGE_PAGES=0: fresh gradients on ordinary 4 KiB pages (torch.empty), not 2 MiB ones
+HUGE_PAGES = os.environ.get("RSA_CPU_HUGE_PAGES", "1") != "0"
+
+
+def fresh_like(z: torch.Tensor) -> torch.Tensor:
+    """A new gradient of z's shape and dtype. Faulting in its pages costs more than writing it
+    (docs/cpu_backend.md), so it is mapped on 2 MiB pages where Linux allows (csrc/fresh.h)."""
+    return _C.fresh_like(z.detach()) if HUGE_PAGES else torch.empty(z.shape, dtype=z.dtype)
+
+
 def forward(z, zr, labels, risk: Risk, ignore_index: int, chunk_size: int | None = None):
     """Per-row (logp, ref_logp, kl, risk) as an (N, 4) tensor, and the (N, 5) saved scalars."""
     stats, saved = _C.forward(_rows(z), _rows(zr.detach()), _labels(labels), risk.code, float(risk.param),
@@ -58,7 +68,7 @@ def backward(z, zr, labels, saved, grads, risk: Risk, ignore_index: int,
     """d(sum of g * stats)/dz for grads = (N, 3) upstream gradients of (logp, kl, risk)."""
     acc = accumulation_dtype(z.dtype)
     z = _rows(z)
-    out = z if inplace else torch.empty(z.shape, dtype=z.dtype)
+    out = z if inplace else fresh_like(z)
     with torch.no_grad():
         return _C.backward(z.detach(), _rows(zr.detach()), _labels(labels), saved.to(acc).contiguous(),
                            grads.to(acc).contiguous(), risk.code, float(risk.param), int(ignore_index),

@@ -13,8 +13,8 @@ from ..token_stats import TokenStats
 from ..validation import check_objective_args
 from .checks import check_chunking, check_linear
 from .fused_kernel import kernel_rows_token_stats
-from .linear import MEMORY_BUDGET, budget_rows
-from .pairs import fused_pair_loss, pair_rows
+from .linear import MEMORY_BUDGET, PAIR_BUDGET, budget_rows, pair_chunk_rows
+from .pairs import fused_pair_loss, largest_pair_rows
 from .tokens import fused_rows_token_stats
 
 
@@ -31,7 +31,7 @@ def fused_linear_token_stats(hidden, weight, ref_hidden, ref_weight, labels, *, 
     hidden (..., H), weight (V, H), bias (V,) or None; labels of hidden's leading shape.
     Gradients flow to hidden, weight and bias of the policy only. Token chunks with
     recomputation in the backward: ``chunk_size`` rows of logits at a time, or as many as
-    ``memory_budget`` bytes (default: linear.default_memory_budget) allow for the two models' chunks.
+    ``memory_budget`` bytes (default: linear.MEMORY_BUDGET) allow for the two models' chunks.
     ``schedule="kernel"``: the fused Triton kernel instead (fused_kernel.py; kl and erm only).
     ``process_group``: the weights and biases are this rank's vocabulary rows (SPEC section 7).
     """
@@ -51,7 +51,7 @@ def fused_linear_token_stats(hidden, weight, ref_hidden, ref_weight, labels, *, 
                                       ignore_index=ignore_index, backend=backend)
         return TokenStats(*(t.view(labels.shape) for t in out))
     impl = get_backend(backend, hidden)
-    rows = chunk_size or budget_rows(weight.shape[0], hidden.dtype, memory_budget, hidden.device)
+    rows = chunk_size or budget_rows(weight.shape[0], hidden.dtype, memory_budget)
     h, rh, lab = _rows(hidden, ref_hidden, labels)
     out = fused_rows_token_stats(h, weight, bias, rh, ref_weight, ref_bias, lab, risk=risk,
                                  ignore_index=ignore_index, backend=impl, rows=rows)
@@ -62,8 +62,7 @@ def choose_schedule(layout: Layout, rows: int, schedule: str) -> str:
     """'pairs' when the largest pair's unmasked rows fit a chunk (fewer products), else 'tokens'."""
     if schedule != "auto":
         return schedule
-    _, _, counts = pair_rows(layout)
-    return "pairs" if int(counts.max()) <= rows else "tokens"
+    return "pairs" if largest_pair_rows(layout) <= rows else "tokens"
 
 
 def fused_linear_preference_loss(hidden, weight, ref_hidden, ref_weight, labels, *, bias=None, ref_bias=None,
@@ -79,7 +78,8 @@ def fused_linear_preference_loss(hidden, weight, ref_hidden, ref_weight, labels,
     hidden (N, H), labels (N,), ``sequence_ids`` (N,). ``schedule``: "pairs" (each chunk
     holds whole pairs; gradients computed in the forward), "tokens" (recomputation in the
     backward; memory independent of sequence length) or "auto" (pairs when the largest pair
-    fits ``chunk_size`` rows, or the ``memory_budget``), or "kernel" (the fused Triton kernel
+    fits ``chunk_size`` rows, or the ``memory_budget``; by default a chunk grows to hold the
+    largest pair up to linear.PAIR_BUDGET), or "kernel" (the fused Triton kernel
     of fused_kernel.py: no logits in memory at all; kl and erm only). Gradients flow to
     hidden, weight and bias of the policy only. ``process_group``: the weights and biases are
     this rank's vocabulary rows (SPEC section 7).
@@ -99,7 +99,12 @@ def fused_linear_preference_loss(hidden, weight, ref_hidden, ref_weight, labels,
     layout = make_layout(labels, ignore_index=ignore_index, shift=shift,
                          sequence_ids=sequence_ids, num_sequences=num_sequences)
     impl = get_backend(backend, hidden)
-    rows = chunk_size or budget_rows(weight.shape[0], hidden.dtype, memory_budget, hidden.device)
+    if chunk_size:
+        rows = chunk_size
+    elif schedule in ("auto", "pairs"):
+        rows = pair_chunk_rows(largest_pair_rows(layout), weight.shape[0], hidden.dtype, memory_budget)
+    else:
+        rows = budget_rows(weight.shape[0], hidden.dtype, memory_budget)
     loss_args = dict(objective=objective, beta=beta, alpha=alpha, gamma=gamma, label_smoothing=label_smoothing)
     h, rh, _ = _rows(hidden, ref_hidden, labels)
     if schedule == "kernel":
@@ -115,4 +120,4 @@ def fused_linear_preference_loss(hidden, weight, ref_hidden, ref_weight, labels,
     return loss_from_token_stats(stats, layout, **loss_args)
 
 
-__all__ = ["fused_linear_token_stats", "fused_linear_preference_loss", "MEMORY_BUDGET"]
+__all__ = ["fused_linear_token_stats", "fused_linear_preference_loss", "MEMORY_BUDGET", "PAIR_BUDGET"]

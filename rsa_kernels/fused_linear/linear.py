@@ -5,66 +5,41 @@ statistics 0 and no gradient by definition, so prompt tokens cost nothing.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..reference import accumulation_dtype
 
-# The default budget for the live logit chunks (policy and reference) when neither
-# chunk_size nor memory_budget is given: a sixteenth of the memory available on the
-# device, at least MEMORY_BUDGET and at most BUDGET_CAP. Whole pairs in a chunk save two of
-# the six (tokens x hidden x vocabulary) products, and a pair of 2 x 128 tokens at Llama-3's
-# vocabulary (128256) already needs 251 MiB of float32 logits: a fixed 128 MiB sent it to
-# the token schedule. The fraction leaves room for the rest of a training step; the cap
-# keeps one call from taking gigabytes where a few hundred MiB already hold typical pairs.
+# Default chunk sizes when neither chunk_size nor memory_budget is given. Token chunks (and
+# several small pairs together) take MEMORY_BUDGET bytes of live logits, policy and reference
+# together. A pair chunk saves two of the six (tokens x hidden x vocabulary) products, so when
+# the largest pair does not fit MEMORY_BUDGET but fits PAIR_BUDGET, a chunk holds exactly that
+# pair's rows: the smallest chunk that keeps whole pairs, never a fraction of free memory. A
+# pair of 2 x 128 tokens at Llama-3's vocabulary (128256) takes 219-251 MiB of float32 logits,
+# 2 x 256 tokens 501 MiB: both fit, and peak memory stays well below that of Liger Kernel's
+# fused linear DPO loss, which holds one pair's logits several times over (0.41-0.43 of it
+# in docs/fused_linear.md's benchmark).
 MEMORY_BUDGET = 128 * 2**20
-BUDGET_FRACTION = 1 / 16
-BUDGET_CAP = {"cuda": 2 * 2**30, "cpu": 2**30}
+PAIR_BUDGET = 512 * 2**20
 
 
-def available_memory(device: torch.device) -> int | None:
-    """Bytes this process could still allocate on ``device``, or None where unknown.
-
-    CUDA: the driver's free memory plus what torch's caching allocator holds unused.
-    CPU: MemAvailable of /proc/meminfo (Linux), else the free physical pages."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+def row_bytes(vocab: int, dtype: torch.dtype) -> int:
+    """Bytes of one row of policy plus reference logits."""
+    return 2 * vocab * torch.finfo(dtype).bits // 8
 
 
-def default_memory_budget(device: torch.device) -> int:
-    """The logit-chunk budget used when memory_budget is None (see BUDGET_FRACTION above)."""
-    device = torch.device(device)
-    avail = available_memory(device)
-    if avail is None:
-        return MEMORY_BUDGET
-    cap = BUDGET_CAP.get(device.type, MEMORY_BUDGET)
-    return int(min(cap, max(MEMORY_BUDGET, avail * BUDGET_FRACTION)))
+def budget_rows(vocab: int, dtype: torch.dtype, memory_budget: int | None) -> int:
+    """Rows of (policy + reference) logits that fit the budget (None: MEMORY_BUDGET); the row
+    kernel bounds its own temporaries."""
+    return max(1, (MEMORY_BUDGET if memory_budget is None else memory_budget) // row_bytes(vocab, dtype))
 
 
-def budget_rows(vocab: int, dtype: torch.dtype, memory_budget: int | None, device=None) -> int:
-    """Rows of (policy + reference) logits that fit the budget; the row kernel bounds its own temporaries.
-
-    memory_budget None: default_memory_budget(device), or MEMORY_BUDGET without a device."""
-    if memory_budget is None:
-        memory_budget = MEMORY_BUDGET if device is None else default_memory_budget(device)
-    per_row = 2 * vocab * torch.finfo(dtype).bits // 8
-    return max(1, memory_budget // per_row)
+def pair_chunk_rows(largest_pair: int, vocab: int, dtype: torch.dtype, memory_budget: int | None) -> int:
+    """Rows per chunk of the pair loss: ``budget_rows``, or, with the default budget, exactly the
+    largest pair's ``largest_pair`` unmasked rows when they exceed it but fit PAIR_BUDGET."""
+    rows = budget_rows(vocab, dtype, memory_budget)
+    if memory_budget is None and rows < largest_pair and largest_pair * row_bytes(vocab, dtype) <= PAIR_BUDGET:
+        return largest_pair
+    return rows
 
 
 def kernel_rows(rows: int) -> int:

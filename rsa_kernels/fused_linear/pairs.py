@@ -44,6 +44,11 @@ def pair_rows(layout: Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return active[order], seq[order], torch.bincount(pair, minlength=b)
 
 
+def largest_pair_rows(layout: Layout) -> int:
+    """Unmasked rows of the largest pair (chosen and rejected together)."""
+    return int(pair_rows(layout)[2].max())
+
+
 def pair_chunks(layout: Layout, rows: int) -> list[PairChunk]:
     """Whole pairs, consecutive, as many per chunk as fit ``rows`` unmasked rows (at least one)."""
     b = layout.num_sequences // 2
