@@ -1,0 +1,131 @@
+"""Vocabulary-parallel statistics: the slice kernels of backend="auto" (cpu) against the torch
+path on the same two ranks, and against one process on the whole vocabulary.
+
+    torchrun --nproc_per_node 2 bench/vocab_parallel_speed.py            # N=1024, V=32000
+    torchrun --nproc_per_node 2 bench/vocab_parallel_speed.py --reps 9 --json out.json
+
+Each rank holds half the vocabulary of the same float32 (N, V) policy and reference logits
+and runs on one thread, over gloo. Per risk, one step is token_stats forward and the
+backward of a weighted sum of (logp, kl, risk) into a fresh gradient of the rank's slice:
+
+  2 ranks, torch   process_group=WORLD, backend="torch" (the path before the slice kernels)
+  2 ranks, auto    process_group=WORLD, backend="auto" (the C++ slice kernels; checked)
+  1 process, cpu   rank 0 alone on the whole vocabulary with 2 threads, backend="cpu",
+                   while rank 1 waits on the rendezvous store (blocked, no CPU)
+
+Timed between barriers (2-rank steps: the slower rank's time), interleaved step by step
+(one warm-up round, then --reps rounds; medians reported), so a disturbance hits every
+variant alike. Prints a table on rank 0: the ratios torch / auto (the goal: >= 3) and
+auto / 1 process (the goal: <= 1.5).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+import rsa_kernels as rk
+from rsa_kernels.backends import get_slices
+
+RISKS = ["kl", "erm:1", "cvar:0.9", "ra_dpo_cvar:0.95"]
+
+
+def step(z, zr, labels, weights, risk, **kw) -> float:
+    """Seconds of one forward and backward of token_stats on a fresh leaf."""
+    leaf = z.detach().requires_grad_()
+    t0 = time.perf_counter()
+    st = rk.token_stats(leaf, zr, labels, risk=risk, **kw)
+    (torch.stack([st.logp, st.kl, st.risk], 1) * weights).sum().backward()
+    return time.perf_counter() - t0
+
+
+def group_step(z, zr, labels, weights, risk, backend) -> float:
+    dist.barrier()
+    t0 = time.perf_counter()
+    step(z, zr, labels, weights, risk, backend=backend, process_group=dist.group.WORLD)
+    dist.barrier()
+    return time.perf_counter() - t0
+
+
+def single_step(store, key, z, zr, labels, weights, risk) -> float:
+    """Rank 0 alone with 2 threads; rank 1 blocks on the store until it is done."""
+    dist.barrier()
+    took = 0.0
+    if dist.get_rank() == 0:
+        torch.set_num_threads(2)
+        took = step(z, zr, labels, weights, risk, backend="cpu")
+        torch.set_num_threads(1)
+        store.set(key, "done")
+    else:
+        store.wait([key], timedelta(seconds=600))
+    return took
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=1024)
+    ap.add_argument("--v", type=int, default=32000)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--risks", nargs="+", default=RISKS)
+    ap.add_argument("--json", help="write the raw times here (rank 0)")
+    args = ap.parse_args(argv)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=600))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != 2:
+        raise SystemExit("run with torchrun --nproc_per_node 2")
+    torch.set_num_threads(1)
+    store = dist.distributed_c10d._get_default_store()
+    n, v = args.n, args.v
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(n, v, generator=gen)
+    zr = z + 0.5 * torch.randn(n, v, generator=gen)
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[::16] = -100  # some masked rows, as prompts leave them
+    weights = torch.randn(n, 3, generator=gen)
+    half = v // 2
+    cols = slice(0, half) if rank == 0 else slice(half, v)
+    zs, zrs = z[:, cols].contiguous(), zr[:, cols].contiguous()
+    if get_slices("auto", zs)[1] != "cpu":
+        raise SystemExit("backend='auto' did not pick the cpu slice kernels: is the extension built?")
+    steps = iter(range(10**9))  # the same store keys on both ranks
+    variants = {
+        "2 ranks, torch": lambda r: group_step(zs, zrs, labels, weights, r, "torch"),
+        "2 ranks, auto": lambda r: group_step(zs, zrs, labels, weights, r, "auto"),
+        "1 process, cpu": lambda r: single_step(store, f"vocab_parallel_speed {next(steps)}", z, zr, labels, weights, r),
+    }
+    times = {(name, r): [] for r in args.risks for name in variants}
+    for rep in range(args.reps + 1):  # round 0 warms up
+        for r in args.risks:
+            for name, fn in variants.items():
+                t = fn(r)
+                if rep:
+                    times[(name, r)].append(t)
+    med = {k: statistics.median(t) for k, t in times.items()}
+    if rank == 0:
+        ms = lambda s: f"{s * 1e3:8.1f}"  # noqa: E731
+        print(f"N={n} V={v} float32, forward + backward of token_stats, gloo, median of {args.reps} interleaved "
+              f"rounds (ms); torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores")
+        print(f"| risk | 2 ranks, torch | 2 ranks, auto (cpu slices) | 1 process, cpu, 2 threads | "
+              f"torch / auto | auto / 1 process |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for r in args.risks:
+            t_torch, t_auto, t_one = (med[(k, r)] for k in variants)
+            print(f"| `{r}` | {ms(t_torch)} | {ms(t_auto)} | {ms(t_one)} | {t_torch / t_auto:5.2f} | "
+                  f"{t_auto / t_one:5.2f} |")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"n": n, "v": v, "reps": args.reps,
+                           "seconds": {f"{name} | {r}": t for (name, r), t in times.items()}}, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
