@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "rows.h"
@@ -46,35 +47,21 @@ constexpr int64_t NONE = std::numeric_limits<int64_t>::max();  // "no key above 
 // Sortable keys of D (rsa_kernels/backends/slice_keys.py): the IEEE bits, negatives
 // flipped, the sign bit set for the others, as unsigned BITS-bit numbers; -0 is made +0
 // first (one key for the two zeros), NaN takes the largest key. Whole vectors at a time.
-template <typename C> struct Keys;
-template <> struct Keys<float> {
-  static constexpr int BITS = 32;
-  typedef uint32_t U __attribute__((vector_size(32)));
-  typedef uint32_t Lane;
-  static U of(Vec<float> d) {
-    d = d + 0.0f;
+template <typename C> struct Keys {
+  static constexpr int BITS = 8 * sizeof(C);
+  using Lane = std::conditional_t<BITS == 32, uint32_t, uint64_t>;
+  typedef Lane U __attribute__((vector_size(32)));
+  static constexpr Lane TOP = Lane(1) << (BITS - 1);
+  static U of(Vec<C> d) {
+    d = d + C(0);
     U b;
     std::memcpy(&b, &d, sizeof b);
-    U k = (b >> 31) != 0 ? ~b : (b | 0x80000000u);
+    const U k = (b >> (BITS - 1)) != 0 ? ~b : (b | TOP);
     return d != d ? U{} - 1 : k;
   }
   // a signed number of the same order (vector MIN), and back to slice_keys.key_order
-  static IVec<float> order(U k) { return (IVec<float>)(k ^ 0x80000000u); }
-  static int64_t key_order(int64_t o) { return int64_t(uint32_t(o) ^ 0x80000000u); }
-};
-template <> struct Keys<double> {
-  static constexpr int BITS = 64;
-  typedef uint64_t U __attribute__((vector_size(32)));
-  typedef uint64_t Lane;
-  static U of(Vec<double> d) {
-    d = d + 0.0;
-    U b;
-    std::memcpy(&b, &d, sizeof b);
-    U k = (b >> 63) != 0 ? ~b : (b | (uint64_t(1) << 63));
-    return d != d ? U{} - 1 : k;
-  }
-  static IVec<double> order(U k) { return (IVec<double>)(k ^ (uint64_t(1) << 63)); }
-  static int64_t key_order(int64_t o) { return o; }
+  static IVec<C> order(U k) { return (IVec<C>)(k ^ TOP); }
+  static int64_t key_order(int64_t o) { return BITS == 64 ? o : int64_t(uint32_t(o) ^ uint32_t(TOP)); }
 };
 
 // Digit `level` (0 = the top 8 bits) of a key.

@@ -14,20 +14,44 @@ The backward is backward.py's kernel, with the label column mapped to the slice.
 import triton
 import triton.language as tl
 
-from ._common import _deviation, _key, _max, _min, _sum
+from ._common import _block, _deviation, _key, _max, _min, _sum, helper
 
 NEG_INF = tl.constexpr(float("-inf"))
 BINS = tl.constexpr(256)
 NO_KEY = tl.constexpr(0x7FFFFFFFFFFFFFFF)
 
 
+@helper
+def _slice_row(z_ptr, zr_ptr, rows_ptr, stride_z, stride_zr):
+    """This program's index in the chunk and its row of z and zr."""
+    i = tl.program_id(0).to(tl.int64)
+    row = tl.load(rows_ptr + i).to(tl.int64)
+    return i, z_ptr + row * stride_z, zr_ptr + row * stride_zr
+
+
+@helper
+def _items(zrow, rrow, cols, V, a, ar):
+    """Which of the columns lie in the row, and their q and D (the backward's arithmetic)."""
+    z, zr, inside = _block(zrow, rrow, cols, V)
+    q, d = _deviation(z, zr, a, ar)
+    return inside, q, d
+
+
+@helper
+def _shifted(zrow, rrow, cols, V, a, ar):
+    """A block's z, zr - ar and z - a (-inf past the row), and the items U and T keep: the
+    reference's support under ar, without the policy's -inf items (decided later, with M)."""
+    inside = cols < V
+    z = tl.load(zrow + cols, mask=inside, other=NEG_INF).to(tl.float32)
+    zr = tl.load(rrow + cols, mask=inside, other=NEG_INF).to(tl.float32)
+    xr = zr - ar
+    return z, zr, z - a, xr, (tl.exp(xr) != 0) & (z != NEG_INF)
+
+
 @triton.jit
 def partials_kernel(z_ptr, zr_ptr, rows_ptr, local_ptr, out_ptr, stride_z, stride_zr, V, mu,
                     ERM: tl.constexpr, BLOCK: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64)
-    row = tl.load(rows_ptr + i).to(tl.int64)
-    zrow = z_ptr + row * stride_z
-    rrow = zr_ptr + row * stride_zr
+    i, zrow, rrow = _slice_row(z_ptr, zr_ptr, rows_ptr, stride_z, stride_zr)
     offs = tl.arange(0, BLOCK)
     m_z = tl.full([BLOCK], NEG_INF, tl.float32)
     m_r = tl.full([BLOCK], NEG_INF, tl.float32)
@@ -46,15 +70,9 @@ def partials_kernel(z_ptr, zr_ptr, rows_ptr, local_ptr, out_ptr, stride_z, strid
     m_inf = tl.full([BLOCK], NEG_INF, tl.float32)
     m_t = tl.full([BLOCK], NEG_INF, tl.float32)
     for start in range(0, V, BLOCK):
-        cols = start + offs
-        inside = cols < V
-        z = tl.load(zrow + cols, mask=inside, other=NEG_INF).to(tl.float32)
-        zr = tl.load(rrow + cols, mask=inside, other=NEG_INF).to(tl.float32)
-        xz = z - a
-        xr = zr - ar
+        z, zr, xz, xr, keep = _shifted(zrow, rrow, start + offs, V, a, ar)
         er = tl.exp(xr)
         u = xr - xz
-        keep = (er != 0) & (z != NEG_INF)  # the policy's -inf items are decided later (M)
         s_z += tl.exp(xz)
         s_r += er
         s_u += tl.where(keep, er * u, 0.0)
@@ -67,13 +85,7 @@ def partials_kernel(z_ptr, zr_ptr, rows_ptr, local_ptr, out_ptr, stride_z, strid
         shift = tl.where((top == NEG_INF) | (top == float("inf")), 0.0, top)
         s_t = tl.zeros([BLOCK], tl.float32)
         for start in range(0, V, BLOCK):
-            cols = start + offs
-            inside = cols < V
-            z = tl.load(zrow + cols, mask=inside, other=NEG_INF).to(tl.float32)
-            zr = tl.load(rrow + cols, mask=inside, other=NEG_INF).to(tl.float32)
-            xz = z - a
-            xr = zr - ar
-            keep = (tl.exp(xr) != 0) & (z != NEG_INF)
+            z, zr, xz, xr, keep = _shifted(zrow, rrow, start + offs, V, a, ar)
             s_t += tl.where(keep, tl.exp(xr + mu * (xr - xz) - shift), 0.0)
         t_lse = shift + tl.log(_sum(s_t, 0))
     local = tl.load(local_ptr + i).to(tl.int64)
@@ -97,10 +109,7 @@ def partials_kernel(z_ptr, zr_ptr, rows_ptr, local_ptr, out_ptr, stride_z, strid
 def search_kernel(z_ptr, zr_ptr, rows_ptr, a_ptr, ar_ptr, prefix_ptr, hist_ptr, sums_ptr, min_ptr,
                   stride_z, stride_zr, V,
                   LEVEL: tl.constexpr, LEVELS: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64)
-    row = tl.load(rows_ptr + i).to(tl.int64)
-    zrow = z_ptr + row * stride_z
-    rrow = zr_ptr + row * stride_zr
+    i, zrow, rrow = _slice_row(z_ptr, zr_ptr, rows_ptr, stride_z, stride_zr)
     a = tl.load(a_ptr + i)
     ar = tl.load(ar_ptr + i)
     prefix = tl.load(prefix_ptr + i)
@@ -112,11 +121,7 @@ def search_kernel(z_ptr, zr_ptr, rows_ptr, a_ptr, ar_ptr, prefix_ptr, hist_ptr, 
     at_q = tl.zeros([BLOCK], tl.float64)
     min_above = tl.full([BLOCK], NO_KEY, tl.int64)
     for start in range(0, V, BLOCK):
-        cols = start + offs
-        inside = cols < V
-        z = tl.load(zrow + cols, mask=inside, other=0.0).to(tl.float32)
-        zr = tl.load(rrow + cols, mask=inside, other=NEG_INF).to(tl.float32)
-        q, d = _deviation(z, zr, a, ar)
+        inside, q, d = _items(zrow, rrow, start + offs, V, a, ar)
         key = _key(d)
         key = tl.where(d != d, 0xFFFFFFFF, key)  # NaN last
         eligible = inside
@@ -157,10 +162,7 @@ def search_kernel(z_ptr, zr_ptr, rows_ptr, a_ptr, ar_ptr, prefix_ptr, hist_ptr, 
 @triton.jit
 def tail_kernel(z_ptr, zr_ptr, rows_ptr, a_ptr, ar_ptr, thr_ptr, out_ptr, stride_z, stride_zr, V,
                 BLOCK: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64)
-    row = tl.load(rows_ptr + i).to(tl.int64)
-    zrow = z_ptr + row * stride_z
-    rrow = zr_ptr + row * stride_zr
+    i, zrow, rrow = _slice_row(z_ptr, zr_ptr, rows_ptr, stride_z, stride_zr)
     a = tl.load(a_ptr + i)
     ar = tl.load(ar_ptr + i)
     thr = tl.load(thr_ptr + i)
@@ -168,11 +170,7 @@ def tail_kernel(z_ptr, zr_ptr, rows_ptr, a_ptr, ar_ptr, thr_ptr, out_ptr, stride
     qd = tl.zeros([BLOCK], tl.float32)
     qs = tl.zeros([BLOCK], tl.float32)
     for start in range(0, V, BLOCK):
-        cols = start + offs
-        inside = cols < V
-        z = tl.load(zrow + cols, mask=inside, other=0.0).to(tl.float32)
-        zr = tl.load(rrow + cols, mask=inside, other=NEG_INF).to(tl.float32)
-        q, d = _deviation(z, zr, a, ar)
+        inside, q, d = _items(zrow, rrow, start + offs, V, a, ar)
         above = inside & (d > thr)
         qd += tl.where(above & (q != 0), q * d, 0.0)
         qs += tl.where(above, q, 0.0)
