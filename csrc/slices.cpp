@@ -163,15 +163,19 @@ template <typename C> struct RowSearch {
 
 // The items above the selection, per lane: sum q D, sum q and the smallest key.
 template <typename C> struct Above {
+  bool track_min;  // only ra_dpo_cvar needs the smallest key above (its HI)
   Vec<C> qd = splat<C>(0), q = splat<C>(0);
   IVec<C> min_o = IVec<C>{} + std::numeric_limits<Bits<C>>::max(), any = IVec<C>{};
 
+  explicit Above(bool min) : track_min(min) {}
   void add(Vec<C> d, Vec<C> qv, IVec<C> up, IVec<C> order) {
     const Vec<C> zero = splat<C>(0);
     qd += (up & (qv != zero)) ? qv * d : zero;  // q = 0 adds nothing (never 0 * -inf)
     q += up ? qv : zero;
-    min_o = (up & (order < min_o)) ? order : min_o;
-    any |= up;
+    if (track_min) {
+      min_o = (up & (order < min_o)) ? order : min_o;
+      any |= up;
+    }
   }
   // adds the sums to sums[0..2) and lowers *min to the smallest key above, if any
   void finish(double* sums, int64_t* min) const {
@@ -213,17 +217,21 @@ template <typename C> struct Radix {
     return weighted ? (el & (q > splat<C>(0))) : el;
   }
   Vec<C> weight(Vec<C> q, IVec<C> take) const { return take ? (weighted ? q : splat<C>(1)) : splat<C>(0); }
-  void scatter(U k, int level, Vec<C> w) {
+  // hist[lane][digit `level` of k] += w (q, or 1 where eligible); the counts of ra_dpo_cvar,
+  // whose every item in the row is eligible, add 1 per lane of a whole vector (n == W)
+  void scatter(U k, int level, Vec<C> w, int n) {
     const U dg = digits(k, level);
     typename K::Lane dd[W];
     std::memcpy(dd, &dg, sizeof dd);
+    if (!weighted && n == W) {
+      for (int j = 0; j < W; ++j) ++counts[j][dd[j]];
+      return;
+    }
+    C ww[W];
+    std::memcpy(ww, &w, sizeof ww);
     if (weighted) {
-      C ww[W];
-      std::memcpy(ww, &w, sizeof ww);
       for (int j = 0; j < W; ++j) hist[j][dd[j]] += double(ww[j]);
-    } else {  // w is 1 or 0
-      C ww[W];
-      std::memcpy(ww, &w, sizeof ww);
+    } else {
       for (int j = 0; j < W; ++j) counts[j][dd[j]] += ww[j] != 0;
     }
   }
@@ -272,7 +280,7 @@ template <typename C> struct Radix {
         rs[n] = zr[i + n * step];
       }
       Deviation<C> dv(load_part(zs, n, C(0)), load_part(rs, n, NEG_INF<C>), va, var);
-      scatter(K::of(dv.d), 0, weight(dv.q, eligible(dv.q, n)));
+      scatter(K::of(dv.d), 0, weight(dv.q, eligible(dv.q, n)), n);
     }
     double sample[BINS];
     merge(sample);
@@ -295,7 +303,7 @@ template <typename C> struct Radix {
     rows(z, zr, v, A, Ar, nz, nr, [&](Vec<C> d, Vec<C> q, int n) {
       const U k = K::of(d);
       const IVec<C> el = eligible(q, n);
-      scatter(k, 0, weight(q, el));
+      scatter(k, 0, weight(q, el), n);
       if (guess >= 0) {
         const U dg = digits(k, 0);
         const IVec<C> kept = el & (dg == p);
@@ -353,7 +361,7 @@ template <typename C> struct Radix {
     for (int64_t i = 0; i < m; i += W) {
       const int lanes = int(m - i < W ? m - i : W);
       const Vec<C> d = load_part(st.cand_d + i, lanes, C(0)), q = load_part(st.cand_q + i, lanes, C(0));
-      scatter(K::of(d), level, weight(q, eligible(q, lanes)));
+      scatter(K::of(d), level, weight(q, eligible(q, lanes)), lanes);
     }
   }
 };
@@ -368,7 +376,7 @@ void search_row(const C* z, const C* zr, int64_t v, C A, C Ar, bool weighted, in
     // the guess of the group's pick from a sample of the row; the one read of the row then
     // also collects the candidates, the sums above and (after) the next histogram for it
     const int guess = rx.sample_guess(z, zr, v, A, Ar, target);
-    Above<C> above;
+    Above<C> above(!weighted);
     const int64_t m = rx.top_histogram(z, zr, v, A, Ar, guess, st, above, nz, nr);
     rx.merge(out_hist);
     *st.guess = guess;
@@ -383,7 +391,7 @@ void search_row(const C* z, const C* zr, int64_t v, C A, C Ar, bool weighted, in
     return;
   }
   const int pick = digit<C>(prefix, level - 1);
-  Above<C> above;
+  Above<C> above(!weighted);
   if (level == 1 && *st.guess == pick) {  // guessed right
     std::memcpy(out_hist, st.spec_hist, BINS * sizeof(double));
     st.sums[0] += st.spec_sums[0];

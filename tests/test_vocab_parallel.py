@@ -252,6 +252,8 @@ def test_cpu_search_equals_torch_search_whatever_the_guess(risk, dtype):
     for hint in (0.5, 0.0, 0.999, 1.0):
         got, hits[hint] = _search(cpu_slices, z, zr, risk, hint)
         for name, a, b in zip(("key", "below", "at", "sums", "min_above"), got, want):
+            if name == "min_above" and risk.startswith("cvar"):
+                continue  # only ra_dpo_cvar's search tracks it (its HI)
             torch.testing.assert_close(a, b, rtol=1e-5 if dtype == "float32" else 1e-12, atol=1e-9,
                                        msg=lambda m: f"{name} (hint {hint}): {m}")
     assert min(hits.values()) < n, f"no wrong guess among the hints: {hits}"  # both paths ran

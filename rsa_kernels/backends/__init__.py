@@ -32,7 +32,8 @@ rsa_kernels/vocab_parallel/rows.py combines with all-reduces. On a rank's column
             are asked in order, 0 first
         .close(prefix) -> ((n, 3) float64: sum q D and sum q over the keys above the key
             `prefix`, sum q at it; (n,) int64 the smallest key above it, as
-            slice_keys.key_order, NO_KEY where none)
+            slice_keys.key_order, NO_KEY where none: ra_dpo_cvar's HI, which a cvar search
+            need not track)
         .sums_above(idx, threshold) -> (m, 2) float64: sum q D and sum q over D > threshold
             of the rows idx
     pick(hist, below, target, shift, prefix) -> (below, at, prefix): one round's choice from
