@@ -434,6 +434,30 @@ def check_padding(ctx, risk, dtype):
         raise AssertionError("the padding columns got a gradient")
 
 
+def check_padding_whole_slice(ctx, risk):
+    """The last rank's columns are all padding (vocab_size ends where its slice begins): it
+    takes part in every round with nothing, and its gradient is 0."""
+    v = 100
+    z, zr, y = rows(23, v, 41, torch.float64, "random", ctx.world)
+    real = sum(ctx.widths(v)[:-1])
+    y = torch.where(y >= real, y % real, y)
+    full = z[:, :real].clone().requires_grad_()
+    want = rk.token_stats(full, zr[:, :real], y, risk=risk, backend=ctx.single)
+    weighted(want, 6).backward()
+    cols = ctx.cols(v)
+    part = z[:, cols].clone().requires_grad_()
+    got = rk.token_stats(part, zr[:, cols], y, risk=risk, process_group=ctx.group, backend=ctx.kind,
+                         vocab_size=real)
+    weighted(got, 6).backward()
+    for name, a, b in zip(rk.TokenStats._fields, got, want):
+        close(a, b, torch.float64, name)
+    if ctx.rank == ctx.world - 1:
+        if bool(part.grad.ne(0).any()):
+            raise AssertionError("the padding slice got a gradient")
+    else:
+        close(part.grad, full.grad[:, cols], torch.float64, "gradient of the slice")
+
+
 def check_fused_padding(ctx, risk):
     """The fused form with padding rows of the lm heads (random weights) and vocab_size."""
     hidden, weight, bias, rh, rw, rb, labels = linear_inputs(torch.float64)
@@ -557,6 +581,9 @@ def run_kind(ctx: Ctx, full: bool) -> None:
                    lambda: check_fused_preference_loss(ctx, "erm:2", torch.float32, "auto", "rsa1"))
     for risk in RISKS if full else ("ra_dpo_cvar:0.5", "cvar:0.9"):
         ctx.record("padding", f"{risk} float64", lambda: check_padding(ctx, risk, torch.float64))
+    for risk in ("kl", "erm:1", "cvar:0.9", "ra_dpo_cvar:0.3") if full else ("ra_dpo_cvar:0.3",):
+        ctx.record("padding", f"{risk}: the last slice all padding",
+                   lambda: check_padding_whole_slice(ctx, risk))
     ctx.record("padding", "fused ra_dpo_cvar:0.3", lambda: check_fused_padding(ctx, "ra_dpo_cvar:0.3"))
     for dtype in (torch.float64, torch.float32):
         for risk in ("kl", "erm:1", "cvar:0.9", "ra_dpo_cvar:0.3"):

@@ -52,6 +52,7 @@ class VocabParallelRows:
 
     def __init__(self, layout: VocabLayout, kernels):
         self.layout = layout
+        self.agreed = kernels  # every rank's chunks are sized by the kernels the group agreed on
         self.kernels = kernels if layout.real_width else EmptySlice
         self.comm = Comm(layout.group)
 
@@ -69,7 +70,7 @@ class VocabParallelRows:
         kernels the group agreed on."""
         if chunk_size is not None:
             return max(1, int(chunk_size))
-        per_row = self.kernels.chunk_row_bytes(self.layout.max_width, acc, risk)
+        per_row = self.agreed.chunk_row_bytes(self.layout.max_width, acc, risk)
         return max(1, min(n, CHUNK_BYTES // max(per_row, 1)))
 
     def _check(self, z):
@@ -188,10 +189,6 @@ class EmptySlice:
     """The slice kernels of a rank whose columns are all padding: it adds nothing."""
 
     pick = staticmethod(radix_pick)
-
-    @staticmethod
-    def chunk_row_bytes(width, acc, risk) -> int:
-        return 8
 
     class Chunk:
         def __init__(self, z, zr, rows):
