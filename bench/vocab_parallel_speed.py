@@ -14,11 +14,13 @@ backward of a weighted sum of (logp, kl, risk) into a fresh gradient of the rank
                    while rank 1 waits on the rendezvous store (blocked, no CPU)
 
 Timed between barriers (2-rank steps: the slower rank's time). Two phases, each
-comparison interleaved step by step with its own baseline only (one warm-up round, then
---reps rounds; medians reported), so that a disturbance hits both alike and neither runs
-right after the torch path has freed its gigabytes of temporaries: auto against 1 process
-(the goal: at most 1.5x), then torch against auto (the goal: auto at least 3x faster).
-Prints a table on rank 0.
+comparison interleaved with its own baseline only, round by round (medians reported), so
+that a disturbance hits both alike: auto against 1 process (--reps rounds; the goal: at
+most 1.5x), then torch against auto (--torch-reps rounds; the goal: auto at least 3x
+faster). Each timed step runs right after an untimed one of the same variant: a step right
+after another variant ran 30 to 60 ms slower here (after the torch path freed its
+gigabytes of temporaries, or after the single process's 2 threads). Prints a table on
+rank 0.
 """
 from __future__ import annotations
 
@@ -74,7 +76,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=1024)
     ap.add_argument("--v", type=int, default=32000)
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=7, help="rounds against 1 process")
+    ap.add_argument("--torch-reps", type=int, default=3, help="rounds against the torch path (seconds each)")
     ap.add_argument("--risks", nargs="+", default=RISKS)
     ap.add_argument("--json", help="write the raw times here (rank 0)")
     args = ap.parse_args(argv)
@@ -102,23 +105,25 @@ def main(argv=None):
         "2 ranks, auto": lambda r: group_step(zs, zrs, labels, weights, r, "auto"),
         "1 process, cpu": lambda r: single_step(store, f"vocab_parallel_speed {next(steps)}", z, zr, labels, weights, r),
     }
-    # each comparison interleaved with its own baseline only: the torch path's gigabytes of
-    # temporaries, freed just before, would slow whatever runs next
-    phases = {"one process": ("2 ranks, auto", "1 process, cpu"), "torch": ("2 ranks, torch", "2 ranks, auto")}
+    # each comparison interleaved with its own baseline only, and each timed step right after
+    # an untimed one of the same variant: a step runs measurably slower right after another
+    # variant (after the torch path's freed gigabytes of temporaries, or after the 2-thread
+    # single process), by 30 to 60 ms here
+    phases = {"one process": (("2 ranks, auto", "1 process, cpu"), args.reps),
+              "torch": (("2 ranks, torch", "2 ranks, auto"), args.torch_reps)}
     times = {}
-    for phase, names in phases.items():
-        for rep in range(args.reps + 1):  # round 0 warms up
+    for phase, (names, reps) in phases.items():
+        for _ in range(reps):
             for r in args.risks:
                 for name in names:
-                    t = variants[name](r)
-                    if rep:
-                        times.setdefault((phase, name, r), []).append(t)
+                    variants[name](r)  # settles
+                    times.setdefault((phase, name, r), []).append(variants[name](r))
     med = {k: statistics.median(t) for k, t in times.items()}
     if rank == 0:
         ms = lambda s: f"{s * 1e3:7.1f}"  # noqa: E731
-        print(f"N={n} V={v} float32, forward + backward of token_stats, gloo, median of {args.reps} interleaved "
-              f"rounds (ms); torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} cores")
+        print(f"N={n} V={v} float32, forward + backward of token_stats, gloo, medians of {args.reps} (against 1 "
+              f"process) and {args.torch_reps} (against torch) interleaved rounds, ms; torch {torch.__version__}, "
+              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
         print("| risk | 2 ranks, auto | 1 process, cpu, 2 threads | auto / 1 process | 2 ranks, torch | "
               "2 ranks, auto | torch / auto |")
         print("|---|---:|---:|---:|---:|---:|---:|")
@@ -128,7 +133,7 @@ def main(argv=None):
             print(f"| `{r}` | {ms(a1)} | {ms(one)} | {a1 / one:5.2f} | {ms(tt)} | {ms(a2)} | {tt / a2:5.2f} |")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"n": n, "v": v, "reps": args.reps,
+                json.dump({"n": n, "v": v, "reps": args.reps, "torch_reps": args.torch_reps,
                            "seconds": {" | ".join(k): t for k, t in times.items()}}, f, indent=1)
     dist.destroy_process_group()
 
