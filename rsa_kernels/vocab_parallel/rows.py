@@ -34,16 +34,12 @@ import torch
 
 from ..backends.slice_keys import BINS, NO_KEY, key_bits, key_order, key_values, radix_pick
 from ..backends.torch_rows import CHUNK_BYTES
+from ..backends.torch_slices import lse_shift
 from ..reference import accumulation_dtype, interpolation_ranks
 from ..risk import SAVED_WIDTH, Risk
 from .agreement import VocabLayout
 from .comm import Comm
 from .quantile import select
-
-
-def lse_shift(m: torch.Tensor) -> torch.Tensor:
-    """A logsumexp's shift: the maximum, or 0 where it is infinite (as torch.logsumexp)."""
-    return torch.where(torch.isfinite(m), m, 0.0)
 
 
 class VocabParallelRows:
