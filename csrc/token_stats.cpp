@@ -278,6 +278,10 @@ double exp_throughput(int64_t n) {
 
 }  // namespace
 
+namespace rsa {
+void register_slices(pybind11::module_& m);  // slices.cpp: the vocabulary-parallel slice kernels
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused CPU row kernels of rsa_kernels (SPEC section 1)";
   m.def("forward", &forward, "(z, zr, labels, code, param, ignore_index) -> [stats (N, 4), saved (N, 5)]");
@@ -286,6 +290,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("exp", &exp_tensor, "(x) -> the kernels' vectorised exp of a float32/float64 tensor");
   m.def("exp_throughput", &exp_throughput, "(n) -> sum of n float32 exps of cache-resident values (timing)");
   m.attr("SIMD_WIDTH_FLOAT") = rsa::width<float>();
+  rsa::register_slices(m);
 #ifdef __AVX2__
   m.attr("BUILT_FOR_AVX2") = true;
 #else

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends import get_backend
+from .dispatch import Call, plan, shared_settings
 from .objectives import pair_logits, pair_loss, pair_metrics
 from .risk import parse_risk
 from .sequence import discount_weights, sequence_sums
@@ -54,6 +54,13 @@ def make_layout(labels, *, ignore_index: int, shift: bool, sequence_ids=None, nu
     return Layout(labels, labels != ignore_index, sequence_ids, n_seq)
 
 
+def objective_settings(objective, beta, alpha, gamma, label_smoothing, shift, sequence_ids, num_sequences):
+    """The pair-loss arguments every rank of a process group must share (dispatch.plan)."""
+    return [("objective", objective), ("beta", beta), ("alpha", alpha), ("gamma", gamma),
+            ("label_smoothing", label_smoothing), ("shift", shift), ("sequence_ids", sequence_ids),
+            ("num_sequences", num_sequences)]
+
+
 def loss_from_token_stats(stats: TokenStats, layout: Layout, *, objective: str, beta: float,
                           alpha: float, gamma: float, label_smoothing: float):
     """(loss, metrics) from per-token statistics laid out as ``layout`` says."""
@@ -74,29 +81,31 @@ def preference_loss(logits, ref_logits, labels, *, objective: str = "rsa2", risk
                     beta: float = 0.1, alpha: float = 0.5, gamma: float = 1.0,
                     label_smoothing: float = 0.0, ignore_index: int = -100, shift: bool = False,
                     backend: str = "auto", sequence_ids=None, num_sequences: int | None = None,
-                    chunk_size: int | None = None, process_group=None):
+                    chunk_size: int | None = None, process_group=None, vocab_size: int | None = None):
     """Mean pair loss and metrics of SPEC section 3 from policy and reference logits.
 
     Padded input: logits (2B, T, V), labels (2B, T), chosen sequences first. Packed input:
     logits (N, V), labels (N,), ``sequence_ids`` (N,) in [0, 2B), each sequence's tokens in order.
-    ``process_group``: the logits are this rank's vocabulary slice (SPEC section 7).
+    ``process_group``: the logits are this rank's vocabulary slice (SPEC section 7), and
+    ``vocab_size`` where the global columns from it on are padding.
     """
-    if process_group is None:
-        risk = parse_risk(risk)
+    def validate(grouped: bool) -> Call:
+        r = parse_risk(risk)
         check_objective_args(objective, beta, alpha, gamma, label_smoothing)
-        check_logits(logits, ref_logits, labels, ignore_index=ignore_index)
-        layout = make_layout(labels, ignore_index=ignore_index, shift=shift,
-                             sequence_ids=sequence_ids, num_sequences=num_sequences)
-        impl = get_backend(backend, logits)
-    else:
-        from .vocab_parallel.entry import preference_setup
-        risk, layout, impl = preference_setup(
-            process_group, logits, ref_logits, labels, risk=risk, objective=objective, beta=beta, alpha=alpha,
-            gamma=gamma, label_smoothing=label_smoothing, ignore_index=ignore_index, shift=shift, backend=backend,
-            sequence_ids=sequence_ids, num_sequences=num_sequences, chunk_size=chunk_size)
+        check_logits(logits, ref_logits, labels, ignore_index=ignore_index, global_labels=grouped)
+        seq = make_layout(labels, ignore_index=ignore_index, shift=shift, sequence_ids=sequence_ids,
+                          num_sequences=num_sequences)
+        settings = shared_settings("preference_loss", labels, r, ignore_index, logits.dtype, chunk_size,
+                                   ("ref_logits (dtype)", str(ref_logits.dtype)), *objective_settings(
+                                       objective, beta, alpha, gamma, label_smoothing, shift, sequence_ids,
+                                       num_sequences))
+        return Call(logits.shape[-1], seq.labels, ignore_index, settings, (r, seq))
+
+    where = plan(process_group, backend, logits, validate, vocab_size)
+    risk, layout = where.result
     v = logits.shape[-1]
     rows = rows_token_stats(logits.reshape(-1, v), ref_logits.reshape(-1, v), layout.labels.reshape(-1),
-                            risk, ignore_index, impl, chunk_size)
+                            risk, ignore_index, where.rows, chunk_size)
     stats = TokenStats(*(t.view(layout.labels.shape) for t in rows))
     return loss_from_token_stats(stats, layout, objective=objective, beta=beta, alpha=alpha,
                                  gamma=gamma, label_smoothing=label_smoothing)

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from .backends import get_backend
+from .dispatch import Call, plan, shared_settings
 from .reference import accumulation_dtype
 from .risk import Risk, parse_risk
 from .validation import check_logits
@@ -54,26 +54,28 @@ def rows_token_stats(z, zr, labels, risk: Risk, ignore_index: int, backend, chun
 
 def token_stats(logits, ref_logits, labels, *, risk="kl", ignore_index: int = -100,
                 backend: str = "auto", chunk_size: int | None = None,
-                inplace_backward: bool = False, process_group=None) -> TokenStats:
+                inplace_backward: bool = False, process_group=None, vocab_size: int | None = None) -> TokenStats:
     """Per-token (logp, ref_logp, kl, risk) of SPEC section 1, for logits (..., V).
 
     Gradients flow to ``logits`` only. ``chunk_size`` bounds the rows processed at once (the
     torch and cpu backends); ``inplace_backward=True`` writes the gradient into ``logits``'
     storage, so use it only when nothing else reads those logits after the backward.
-    ``process_group``: the logits are this rank's vocabulary slice (SPEC section 7).
+    ``process_group``: the logits are this rank's vocabulary slice (SPEC section 7);
+    ``vocab_size``: then the global columns from vocab_size on are padding (no part in the
+    statistics, gradient 0).
     """
-    if process_group is None:
-        risk = parse_risk(risk)
-        check_logits(logits, ref_logits, labels, ignore_index=ignore_index)
-        impl = get_backend(backend, logits)
-    else:
-        from .vocab_parallel.entry import logits_backend
-        risk, impl = logits_backend(process_group, logits, ref_logits, labels, risk=risk, ignore_index=ignore_index,
-                                    backend=backend, chunk_size=chunk_size, inplace=inplace_backward)
+    def validate(grouped: bool) -> Call:
+        r = parse_risk(risk)
+        check_logits(logits, ref_logits, labels, ignore_index=ignore_index, global_labels=grouped)
+        settings = shared_settings("token_stats", labels, r, ignore_index, logits.dtype, chunk_size,
+                                   ("ref_logits (dtype)", str(ref_logits.dtype)), ("inplace_backward", inplace_backward))
+        return Call(logits.shape[-1], labels, ignore_index, settings, r)
+
+    where = plan(process_group, backend, logits, validate, vocab_size)
     v = logits.shape[-1]
     lead = labels.shape
     out = rows_token_stats(logits.reshape(-1, v), ref_logits.reshape(-1, v), labels.reshape(-1),
-                           risk, ignore_index, impl, chunk_size, inplace_backward)
+                           where.result, ignore_index, where.rows, chunk_size, inplace_backward)
     return TokenStats(*(t.view(lead) for t in out))
 
 

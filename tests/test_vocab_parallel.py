@@ -2,13 +2,16 @@
 
 One launch of 3 processes runs tests/vocab_parallel_worker.py (process start-up dominates,
 so few processes): first in a 2-rank group of global ranks 1 and 2 (the whole matrix of
-risks, dtypes and input kinds), then in the 3-rank world (a subset). The worker records
-every check on every rank, and the tests below assert on those records. A rank that hangs
-is killed after LAUNCH_TIMEOUT and fails the test; a collective gives up after the
-worker's COLLECTIVE_TIMEOUT.
+risks, dtypes and input kinds), then in the 3-rank world (a subset), each for the slice
+kernels of every backend usable here (torch; cpu: the C++ extension; triton: interpreted
+on CPU tensors, float32 and fewer cases). The worker records every check on every rank,
+and the tests below assert on those records. A rank that hangs is killed after
+LAUNCH_TIMEOUT and fails the test; a collective gives up after the worker's
+COLLECTIVE_TIMEOUT.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -19,8 +22,13 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
+from rsa_kernels.backends import available_backends
+
 WORKER = Path(__file__).with_name("vocab_parallel_worker.py")
-LAUNCH_TIMEOUT = 240
+LAUNCH_TIMEOUT = 420
+# the slice kernels the worker runs: it sets TRITON_INTERPRET=1, so triton needs only the package
+KINDS = ["torch"] + [k for k in ("cpu",) if k in available_backends()] + \
+    (["triton"] if importlib.util.find_spec("triton") else [])
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -43,7 +51,9 @@ def finish(procs: list[subprocess.Popen], tmp: Path, deadline: float) -> list[di
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
-        pytest.fail(f"a rank hung: killed after {LAUNCH_TIMEOUT} s")
+        tails = [p.communicate()[0][-1500:] for p in procs]
+        pytest.fail(f"a rank hung: killed after {LAUNCH_TIMEOUT} s; the ranks' last lines:\n" + "\n".join(
+            f"--- rank {r}\n{t}" for r, t in enumerate(tails)))
     for r, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"rank {r} of {len(procs)} exited with {p.returncode}:\n{log[-4000:]}"
     return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(len(procs))]
@@ -64,40 +74,209 @@ def records(request, launches):
     return launches[request.param]
 
 
-def failures(records, test):
-    rows = [(r, rec) for r, recs in enumerate(records) for rec in recs if rec["test"] == test]
-    assert rows, f"no records of {test}"
-    return [f"rank {r} {rec['case']}: {rec['error']}" for r, rec in rows if not rec["ok"]]
+def failures(records, test, kind=None):
+    rows = [(r, rec) for r, recs in enumerate(records) for rec in recs
+            if rec["test"] == test and (kind is None or rec["kind"] == kind)]
+    assert rows, f"no records of {test} ({kind})"
+    return [f"rank {r} {rec['kind']} {rec['case']}: {rec['error']}" for r, rec in rows if not rec["ok"]]
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("test", ["token_stats", "preference_loss", "fused_token_stats", "fused_preference_loss"])
-def test_equals_single_process(records, test):
+def test_equals_single_process(records, test, kind):
     """Statistics (the same on every rank) and each slice's gradient equal one process's result."""
-    bad = failures(records, test)
+    if test != "token_stats":
+        _skip_short_triton(records, kind)
+    bad = failures(records, test, kind)
     assert not bad, "\n".join(bad)
 
 
-def test_every_risk_dtype_and_input_kind_was_checked(records):
-    cases = {rec["case"] for rec in records[0] if rec["test"] == "token_stats" and rec["ok"]}
-    full = len(records) == 2  # 3 ranks run a subset (vocab_parallel_worker.main)
-    for risk in ("kl", "erm:0.5", "erm:3", "cvar:0", "cvar:0.5", "cvar:0.95", "ra_dpo_cvar:0.1", "ra_dpo_cvar:0.9"):
+RISKS = ("kl", "erm:0.5", "erm:3", "cvar:0", "cvar:0.5", "cvar:0.95", "ra_dpo_cvar:0.1", "ra_dpo_cvar:0.9")
+
+
+def _checked(records, kind):
+    return {rec["case"] for rec in records[0] if rec["test"] == "token_stats" and rec["ok"] and rec["kind"] == kind}
+
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "triton"])
+def test_every_risk_dtype_and_input_kind_was_checked(records, kind):
+    cases = _checked(records, kind)
+    full = len(records) == 2  # 3 ranks run a subset (vocab_parallel_worker.run_kind)
+    for risk in RISKS:
         for dtype in ("torch.float64", "torch.float32"):
             kinds = ("random", "ties", "extreme") if full else (("ties", "extreme") if "64" in dtype else ("random",))
-            for kind in kinds:
-                assert f"{risk} {dtype} {kind}" in cases
+            for input_kind in kinds:
+                assert f"{risk} {dtype} {input_kind}" in cases
+    assert "ra_dpo_cvar interpolated onto the next value" in cases
+
+
+@pytest.mark.skipif("triton" not in KINDS, reason="triton is not installed")
+def test_triton_checked_every_risk_and_the_selections(records):
+    """Interpreted, the triton kernels run a shorter list (vocab_parallel_worker.run_triton)."""
+    cases = _checked(records, "triton")
+    if len(records) == 2:
+        expected = [f"{r} torch.float32 random" for r in RISKS] + [
+            "cvar:0.5 torch.float32 ties", "ra_dpo_cvar:0.5 torch.float32 ties", "erm:3 torch.float32 extreme",
+            "cvar:0.95 torch.float32 extreme", "ra_dpo_cvar interpolated onto the next value"]
+    else:
+        expected = ["cvar:0.5 torch.float32 ties", "ra_dpo_cvar:0.5 torch.float32 ties"]
+    assert set(expected) <= cases
+
+
+def _skip_short_triton(records, kind):
+    if kind == "triton" and len(records) == 3:
+        pytest.skip("the 3-rank group runs triton's ties and communication only")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_padding_columns_change_nothing(records, kind):
+    """vocab_size: Megatron's padding columns (any values) take no part, for every risk
+    (ra_dpo_cvar's quantile positions included), and get a zero gradient."""
+    _skip_short_triton(records, kind)
+    bad = failures(records, "padding", kind)
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_agreement_vector_on_the_inputs_device(records, kind):
+    _skip_short_triton(records, kind)
+    bad = failures(records, "agreement", kind)
+    assert not bad, "\n".join(bad)
 
 
 def test_bad_input_raises_value_error_on_every_rank(records):
     bad = failures(records, "bad_input")
     assert not bad, "\n".join(bad)
     per_rank = [{rec["case"] for rec in recs if rec["test"] == "bad_input"} for recs in records]
-    assert all(cases == per_rank[0] for cases in per_rank) and len(per_rank[0]) >= 15
+    assert all(cases == per_rank[0] for cases in per_rank) and len(per_rank[0]) >= 24
+    assert {"fused: hidden states differ across the ranks", "label in the padding"} <= per_rank[0]
 
 
-def test_communication_matches_the_stated_formula(records):
-    """Collectives and bytes counted at torch.distributed equal costs.forward_communication."""
-    bad = failures(records, "communication")
+@pytest.mark.parametrize("kind", KINDS)
+def test_communication_matches_the_stated_formula(records, kind):
+    """Collectives and bytes counted at torch.distributed equal costs.forward_communication,
+    whatever the slice kernels."""
+    bad = failures(records, "communication", kind)
     assert not bad, "\n".join(bad)
     for rec in records[0]:
-        if rec["test"] == "communication" and "rounds" in rec:
-            print(f"{rec['case']}: {rec['rounds']} rounds, {rec['bytes_per_row']:.0f} B/row")
+        if rec["test"] == "communication" and rec["kind"] == kind and "rounds" in rec:
+            print(f"{kind} {rec['case']}: {rec['rounds']} rounds, {rec['bytes_per_row']:.0f} B/row")
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("triton"), reason="triton is not installed")
+def test_triton_slice_kernels_compile_for_hopper(monkeypatch):
+    """Without a GPU the worker runs the triton slice kernels interpreted; compile (not run)
+    each for sm_90 as well: the compiler is stricter than the interpreter."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from rsa_kernels.backends import triton_slices
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    k = triton_slices._kernels()
+    rows = {"z_ptr": "*bf16", "zr_ptr": "*bf16", "rows_ptr": "*i64"}
+    strides = {"stride_z": "i32", "stride_zr": "i32", "V": "i32"}
+    variants = [
+        (k.partials, {**rows, "local_ptr": "*i64", "out_ptr": "*fp32", **strides, "mu": "fp32",
+                      "ERM": "constexpr", "BLOCK": "constexpr"},
+         [{"ERM": erm, "BLOCK": triton_slices.SLICE_BLOCK} for erm in (False, True)], True),
+        (k.search, {**rows, "a_ptr": "*fp32", "ar_ptr": "*fp32", "prefix_ptr": "*i64", "hist_ptr": "*fp64",
+                    "sums_ptr": "*fp64", "min_ptr": "*i64", **strides, "LEVEL": "constexpr", "LEVELS": "constexpr",
+                    "WEIGHTED": "constexpr", "BLOCK": "constexpr"},
+         [{"LEVEL": level, "LEVELS": 4, "WEIGHTED": w, "BLOCK": triton_slices.SEARCH_BLOCK}
+          for level in range(5) for w in (False, True)], False),
+        (k.tail, {**rows, "a_ptr": "*fp32", "ar_ptr": "*fp32", "thr_ptr": "*fp32", "out_ptr": "*fp64", **strides,
+                  "BLOCK": "constexpr"}, [{"BLOCK": triton_slices.SLICE_BLOCK}], False),
+    ]
+    for fn, signature, constant_sets, fusion in variants:
+        for constants in constant_sets:
+            out = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants),
+                                 target=GPUTarget("cuda", 90, 32),
+                                 options={"num_warps": triton_slices.NUM_WARPS, "enable_fp_fusion": fusion})
+            assert "ptx" in out.asm
+
+
+class _OneRank:
+    """The all-reduces of a group of one: the sums are the slice's own."""
+
+    def sum(self, values, inplace=False):
+        return values
+
+    max = min = sum
+
+
+def _search(kernels, z, zr, risk, target_hint):
+    """The radix search of quantile.select on one slice, as the driver runs it."""
+    import torch
+
+    from rsa_kernels.backends.slice_keys import key_bits
+    from rsa_kernels.reference import accumulation_dtype, interpolation_ranks
+    from rsa_kernels.risk import parse_risk
+    from rsa_kernels.vocab_parallel.quantile import select
+
+    r = parse_risk(risk)
+    acc = accumulation_dtype(z.dtype)
+    a, ar = torch.logsumexp(z.to(acc), -1), torch.logsumexp(zr.to(acc), -1)
+    rows = torch.arange(z.shape[0])
+    target = r.param if r.kind == "cvar" else interpolation_ranks(z.shape[1], 1 - r.param)[0] + 1
+    search = kernels.Chunk(z, zr, rows).search(a, ar, r, target_hint)
+    sel = select(_OneRank(), search, kernels.pick, target, key_bits(acc), torch.zeros(len(rows), 1, dtype=acc))
+    sums, min_above = search.close(sel.key)
+    guessed = getattr(search, "state", [None] * 4)[3]  # the cpu kernels' guesses of the top digit
+    top = (sel.key >> (key_bits(acc) - 8)) & 255
+    return (sel.key, sel.below, sel.at, sums.clone(), min_above.clone()), \
+        None if guessed is None else int((guessed == top).sum())
+
+
+@pytest.mark.parametrize("risk", ["cvar:0.9", "cvar:0.3", "ra_dpo_cvar:0.3", "ra_dpo_cvar:0.95"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cpu_search_equals_torch_search_whatever_the_guess(risk, dtype):
+    """The cpu slice kernels guess the first digit from a sample of each row and prepare the
+    next level for it: right or wrong guesses (here forced by the hint), the selection,
+    the weights below and at it and the sums above it are the torch kernels'."""
+    import torch
+
+    from rsa_kernels.backends import available_backends, torch_slices
+    if "cpu" not in available_backends():
+        pytest.skip("the C++ extension is not built")
+    from rsa_kernels.backends import cpu_slices
+    g = torch.Generator().manual_seed(3)
+    n, w = 24, 3001  # more than the 256 samples per row
+    z = (torch.randn(n, w, generator=g, dtype=torch.float64) * 2).to(getattr(torch, dtype))
+    zr = z + torch.randn(n, w, generator=g, dtype=z.dtype)
+    z[1] = zr[1]  # every D ties at 0
+    zr[2, ::7] = float("-inf")
+    z[3] = torch.randint(-2, 3, (w,), generator=g).to(z.dtype)  # few distinct values
+    want, _ = _search(torch_slices, z, zr, risk, 0.5)
+    hits = {}
+    for hint in (0.5, 0.0, 0.999, 1.0):
+        got, hits[hint] = _search(cpu_slices, z, zr, risk, hint)
+        for name, a, b in zip(("key", "below", "at", "sums", "min_above"), got, want):
+            if name == "min_above" and risk.startswith("cvar"):
+                continue  # only ra_dpo_cvar's search tracks it (its HI)
+            torch.testing.assert_close(a, b, rtol=1e-5 if dtype == "float32" else 1e-12, atol=1e-9,
+                                       msg=lambda m: f"{name} (hint {hint}): {m}")
+    assert min(hits.values()) < n, f"no wrong guess among the hints: {hits}"  # both paths ran
+
+
+def test_cpu_pick_equals_radix_pick_bit_for_bit():
+    import torch
+
+    from rsa_kernels.backends import available_backends
+    from rsa_kernels.backends.slice_keys import radix_pick
+    if "cpu" not in available_backends():
+        pytest.skip("the C++ extension is not built")
+    from rsa_kernels.backends import cpu_slices
+    g = torch.Generator().manual_seed(0)
+    hist = torch.rand(300, 256, generator=g, dtype=torch.float64) ** 8
+    hist[hist < 0.3] = 0
+    hist[5] = 0  # an empty row
+    hist[6, 200:] = 0
+    below = torch.rand(300, generator=g, dtype=torch.float64) * 0.1
+    prefix = torch.randint(0, 2**20, (300,), generator=g) << 24
+    for target in (0.0, 0.5, 3.0, 1e9):
+        for shift in (0, 8, 24, 56):
+            want = radix_pick(hist, below, target, shift, prefix)
+            got = cpu_slices.pick(hist, below, target, shift, prefix)
+            for a, b in zip(got, want):
+                assert torch.equal(a, b)

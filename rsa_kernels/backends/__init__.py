@@ -10,6 +10,38 @@ Each backend module exposes the same row-kernel contract on 2-D (N, V) logits:
 stats columns are (logp, ref_logp, kl, risk), grads columns the upstream gradients of
 (logp, kl, risk), both in the accumulation dtype (float64 for float64 input, else float32);
 saved holds the per-row scalars listed in rsa_kernels.risk. Rows are unit-stride in V.
+
+Each backend also has slice kernels (torch_slices, cpu_slices, triton_slices): one rank's
+share of the same statistics when the vocabulary is split across a process group, which
+rsa_kernels/vocab_parallel/rows.py combines with all-reduces. On a rank's columns z, zr
+(N, w) and the row indices ``rows`` of a chunk (n of them):
+
+    Chunk(z, zr, rows)
+      .partials(local, risk) -> (n, 9) in the accumulation dtype: max z, max zr, then with
+          a, ar = those maxima (0 where infinite): S = sum exp(z - a), Sr = sum e, e =
+          exp(zr - ar), U = sum of e u, u = (zr - ar) - (z - a), T = logsumexp of (zr - ar) +
+          MU u (erm; else -inf), both over the items with e != 0 and z != -inf, z_y and zr_y
+          at the label's column local (-1: not in this slice; then 0), M = max zr over the
+          items with z = -inf (they make kl and erm +inf where exp(zr - Ar) != 0)
+      .search(A, Ar, risk, target) -> Search over the keys of D = (zr - Ar) - (z - A)
+          (slice_keys), weighing cvar's support (q > 0) by q and counting every item for
+          ra_dpo_cvar; target, the fraction of the total weight the search reaches, is a
+          hint (the cpu kernels prepare the digit where the slice's own weight reaches it):
+        .histogram(level, prefix) -> (n, 256) float64: the weight of the items whose top
+            `level` key digits (8 bits each) are the prefix's, by their next digit; levels
+            are asked in order, 0 first
+        .close(prefix) -> ((n, 3) float64: sum q D and sum q over the keys above the key
+            `prefix`, sum q at it; (n,) int64 the smallest key above it, as
+            slice_keys.key_order, NO_KEY where none: ra_dpo_cvar's HI, which a cvar search
+            need not track)
+        .sums_above(idx, threshold) -> (m, 2) float64: sum q D and sum q over D > threshold
+            of the rows idx
+    pick(hist, below, target, shift, prefix) -> (below, at, prefix): one round's choice from
+        the group's histogram (slice_keys.radix_pick, or the same in C++)
+    backward(z, zr, local, saved, grads, risk, out, chunk_size=None) -> out, the gradient of
+        the columns (local: the label's column, -1 where another rank holds it, -2 masked)
+    chunk_row_bytes(width, acc, risk) -> temporaries per row of a chunk
+    unsupported(tensor) -> None, or the reason
 """
 from __future__ import annotations
 
@@ -21,18 +53,20 @@ import torch
 
 NAMES = ("torch", "cpu", "triton")
 _MODULES = {"torch": "torch_rows", "cpu": "cpu_rows", "triton": "triton_rows"}
+_SLICES = {"torch": "torch_slices", "cpu": "cpu_slices", "triton": "triton_slices"}
 _loaded: dict = {}
 _warned_cpu = False
 
 
-def _load(name: str):
+def _load(name: str, modules: dict = _MODULES):
     """The backend module, or the reason it cannot be loaded here (a string)."""
-    if name not in _loaded:
+    module = modules[name]
+    if module not in _loaded:
         try:
-            _loaded[name] = importlib.import_module(f".{_MODULES[name]}", __name__)
+            _loaded[module] = importlib.import_module(f".{module}", __name__)
         except ImportError as err:  # the extension is not built, or triton is not installed
-            _loaded[name] = f"{name} backend unavailable: {err}"
-    return _loaded[name]
+            _loaded[module] = f"{name} backend unavailable: {err}"
+    return _loaded[module]
 
 
 def available_backends() -> list[str]:
@@ -73,3 +107,14 @@ def get_backend(name: str, tensor: torch.Tensor):
     if reason:
         raise RuntimeError(f"backend {name!r} cannot run here: {reason}")
     return mod
+
+
+def get_slices(name: str, tensor: torch.Tensor):
+    """(slice kernels, backend name) for ``backend`` on ``tensor``: the backend get_backend
+    resolves, its slice kernels (see above)."""
+    module = get_backend(name, tensor)
+    resolved = next(n for n, m in _MODULES.items() if _loaded.get(m) is module)
+    slices = _load(resolved, _SLICES)
+    if isinstance(slices, str):
+        raise RuntimeError(slices)
+    return slices, resolved

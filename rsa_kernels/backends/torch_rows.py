@@ -141,15 +141,15 @@ def backward(z, zr, labels, saved, grads, risk: Risk, ignore_index: int,
     n, v = z.shape
     mask = labels != ignore_index
     step = rows_per_chunk(n, v, accumulation_dtype(z.dtype), risk, chunk_size)
-    return backward_columns(z, zr, mask, torch.where(mask, labels, 0), mask, saved, grads, risk, step, inplace)
-
-
-def backward_columns(z, zr, mask, label_col, label_here, saved, grads, risk: Risk, step: int, inplace: bool):
-    """The gradient of the columns z holds, ``step`` rows at a time; the logp term goes to
-    column ``label_col`` of the rows where ``label_here`` (a vocabulary slice may not hold the
-    label: rsa_kernels.vocab_parallel shares this)."""
-    acc = accumulation_dtype(z.dtype)
     out = z if inplace else torch.empty_like(z)
+    return backward_columns(z, zr, mask, torch.where(mask, labels, 0), mask, saved, grads, risk, step, out)
+
+
+def backward_columns(z, zr, mask, label_col, label_here, saved, grads, risk: Risk, step: int, out):
+    """The gradient of the columns z holds into ``out`` (z itself for in place), ``step`` rows
+    at a time; the logp term goes to column ``label_col`` of the rows where ``label_here`` (a
+    vocabulary slice may not hold the label: torch_slices shares this)."""
+    acc = accumulation_dtype(z.dtype)
     g = torch.where(mask[:, None], grads.to(acc), 0.0)
     for i in range(0, z.shape[0], step):
         j = min(z.shape[0], i + step)

@@ -6,8 +6,10 @@ the active backend (rsa_kernels.backends) for everything over the vocabulary.
 """
 from __future__ import annotations
 
-from ..backends import get_backend
-from ..loss import Layout, loss_from_token_stats, make_layout
+import torch
+
+from ..dispatch import Call, plan, shared_settings
+from ..loss import Layout, loss_from_token_stats, make_layout, objective_settings
 from ..risk import parse_risk
 from ..token_stats import TokenStats
 from ..validation import check_objective_args
@@ -22,10 +24,40 @@ def _rows(hidden, ref_hidden, labels):
     return hidden.reshape(-1, hidden.shape[-1]), ref_hidden.reshape(-1, ref_hidden.shape[-1]), labels.reshape(-1)
 
 
+def _checks(function, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, risk, *, ignore_index,
+            chunk_size, memory_budget, schedule, grouped, more=()):
+    """Both fused functions' checks of their linear inputs; the settings a group must share."""
+    check_linear(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index=ignore_index,
+                 global_labels=grouped)
+    check_chunking(chunk_size, schedule, memory_budget)
+    if grouped and schedule == "kernel":
+        raise ValueError("schedule: 'kernel' (the fused Triton kernel) does not take a process_group; "
+                         "use 'tokens', 'pairs' or 'auto'")
+    # the hidden gradient's all-reduce runs only where autograd wants it: every rank alike;
+    # and every rank must hold the same hidden states (compared by checksums)
+    wants = hidden.requires_grad and torch.is_grad_enabled()
+    return shared_settings(function, labels, risk, ignore_index, hidden.dtype, chunk_size,
+                           ("memory_budget", memory_budget), ("schedule", schedule),
+                           ("hidden (requires_grad)", wants), ("bias, ref_bias (given)", (bias is None, ref_bias is None)),
+                           ("hidden, ref_hidden (checksums)", (hidden, ref_hidden)), *more)
+
+
+def _chunk_rows(where, hidden, chunk_size, memory_budget, largest_pair: int | None = None) -> int:
+    """Logit rows per chunk: the same on every rank of a group, sized for the widest slice.
+    ``largest_pair``: the pair schedules' largest pair, which a default chunk grows to hold
+    (linear.pair_chunk_rows)."""
+    if chunk_size:
+        return chunk_size
+    if largest_pair is not None:
+        return pair_chunk_rows(largest_pair, where.columns, hidden.dtype, memory_budget)
+    return budget_rows(where.columns, hidden.dtype, memory_budget)
+
+
 def fused_linear_token_stats(hidden, weight, ref_hidden, ref_weight, labels, *, bias=None, ref_bias=None,
                              risk="kl", ignore_index: int = -100, backend: str = "auto",
                              chunk_size: int | None = None, memory_budget: int | None = None,
-                             schedule: str = "tokens", process_group=None) -> TokenStats:
+                             schedule: str = "tokens", process_group=None,
+                             vocab_size: int | None = None) -> TokenStats:
     """token_stats of the logits hidden @ weight.T + bias (policy) and likewise (reference).
 
     hidden (..., H), weight (V, H), bias (V,) or None; labels of hidden's leading shape.
@@ -33,28 +65,29 @@ def fused_linear_token_stats(hidden, weight, ref_hidden, ref_weight, labels, *, 
     recomputation in the backward: ``chunk_size`` rows of logits at a time, or as many as
     ``memory_budget`` bytes (default: linear.MEMORY_BUDGET) allow for the two models' chunks.
     ``schedule="kernel"``: the fused Triton kernel instead (fused_kernel.py; kl and erm only).
-    ``process_group``: the weights and biases are this rank's vocabulary rows (SPEC section 7).
+    ``process_group``: the weights and biases are this rank's vocabulary rows (SPEC section 7),
+    and ``vocab_size`` where the global rows from it on are padding.
     """
-    if process_group is not None:
-        from ..vocab_parallel.entry import fused_token_stats
-        return fused_token_stats(process_group, hidden, weight, ref_hidden, ref_weight, labels, bias=bias,
-                                 ref_bias=ref_bias, risk=risk, ignore_index=ignore_index, backend=backend,
-                                 chunk_size=chunk_size, memory_budget=memory_budget, schedule=schedule)
-    risk = parse_risk(risk)
-    check_linear(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index=ignore_index)
-    check_chunking(chunk_size, "tokens", memory_budget)
-    if schedule not in ("tokens", "kernel"):
-        raise ValueError(f"schedule must be 'tokens' or 'kernel', got {schedule!r}")
+    def validate(grouped: bool) -> Call:
+        r = parse_risk(risk)
+        allowed = ("tokens",) if grouped else ("tokens", "kernel")
+        if schedule not in allowed:
+            raise ValueError(f"schedule must be {' or '.join(map(repr, allowed))}"
+                             f"{' with process_group' if grouped else ''}, got {schedule!r}")
+        settings = _checks("fused_linear_token_stats", hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
+                           labels, r, ignore_index=ignore_index, chunk_size=chunk_size, memory_budget=memory_budget,
+                           schedule="tokens", grouped=grouped)
+        return Call(weight.shape[0], labels, ignore_index, settings, r)
+
+    where = plan(process_group, backend, hidden, validate, vocab_size)
+    h, rh, lab = _rows(where.replicated(hidden), ref_hidden, labels)
     if schedule == "kernel":
-        h, rh, lab = _rows(hidden, ref_hidden, labels)
-        out = kernel_rows_token_stats(h, weight, bias, rh, ref_weight, ref_bias, lab, risk=risk,
+        out = kernel_rows_token_stats(h, weight, bias, rh, ref_weight, ref_bias, lab, risk=where.result,
                                       ignore_index=ignore_index, backend=backend)
-        return TokenStats(*(t.view(labels.shape) for t in out))
-    impl = get_backend(backend, hidden)
-    rows = chunk_size or budget_rows(weight.shape[0], hidden.dtype, memory_budget)
-    h, rh, lab = _rows(hidden, ref_hidden, labels)
-    out = fused_rows_token_stats(h, weight, bias, rh, ref_weight, ref_bias, lab, risk=risk,
-                                 ignore_index=ignore_index, backend=impl, rows=rows)
+    else:
+        out = fused_rows_token_stats(h, weight, bias, rh, ref_weight, ref_bias, lab, risk=where.result,
+                                     ignore_index=ignore_index, backend=where.rows,
+                                     rows=_chunk_rows(where, hidden, chunk_size, memory_budget))
     return TokenStats(*(t.view(labels.shape) for t in out))
 
 
@@ -71,7 +104,8 @@ def fused_linear_preference_loss(hidden, weight, ref_hidden, ref_weight, labels,
                                  ignore_index: int = -100, shift: bool = False, backend: str = "auto",
                                  sequence_ids=None, num_sequences: int | None = None,
                                  chunk_size: int | None = None, schedule: str = "auto",
-                                 memory_budget: int | None = None, process_group=None):
+                                 memory_budget: int | None = None, process_group=None,
+                                 vocab_size: int | None = None):
     """preference_loss of the logits hidden @ weight.T + bias, without materialising them.
 
     Padded input: hidden (2B, T, H), labels (2B, T), chosen sequences first. Packed input:
@@ -82,40 +116,36 @@ def fused_linear_preference_loss(hidden, weight, ref_hidden, ref_weight, labels,
     largest pair up to linear.PAIR_BUDGET), or "kernel" (the fused Triton kernel
     of fused_kernel.py: no logits in memory at all; kl and erm only). Gradients flow to
     hidden, weight and bias of the policy only. ``process_group``: the weights and biases are
-    this rank's vocabulary rows (SPEC section 7).
+    this rank's vocabulary rows (SPEC section 7), and ``vocab_size`` where the global rows
+    from it on are padding.
     """
-    if process_group is not None:
-        from ..vocab_parallel.entry import fused_preference_loss
-        return fused_preference_loss(process_group, hidden, weight, ref_hidden, ref_weight, labels, bias=bias,
-                                     ref_bias=ref_bias, objective=objective, risk=risk, beta=beta, alpha=alpha,
-                                     gamma=gamma, label_smoothing=label_smoothing, ignore_index=ignore_index,
-                                     shift=shift, backend=backend, sequence_ids=sequence_ids,
-                                     num_sequences=num_sequences, chunk_size=chunk_size, schedule=schedule,
-                                     memory_budget=memory_budget)
-    risk = parse_risk(risk)
-    check_objective_args(objective, beta, alpha, gamma, label_smoothing)
-    check_linear(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, ignore_index=ignore_index)
-    check_chunking(chunk_size, schedule, memory_budget)
-    layout = make_layout(labels, ignore_index=ignore_index, shift=shift,
-                         sequence_ids=sequence_ids, num_sequences=num_sequences)
-    impl = get_backend(backend, hidden)
-    if chunk_size:
-        rows = chunk_size
-    elif schedule in ("auto", "pairs"):
-        rows = pair_chunk_rows(largest_pair_rows(layout), weight.shape[0], hidden.dtype, memory_budget)
-    else:
-        rows = budget_rows(weight.shape[0], hidden.dtype, memory_budget)
+    def validate(grouped: bool) -> Call:
+        r = parse_risk(risk)
+        check_objective_args(objective, beta, alpha, gamma, label_smoothing)
+        settings = _checks("fused_linear_preference_loss", hidden, weight, bias, ref_hidden, ref_weight, ref_bias,
+                           labels, r, ignore_index=ignore_index, chunk_size=chunk_size, memory_budget=memory_budget,
+                           schedule=schedule, grouped=grouped,
+                           more=objective_settings(objective, beta, alpha, gamma, label_smoothing, shift,
+                                                   sequence_ids, num_sequences))
+        seq = make_layout(labels, ignore_index=ignore_index, shift=shift, sequence_ids=sequence_ids,
+                          num_sequences=num_sequences)
+        return Call(weight.shape[0], seq.labels, ignore_index, settings, (r, seq))
+
+    where = plan(process_group, backend, hidden, validate, vocab_size)
+    risk, layout = where.result
+    pair = largest_pair_rows(layout) if schedule in ("auto", "pairs") else None
+    rows = _chunk_rows(where, hidden, chunk_size, memory_budget, pair)
     loss_args = dict(objective=objective, beta=beta, alpha=alpha, gamma=gamma, label_smoothing=label_smoothing)
-    h, rh, _ = _rows(hidden, ref_hidden, labels)
+    h, rh, _ = _rows(where.replicated(hidden), ref_hidden, labels)
     if schedule == "kernel":
         out = kernel_rows_token_stats(h, weight, bias, rh, ref_weight, ref_bias, layout.labels.reshape(-1),
                                       risk=risk, ignore_index=ignore_index, backend=backend)
     elif choose_schedule(layout, rows, schedule) == "pairs":
         return fused_pair_loss(h, weight, bias, rh, ref_weight, ref_bias, layout, risk=risk,
-                               ignore_index=ignore_index, backend=impl, rows=rows, loss_args=loss_args)
+                               ignore_index=ignore_index, backend=where.rows, rows=rows, loss_args=loss_args)
     else:
         out = fused_rows_token_stats(h, weight, bias, rh, ref_weight, ref_bias, layout.labels.reshape(-1),
-                                     risk=risk, ignore_index=ignore_index, backend=impl, rows=rows)
+                                     risk=risk, ignore_index=ignore_index, backend=where.rows, rows=rows)
     stats = TokenStats(*(t.view(layout.labels.shape) for t in out))
     return loss_from_token_stats(stats, layout, **loss_args)
 

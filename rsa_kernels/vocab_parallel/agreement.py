@@ -5,6 +5,11 @@ next collective. So each rank checks its own input, packs the outcome (its vocab
 width, a fingerprint of every argument that must match, or its error message) into one
 small int64 vector, and one all-gather gives every rank the same table. Every rank then
 runs the same checks on that table, and either all go on or all raise ValueError.
+
+Tensors are fingerprinted by exact integer checksums computed where they lie (no copy to
+the host), so that the hidden states every rank of the fused forms must hold alike are
+compared too: an ungathered sequence-parallel slice, or hidden states that differ by a
+rounding, stop the call on every rank.
 """
 from __future__ import annotations
 
@@ -33,10 +38,12 @@ class Local:
 
 @dataclass(frozen=True)
 class VocabLayout:
-    """Rank k holds the global vocabulary columns [offsets[k], offsets[k+1])."""
+    """Rank k holds the global vocabulary columns [offsets[k], offsets[k+1]); the columns
+    from ``vocab_size`` on (if given) are padding, outside the vocabulary."""
     group: Any
     rank: int
     widths: tuple
+    vocab_size: int | None = None
 
     @property
     def offsets(self) -> tuple:
@@ -55,22 +62,52 @@ class VocabLayout:
 
     @property
     def vocab(self) -> int:
-        return sum(self.widths)
+        """The vocabulary the statistics run over (without the padding)."""
+        return sum(self.widths) if self.vocab_size is None else self.vocab_size
+
+    @property
+    def real_width(self) -> int:
+        """This rank's columns inside the vocabulary: the first real_width of its slice."""
+        return max(0, min(self.width, self.vocab - self.start))
 
     @property
     def max_width(self) -> int:
         return max(self.widths)
 
 
+CHECKSUM_WORDS = 1 << 22   # 16-bit words per step of a checksum (bounds its temporaries)
+_MODULUS = 65521           # the position weights cycle with this prime
+
+
+def checksum(t: torch.Tensor) -> tuple:
+    """(dtype, shape, sum of the 16-bit words of t, sum of each word times its position
+    mod 65521 + 1): exact integers, so equal on every rank for equal tensors whatever the
+    device or thread count, and computed on t's device. Any changed word changes the first
+    sum; words moved to other positions change the second."""
+    t = t.detach().contiguous().reshape(-1)
+    words = t.view(torch.int16) if t.numel() * t.element_size() % 2 == 0 else t.view(torch.uint8)
+    plain = weighted = 0
+    for start in range(0, words.numel(), CHECKSUM_WORDS):
+        w = words[start:start + CHECKSUM_WORDS].to(torch.int64)
+        pos = torch.arange(start, start + w.numel(), device=w.device) % _MODULUS + 1
+        plain += int(w.sum())
+        weighted += int((w * pos).sum())
+    return str(t.dtype), tuple(t.shape), plain, weighted
+
+
+def _canonical(value):
+    """``value`` with every tensor in it (also inside tuples and lists) by its checksum."""
+    if isinstance(value, torch.Tensor):
+        return checksum(value)
+    if isinstance(value, (tuple, list)):
+        return tuple(_canonical(v) for v in value)
+    return value
+
+
 def fingerprint(value) -> int:
     """A 63-bit digest of ``value`` that is the same in every process (hash() is salted)."""
     h = hashlib.blake2b(digest_size=8)
-    if isinstance(value, torch.Tensor):
-        t = value.detach().to("cpu").contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
-    else:
-        h.update(repr(value).encode())
+    h.update(repr(_canonical(value)).encode())
     return int.from_bytes(h.digest(), "little") >> 1
 
 
@@ -99,11 +136,14 @@ def _row(local: Local | None, error: BaseException | None) -> list[int]:
     return [1, 0, -1, 0] + [0] * MAX_SETTINGS + _encode(message)
 
 
-def agree(group, check: Callable[[], tuple[Local, Any]]) -> tuple[VocabLayout, Any]:
+def agree(group, check: Callable[[], tuple[Local, Any]], device: torch.device,
+          vocab_size: int | None = None) -> tuple[VocabLayout, Any]:
     """Run this rank's ``check`` (local validation), agree with the group, return the layout.
 
-    ``check`` returns (Local, anything the caller wants back) or raises. Exactly one
-    collective (an all-gather of MAX_SETTINGS + 36 int64 per rank) runs, whatever happens.
+    ``check`` returns (Local, anything the caller wants back) or raises; ``device`` is the
+    inputs' (comm.meta_device); ``vocab_size`` the unpadded vocabulary, if the slices are
+    padded (check has put it among the settings). Exactly one collective (an all-gather of
+    MAX_SETTINGS + 36 int64 per rank) runs, whatever happens.
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("process_group: torch.distributed is not initialised (call init_process_group first)")
@@ -115,7 +155,7 @@ def agree(group, check: Callable[[], tuple[Local, Any]]) -> tuple[VocabLayout, A
         local, result = check()
     except Exception as err:  # noqa: BLE001 - any local failure must reach the other ranks
         error = err
-    row = torch.tensor(_row(local, error), dtype=torch.int64, device=meta_device(group))
+    row = torch.tensor(_row(local, error), dtype=torch.int64, device=meta_device(group, device))
     table = all_gather_rows(row, group).cpu().tolist()
     rank = dist.get_rank(group)
     failed = [k for k, r in enumerate(table) if r[0]]
@@ -124,11 +164,11 @@ def agree(group, check: Callable[[], tuple[Local, Any]]) -> tuple[VocabLayout, A
             raise error
         k = failed[0]
         raise ValueError(f"process_group: rank {k} rejected its input: {_decode(table[k][_HEAD + MAX_SETTINGS:])}")
-    _check_table(table, local)
-    return VocabLayout(group, rank, tuple(r[1] for r in table)), result
+    _check_table(table, local, vocab_size)
+    return VocabLayout(group, rank, tuple(r[1] for r in table), vocab_size), result
 
 
-def _check_table(table: list[list[int]], local: Local) -> None:
+def _check_table(table: list[list[int]], local: Local, vocab_size: int | None) -> None:
     """The same checks, in the same order, on every rank: the same ValueError everywhere."""
     names = [name for name, _ in local.settings]
     if len({r[3] for r in table}) > 1:
@@ -141,7 +181,12 @@ def _check_table(table: list[list[int]], local: Local) -> None:
                              f"every rank passes the same {name}; only the vocabulary slice differs")
     widths = [r[1] for r in table]
     vocab = sum(widths)
+    if vocab_size is not None:
+        if vocab_size > vocab:
+            raise ValueError(f"vocab_size={vocab_size} exceeds the {vocab} columns of the ranks' slices {widths}")
+        vocab = vocab_size
     top = table[0][2]
     if top >= vocab:
+        where = "the concatenation of the ranks' slices" if vocab_size is None else "before the padding"
         raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={local.ignore_index}: label {top} "
-                         f"is outside the global vocabulary, the concatenation of the ranks' slices {widths}")
+                         f"is outside the global vocabulary, {where} {widths}")

@@ -12,10 +12,12 @@ import torch.distributed as dist
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
-def meta_device(group) -> torch.device:
-    """Where the small metadata tensor lives: NCCL only moves CUDA tensors."""
+def meta_device(group, inputs: torch.device) -> torch.device:
+    """Where the agreement vector lives: the inputs' device for NCCL, which moves only CUDA
+    tensors (never torch.cuda.current_device(): a script that did not call set_device would
+    send every rank's vector to cuda:0), the CPU otherwise."""
     if "nccl" in str(dist.get_backend(group)).lower():
-        return torch.device("cuda", torch.cuda.current_device())
+        return torch.device(inputs)
     return torch.device("cpu")
 
 
@@ -25,14 +27,19 @@ class Comm:
     def __init__(self, group):
         self.group = group
 
-    def reduce(self, values: torch.Tensor, op: str) -> torch.Tensor:
-        """The element-wise ``op`` ("sum", "max", "min") of ``values`` over the group's ranks."""
-        wire = values.to(torch.float64 if values.is_floating_point() else torch.int64, copy=True).contiguous()
+    def reduce(self, values: torch.Tensor, op: str, inplace: bool = False) -> torch.Tensor:
+        """The element-wise ``op`` ("sum", "max", "min") of ``values`` over the group's ranks
+        (``inplace``: into ``values`` itself where it is already what travels)."""
+        wire_dtype = torch.float64 if values.is_floating_point() else torch.int64
+        if inplace and values.dtype == wire_dtype and values.is_contiguous():
+            wire = values
+        else:
+            wire = values.to(wire_dtype, copy=True).contiguous()
         dist.all_reduce(wire, op=_OPS[op], group=self.group)
-        return wire.to(values.dtype)
+        return wire if wire is values else wire.to(values.dtype)
 
-    def sum(self, values):
-        return self.reduce(values, "sum")
+    def sum(self, values, inplace: bool = False):
+        return self.reduce(values, "sum", inplace)
 
     def max(self, values):
         return self.reduce(values, "max")

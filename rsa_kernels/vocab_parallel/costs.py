@@ -14,10 +14,10 @@ from typing import NamedTuple
 
 import torch
 
+from ..backends.slice_keys import BINS, RADIX_BITS, key_bits
 from ..reference import accumulation_dtype, interpolation_ranks
 from ..risk import parse_risk
 from .agreement import _HEAD, MAX_SETTINGS, MESSAGE_BYTES
-from .quantile import BINS, RADIX_BITS, key_bits
 
 AGREEMENT_BYTES = 8 * (_HEAD + MAX_SETTINGS) + MESSAGE_BYTES
 
@@ -29,13 +29,14 @@ class Cost(NamedTuple):
 
 
 def forward_communication(risk, dtype: torch.dtype, vocab: int) -> Cost:
-    """The forward's all-reduces per chunk of unmasked rows, for ``risk`` on ``dtype`` logits."""
+    """The forward's all-reduces per chunk of unmasked rows, for ``risk`` on ``dtype`` logits
+    over a vocabulary of ``vocab`` columns (without padding), whatever the slice kernels."""
     risk = parse_risk(risk)
     steps = [("max", 2), ("sum", 4)]                     # row maxima; exp-sums and the label's logits
     if risk.kind == "kl":
         steps += [("sum", 1)]                            # kl
     elif risk.kind == "erm":
-        steps += [("max", 1), ("sum", 2)]                # max of r + MU D; kl and its exp-sum
+        steps += [("max", 1), ("sum", 2)]                # the log-sums of r + MU D; kl and the exp-sums
     else:
         radix = key_bits(accumulation_dtype(dtype)) // RADIX_BITS
         steps += [("sum", BINS + 1)] + [("sum", BINS)] * (radix - 1)   # histograms, kl in the first

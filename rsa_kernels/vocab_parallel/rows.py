@@ -7,153 +7,211 @@ forward returns the statistics of the full rows, the same on every rank, and the
 saved per-row scalars as the single-process backends; backward then needs no
 communication at all: p, q and w of this rank's columns follow from those scalars.
 
-Forward rounds per chunk of unmasked rows (docs/distributed.md lists their bytes):
-  1. MAX  row maxima of z and zr
-  2. SUM  sum exp(z - max), sum exp(zr - max), z_y and zr_y (the label's owner sends them)
-     -> A, Ar, logp, ref_logp on every rank
+The work on the slice is done by a backend's slice kernels (torch_slices, cpu_slices,
+triton_slices: the contract is in rsa_kernels/backends/__init__.py); this file is the
+protocol between the ranks. Forward rounds per chunk of unmasked rows (docs/distributed.md
+lists their bytes):
+  0. (no round) each slice's maxima, its exp-sums under its own shifts, U = sum e u,
+     erm's log-sum and the largest zr the policy rules out, in one read of the rows
+     (partials)
+  1. MAX  the row maxima of z and zr
+  2. SUM  the exp-sums rescaled to the group's maxima, z_y and zr_y (the label's owner
+          sends them) -> A, Ar, logp, ref_logp on every rank; each slice's part of kl is
+          then exp(ar - Ar) (U + c Sr), c = D - u, without another read
   kl:          3. SUM  kl
-  erm:         3. MAX  max of t = r + MU D;  4. SUM  kl, sum exp(t - max)
+  erm:         3. MAX  each slice's log-sum of r + MU D;  4. SUM  kl, the rescaled exp-sums
   cvar:        3.. SUM radix rounds (quantile.select; kl rides in the first);  last: SUM the
                mass above tau and at tau
   ra_dpo_cvar: 3.. SUM radix rounds for the order statistic LO;  MIN the next larger value
                (only when the interpolation weight is not 0);  last: SUM value and sum(w)
 Only unmasked rows take part: masked rows are 0 by definition and every rank agrees
-which rows those are (agreement.py checked the labels).
+which rows those are (agreement.py checked the labels). Columns past the vocabulary's end
+(layout.vocab_size: Megatron's padding) take no part at all and get a zero gradient.
 """
 from __future__ import annotations
 
 import torch
 
-from ..backends.torch_rows import CHUNK_BYTES, _deviation, backward_columns
-from ..reference import accumulation_dtype, in_support, interpolation_ranks
+from ..backends.slice_keys import BINS, NO_KEY, key_bits, key_order, key_values, radix_pick
+from ..backends.torch_rows import CHUNK_BYTES
+from ..backends.torch_slices import lse_shift
+from ..reference import accumulation_dtype, interpolation_ranks
 from ..risk import SAVED_WIDTH, Risk
 from .agreement import VocabLayout
 from .comm import Comm
-from .quantile import key_bits, key_order, key_values, select, sort_keys
-
-
-def rows_per_chunk(n: int, width: int, acc: torch.dtype, risk: Risk, chunk_size: int | None) -> int:
-    """Rows per chunk, the same on every rank (``width`` is the widest slice of the group)."""
-    if chunk_size is not None:
-        return max(1, int(chunk_size))
-    # live (rows x width) temporaries: about 8 of the accumulation dtype, and for the
-    # quantile searches keys, weights, digits and masks of 8 bytes each on top
-    per_row = width * (8 * torch.finfo(acc).bits // 8 + (40 if risk.kind in ("cvar", "ra_dpo_cvar") else 0))
-    return max(1, min(n, CHUNK_BYTES // max(per_row, 1)))
+from .quantile import select
 
 
 class VocabParallelRows:
-    """A backend object (see rsa_kernels.backends) for one rank of a vocabulary-parallel group."""
+    """A backend object (see rsa_kernels.backends) for one rank of a vocabulary-parallel group,
+    running its slice's work on ``kernels`` (a slice-kernel module of rsa_kernels.backends)."""
 
-    def __init__(self, layout: VocabLayout):
+    def __init__(self, layout: VocabLayout, kernels):
         self.layout = layout
+        self.agreed = kernels  # every rank's chunks are sized by the kernels the group agreed on
+        self.kernels = kernels if layout.real_width else EmptySlice
         self.comm = Comm(layout.group)
 
     @staticmethod
     def unsupported(tensor) -> str | None:
         return None
 
-    def _local_labels(self, labels: torch.Tensor, width: int):
-        """(this rank owns the label, its local column, clamped so that gather is safe)."""
+    def _local_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The label's column in this rank's slice, or -1 where another rank holds it."""
         local = labels.long() - self.layout.start
-        own = (local >= 0) & (local < width)
-        return own, local.clamp(0, width - 1)
+        return torch.where((local >= 0) & (local < self.layout.real_width), local, -1)
+
+    def _chunk_rows(self, n: int, acc: torch.dtype, risk: Risk, chunk_size: int | None) -> int:
+        """Rows per chunk, the same on every rank: from the widest slice, for the slice
+        kernels the group agreed on."""
+        if chunk_size is not None:
+            return max(1, int(chunk_size))
+        per_row = self.agreed.chunk_row_bytes(self.layout.max_width, acc, risk)
+        return max(1, min(n, CHUNK_BYTES // max(per_row, 1)))
+
+    def _check(self, z):
+        if z.shape[1] != self.layout.width:
+            raise ValueError(f"logits have {z.shape[1]} vocabulary columns on rank {self.layout.rank}, "
+                             f"the group agreed on {self.layout.width}")
 
     def forward(self, z, zr, labels, risk: Risk, ignore_index: int, chunk_size: int | None = None):
-        n, width = z.shape
-        if width != self.layout.width:
-            raise ValueError(f"logits have {width} vocabulary columns on rank {self.layout.rank}, "
-                             f"the group agreed on {self.layout.width}")
+        self._check(z)
+        n = z.shape[0]
         acc = accumulation_dtype(z.dtype)
         stats = torch.zeros(n, 4, dtype=acc, device=z.device)
         saved = torch.zeros(n, SAVED_WIDTH, dtype=acc, device=z.device)
+        real = self.layout.real_width
+        z, zr = z[:, :real], zr[:, :real]
         active = (labels != ignore_index).nonzero().squeeze(1)
-        step = rows_per_chunk(len(active), self.layout.max_width, acc, risk, chunk_size)
-        for rows in active.split(step):
-            st, sv = self._forward_rows(z.index_select(0, rows).to(acc), zr.index_select(0, rows).to(acc),
-                                        labels.index_select(0, rows), risk)
+        for rows in active.split(self._chunk_rows(len(active), acc, risk, chunk_size)):
+            chunk = self.kernels.Chunk(z, zr, rows)
+            st, sv = self._forward_rows(chunk, self._local_labels(labels.index_select(0, rows)), risk, acc)
             stats.index_copy_(0, rows, st)
             saved.index_copy_(0, rows, sv)
         return stats, saved
 
-    def _forward_rows(self, z, zr, labels, risk: Risk):
+    def _forward_rows(self, chunk, local, risk: Risk, acc):
         """All the rounds for a chunk of unmasked rows: (stats (n, 4), saved (n, 5))."""
         comm = self.comm
-        n, width = z.shape
-        own, local = self._local_labels(labels, width)
-        top = comm.max(torch.stack([z.amax(-1), zr.amax(-1)], 1))
-        shift = torch.where(torch.isfinite(top), top, 0.0)  # as torch.logsumexp: a row of -inf gives -inf
-        picked = [torch.where(own, t.gather(1, local[:, None]).squeeze(1), 0.0) for t in (z, zr)]
-        sums = comm.sum(torch.stack([(z - shift[:, :1]).exp().sum(-1), (zr - shift[:, 1:]).exp().sum(-1), *picked], 1))
-        a, ar = sums[:, 0].log() + shift[:, 0], sums[:, 1].log() + shift[:, 1]
-        s, r, q, d = _deviation(z, zr, a, ar)
-        support = in_support(q)
-        qd = torch.where(support, q * d, 0.0)
-        kl_part = qd.sum(-1)
-        saved = torch.zeros(n, SAVED_WIDTH, dtype=z.dtype, device=z.device)
+        part = chunk.partials(local, risk).to(acc)
+        n = part.shape[0]
+        mine = lse_shift(part[:, 0:2])                 # this slice's shifts of z and zr
+        group = lse_shift(comm.max(part[:, 0:2]))      # the group's
+        exp_sums = part[:, 2:4]
+        # a slice without mass adds 0 (never 0 * inf); a NaN sum stays NaN
+        rescaled = torch.where(exp_sums != 0, exp_sums * (mine - group).exp(), 0.0)
+        sums = comm.sum(torch.cat([rescaled, part[:, 6:8]], 1))
+        a, ar = sums[:, 0].log() + group[:, 0], sums[:, 1].log() + group[:, 1]
+        # D = u + c on this slice, u = (zr - its shift) - (z - its shift): its part of kl is
+        # sum q D = exp(shift_r - Ar) (U + c Sr) over its support
+        c = (mine[:, 1] - ar) - (mine[:, 0] - a)
+        kl_part = torch.where(part[:, 3] != 0, (mine[:, 1] - ar).exp() * (part[:, 4] + c * part[:, 3]), 0.0)
+        # an item the policy rules out (z = -inf) where q != 0: D = +inf, so kl and erm are +inf
+        ruled_out = ((part[:, 8] - ar).exp() > 0) & ~torch.isnan(kl_part)
+        kl_part = torch.where(ruled_out, float("inf"), kl_part)
+        saved = torch.zeros(n, SAVED_WIDTH, dtype=acc, device=part.device)
         saved[:, 0], saved[:, 1] = a, ar
         if risk.kind == "kl":
             kl = value = comm.sum(kl_part[:, None])[:, 0]
         elif risk.kind == "erm":
-            kl, value, saved[:, 2] = self._erm(r, d, support, kl_part, risk.param)
+            # this slice's logsumexp of t = r + MU D = (its T) + (shift_r - Ar) + MU c
+            t = torch.where(ruled_out, float("inf"), part[:, 5] + (mine[:, 1] - ar) + risk.param * c)
+            shift = lse_shift(comm.max(t[:, None])[:, 0])
+            both = comm.sum(torch.stack([kl_part, (t - shift).exp()], 1))
+            kl, saved[:, 2] = both[:, 0], both[:, 1].log() + shift
+            value = saved[:, 2] / risk.param
         elif risk.kind == "cvar":
-            kl, value, saved[:, 2], saved[:, 3], saved[:, 4] = self._cvar(q, d, qd, kl_part, risk.param)
+            search = chunk.search(a, ar, risk, risk.param)
+            kl, value, saved[:, 2], saved[:, 3], saved[:, 4] = self._cvar(search, kl_part, risk.param, acc)
         elif risk.kind == "ra_dpo_cvar":
-            kl, value, saved[:, 2], saved[:, 3] = self._ra_dpo_cvar(q, d, qd, kl_part, risk.param)
+            lo, hi, frac = interpolation_ranks(self.layout.vocab, 1.0 - risk.param)
+            search = chunk.search(a, ar, risk, (lo + 1) / self.layout.vocab)
+            kl, value, saved[:, 2], saved[:, 3] = self._ra_dpo_cvar(search, kl_part, (lo, hi, frac), acc)
         else:
             raise ValueError(f"risk: unknown kind {risk.kind!r}")
         value = torch.where(torch.isnan(kl), kl, value)  # a NaN in D must not vanish in a selection
         stats = torch.stack([sums[:, 2] - a, sums[:, 3] - ar, kl, value], 1)
         return stats, saved
 
-    def _erm(self, r, d, support, kl_part, mu):
-        t = torch.where(support, r + mu * d, float("-inf"))
-        top = self.comm.max(t.amax(-1)[:, None])[:, 0]
-        shift = torch.where(torch.isfinite(top), top, 0.0)
-        sums = self.comm.sum(torch.stack([kl_part, (t - shift[:, None]).exp().sum(-1)], 1))
-        norm = sums[:, 1].log() + shift
-        return sums[:, 0], norm / mu, norm
-
-    def _cvar(self, q, d, qd, kl_part, alpha):
+    def _cvar(self, search, kl_part, alpha, acc):
         """tau* = the smallest D whose q-mass F(D) over all ranks reaches ALPHA (torch_rows)."""
-        bits = key_bits(d.dtype)
-        q64 = q.double()
-        sel = select(self.comm, sort_keys(d), torch.where(q64 > 0, q64, 0.0), alpha, bits, kl_part[:, None])
-        tau = key_values(sel.key, d.dtype)
+        sel = select(self.comm, search, self.kernels.pick, alpha, key_bits(acc), kl_part[:, None])
+        sums, _ = search.close(sel.key)
+        tau = key_values(sel.key, acc)
         f_le, f_lt = sel.below + sel.at, sel.below
         c_above = torch.full_like(tau, 1.0 / (1.0 - alpha))
-        c_atom = ((f_le - alpha).clamp_min(0.0) / ((1.0 - alpha) * (f_le - f_lt))).to(tau.dtype)
-        sums = self.comm.sum(torch.stack([torch.where(d > tau[:, None], qd, 0.0).sum(-1),
-                                          torch.where(d == tau[:, None], q, 0.0).sum(-1)], 1))
-        above, atom = sums[:, 0], sums[:, 1] * c_atom
+        c_atom = ((f_le - alpha).clamp_min(0.0) / ((1.0 - alpha) * (f_le - f_lt))).to(acc)
+        total = self.comm.sum(sums[:, [0, 2]]).to(acc)  # q D above tau, q at tau
+        above, atom = total[:, 0], total[:, 1] * c_atom
         value = above * c_above + torch.where(atom > 0, atom * tau, 0.0)
         return sel.carried[:, 0], value, tau, c_above, c_atom
 
-    def _ra_dpo_cvar(self, q, d, qd, kl_part, c):
+    def _ra_dpo_cvar(self, search, kl_part, ranks, acc):
         """Q = torch.quantile(D, 1 - C) of the concatenated row: order statistics LO and HI."""
-        bits = key_bits(d.dtype)
-        lo, hi, frac = interpolation_ranks(self.layout.vocab, 1.0 - c)
-        key = sort_keys(d)
-        sel = select(self.comm, key, torch.ones(d.shape, dtype=torch.float64, device=d.device), lo + 1, bits,
-                     kl_part[:, None])
-        low = key_values(sel.key, d.dtype)
-        if frac == 0.0:
-            quantile = low
-        else:  # HI is LO's value again, unless LO's value ends at rank LO: then the next larger key
-            order, chosen = key_order(key, bits), key_order(sel.key, bits)
-            larger = torch.where(order > chosen[:, None], order, torch.iinfo(torch.int64).max).amin(-1)
-            nxt = self.comm.min(larger[:, None])[:, 0]
+        bits = key_bits(acc)
+        lo, hi, frac = ranks
+        sel = select(self.comm, search, self.kernels.pick, lo + 1, bits, kl_part[:, None])
+        sums, min_above = search.close(sel.key)
+        low = key_values(sel.key, acc)
+        quantile = low
+        if frac != 0.0:  # HI is LO's value again, unless LO's value ends at rank LO: then the next larger key
+            chosen = key_order(sel.key, bits)
+            nxt = self.comm.min(min_above[:, None])[:, 0]
             high_key = torch.where(sel.below + sel.at >= hi + 1, chosen, nxt)
-            high = key_values(key_order(high_key, bits), d.dtype)
+            high = key_values(key_order(high_key, bits), acc)
             quantile = torch.where((low == high) | (low == float("-inf")), low, low + frac * (high - low))
-        above = d > quantile[:, None]
-        sums = self.comm.sum(torch.stack([torch.where(above, qd, 0.0).sum(-1), torch.where(above, q, 0.0).sum(-1)], 1))
-        return sel.carried[:, 0], sums[:, 0], quantile, sums[:, 1]
+            # the sums above LO are those above Q, unless the interpolation rounded onto HI
+            onto = ((quantile >= high) & (high > low)).nonzero().squeeze(1)
+            if len(onto):
+                sums = sums.clone()
+                sums[onto, :2] = search.sums_above(onto, quantile.index_select(0, onto))
+        above = torch.where(torch.isnan(quantile)[:, None], 0.0, sums[:, :2])  # D > NaN selects nothing
+        total = self.comm.sum(above).to(acc)
+        return sel.carried[:, 0], total[:, 0], quantile, total[:, 1]
 
     def backward(self, z, zr, labels, saved, grads, risk: Risk, ignore_index: int,
                  inplace: bool = False, chunk_size: int | None = None):
         """This rank's columns of d(sum of g * stats)/dz: local work only, from the saved scalars."""
-        n, width = z.shape
-        own, local = self._local_labels(labels, width)
-        step = rows_per_chunk(n, width, accumulation_dtype(z.dtype), risk, chunk_size)
-        return backward_columns(z, zr, labels != ignore_index, local, own, saved, grads, risk, step, inplace)
+        self._check(z)
+        real = self.layout.real_width
+        out = z if inplace else torch.empty_like(z)
+        out[:, real:] = 0  # padding: outside the vocabulary
+        local = torch.where(labels != ignore_index, self._local_labels(labels), -2)
+        self.kernels.backward(z[:, :real], zr[:, :real], local, saved, grads, risk, out[:, :real], chunk_size)
+        return out
+
+
+class EmptySlice:
+    """The slice kernels of a rank whose columns are all padding: it adds nothing."""
+
+    pick = staticmethod(radix_pick)
+
+    class Chunk:
+        def __init__(self, z, zr, rows):
+            self.n, self.dtype, self.device = len(rows), accumulation_dtype(z.dtype), z.device
+
+        def partials(self, local, risk):
+            empty = torch.tensor([float("-inf")] * 2 + [0.0] * 3 + [float("-inf"), 0.0, 0.0, float("-inf")],
+                                 dtype=self.dtype)
+            return empty.to(self.device).expand(self.n, 9)
+
+        def search(self, a, ar, risk, target):
+            return EmptySlice.Search(self.n, self.device)
+
+    class Search:
+        def __init__(self, n, device):
+            self.n, self.device = n, device
+
+        def histogram(self, level, prefix):
+            return torch.zeros(self.n, BINS, dtype=torch.float64, device=self.device)
+
+        def close(self, prefix):
+            return (torch.zeros(self.n, 3, dtype=torch.float64, device=self.device),
+                    torch.full((self.n,), NO_KEY, dtype=torch.int64, device=self.device))
+
+        def sums_above(self, idx, threshold):
+            return torch.zeros(len(idx), 2, dtype=torch.float64, device=self.device)
+
+    @staticmethod
+    def backward(z, zr, local, saved, grads, risk, out, chunk_size=None):
+        return out

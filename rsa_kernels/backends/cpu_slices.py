@@ -1,0 +1,119 @@
+"""The `cpu` slice kernels: one rank's share of the vocabulary-parallel statistics in C++
+(csrc/slices.cpp; the contract is in rsa_kernels/backends/__init__.py).
+
+The kernels read a chunk's rows where they lie (row indices, any row stride) and keep
+nothing of (rows x width) size but the search's candidates: the items under the first
+chosen digit, typically a fraction of the row, in buffers that are only touched as far as
+they fill. 16-bit input is converted to float32 first (a copy of the chunk's rows).
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from ..reference import accumulation_dtype
+from ..risk import Risk
+from .cpu_rows import _C, unsupported  # noqa: F401  (ImportError: the extension is not built)
+from .slice_keys import NO_KEY, RADIX_BITS, key_bits
+
+_SLACK = 8  # a vector store may write this many values past the last candidate
+_kept = threading.local()  # per thread: dtype -> the candidates' storage (see _candidates)
+
+
+def _candidates(n: int, width: int, dtype: torch.dtype) -> tuple:
+    """Two (n, width + _SLACK) buffers for a search's candidates. They are reused from call to
+    call: each row touches only the first pages of its stretch, and fresh pages would fault
+    in every call (measured: a fifth of the search's time). What is resident stays so, at most
+    the pages the largest candidate sets have touched."""
+    numel = n * (width + _SLACK)
+    buffers = _kept.__dict__.setdefault("buffers", {})  # one search at a time per thread
+    store = buffers.get(dtype)
+    if store is None or store.numel() < 2 * numel:
+        store = buffers[dtype] = torch.empty(2 * numel, dtype=dtype)
+    return store[:numel].view(n, width + _SLACK), store[numel:2 * numel].view(n, width + _SLACK)
+
+
+def chunk_row_bytes(width: int, acc: torch.dtype, risk: Risk) -> int:
+    """The candidates (D and q) and the histogram, per row of a chunk."""
+    cand = 2 * (width + _SLACK) * torch.finfo(acc).bits // 8 if risk.kind in ("cvar", "ra_dpo_cvar") else 0
+    return cand + 8 * (1 << RADIX_BITS) + 64
+
+
+def _rows(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    t = t.detach()
+    if t.dtype != acc:
+        t = t.to(acc)
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+class Chunk:
+    """The rows ``rows`` of one rank's columns z, zr: read in place (float32 / float64)."""
+
+    def __init__(self, z, zr, rows):
+        acc = accumulation_dtype(z.dtype)
+        if z.dtype != acc or zr.dtype != acc:  # 16-bit rows: convert only the chunk's
+            z, zr, rows = z.index_select(0, rows), zr.index_select(0, rows), torch.arange(len(rows))
+        self.z, self.zr, self.rows = _rows(z, acc), _rows(zr, acc), rows.contiguous()
+
+    def partials(self, local: torch.Tensor, risk: Risk) -> torch.Tensor:
+        return _C.slice_partials(self.z, self.zr, self.rows, local.contiguous(), risk.kind == "erm",
+                                 float(risk.param))
+
+    def search(self, a: torch.Tensor, ar: torch.Tensor, risk: Risk, target: float) -> "Search":
+        return Search(self, a, ar, risk, target)
+
+
+class Search:
+    """State of the search between levels: the candidates, the sums above, the next key."""
+
+    def __init__(self, chunk: Chunk, a, ar, risk: Risk, target: float):
+        n, width = len(chunk.rows), chunk.z.shape[1]
+        self.chunk, self.a, self.ar, self.target = chunk, a.contiguous(), ar.contiguous(), float(target)
+        self.weighted = risk.kind == "cvar"
+        self.levels = key_bits(chunk.z.dtype) // RADIX_BITS
+        self.cand_d, self.cand_q = _candidates(n, width, chunk.z.dtype)
+        i64, f64 = dict(dtype=torch.int64), dict(dtype=torch.float64)
+        self.sums = torch.zeros(n, 3, **f64)
+        self.min_above = torch.full((n,), NO_KEY, **i64)
+        # count, sums, min_above, and level 0's guess of the top digit with what it prepared
+        self.state = [torch.zeros(n, **i64), self.sums, self.min_above, torch.full((n,), -1, **i64),
+                      torch.zeros(n, 1 << RADIX_BITS, **f64), torch.zeros(n, 2, **f64), torch.full((n,), NO_KEY, **i64)]
+
+    def _level(self, level: int, prefix: torch.Tensor) -> torch.Tensor:
+        c = self.chunk
+        return _C.slice_search(c.z, c.zr, c.rows, self.a, self.ar, self.weighted, level, prefix.contiguous(),
+                               self.target, self.cand_d, self.cand_q, self.state)
+
+    def histogram(self, level: int, prefix: torch.Tensor) -> torch.Tensor:
+        return self._level(level, prefix)
+
+    def close(self, prefix: torch.Tensor):
+        self._level(self.levels, prefix)
+        return self.sums, self.min_above
+
+    def sums_above(self, idx: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        c = self.chunk
+        return _C.slice_tail_sums(c.z, c.zr, c.rows[idx].contiguous(), self.a[idx].contiguous(),
+                                  self.ar[idx].contiguous(), threshold.to(c.z.dtype).contiguous())
+
+
+def pick(hist, below, target: float, shift: int, prefix):
+    """slice_keys.radix_pick in C++ (the same bits; a fraction of its time on CPU tensors)."""
+    below, prefix = below.clone(), prefix.clone()
+    at = _C.slice_pick(hist.contiguous(), below, prefix, float(target), int(shift))
+    return below, at, prefix
+
+
+def backward(z, zr, local, saved, grads, risk: Risk, out, chunk_size: int | None = None):
+    """The slice's gradient into ``out``; local: label column, -1 elsewhere, -2 masked."""
+    acc = accumulation_dtype(z.dtype)
+    target = out if out.dtype == acc else torch.empty(out.shape, dtype=acc)
+    if target.stride(-1) != 1 and target.shape[-1] > 1:
+        target = torch.empty(out.shape, dtype=acc)
+    with torch.no_grad():
+        _C.slice_backward(_rows(z, acc), _rows(zr, acc), local.contiguous(), saved.to(acc).contiguous(),
+                          grads.to(acc).contiguous(), risk.code, float(risk.param), target)
+        if target is not out:
+            out.copy_(target)
+    return out
