@@ -17,7 +17,6 @@ Rank 0 writes RESULTS.json; the test asserts on it.
 """
 from __future__ import annotations
 
-import copy
 import datetime
 import os
 import sys
@@ -29,11 +28,8 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rsa.config import RSAConfig  # noqa: E402
-from rsa.data import Pair, PairDataset  # noqa: E402
-from fsdp_worker import IndexLog, LossLog, loss_and_oracle, run_jobs, worst  # noqa: E402
-from test_trainer_common import build_model, build_tokenizer, plain_records  # noqa: E402
+from fsdp_worker import PAIRS_PER_RANK, IndexLog, LossLog, loss_and_oracle, run_jobs, step_inputs, worst  # noqa: E402
 
-PAIRS_PER_RANK = 2
 LR = 0.5
 # float32 (DeepSpeed's ZeRO optimizers take fp32/bf16/fp16): the chunked fused loss against
 # full logits, and the reductions in another order.
@@ -93,13 +89,7 @@ class GradientsBeforeStep(TrainerCallback):
 
 def one_step(workdir: Path, stage: int, objective: str, risk: str) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
-    tok = build_tokenizer()
-    policy, ref = build_model(len(tok), seed=1), build_model(len(tok), seed=2)
-    oracle, oracle_ref = copy.deepcopy(policy), copy.deepcopy(ref)
-    pairs = [Pair(r["prompt"], r["chosen"], r["rejected"], "test") for r in
-             plain_records(PAIRS_PER_RANK * world, seed=5)]
-    data = PairDataset(pairs, tok, max_length=14, max_prompt_length=6)
-    loss_args = dict(objective=objective, risk=risk, beta=0.5, alpha=0.5, gamma=0.9, label_smoothing=0.1)
+    tok, policy, ref, oracle, oracle_ref, data, loss_args = step_inputs(world, objective, risk)
     args = RSAConfig(output_dir=str(workdir / f"zero{stage}-{objective}"), use_cpu=True, ddp_backend="gloo",
                      deepspeed=zero_config(stage), optim="sgd", learning_rate=LR, lr_scheduler_type="constant",
                      per_device_train_batch_size=PAIRS_PER_RANK, max_steps=1, max_grad_norm=0.0,

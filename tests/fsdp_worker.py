@@ -124,8 +124,9 @@ def worst(got: torch.Tensor, want: torch.Tensor) -> dict:
     return {"abs": err.max().item(), "rel": (err / want.abs().clamp_min(1e-300)).max().item()}
 
 
-def one_step(workdir: Path, version: int, objective: str, risk: str, dtype: torch.dtype) -> dict:
-    rank, world = dist.get_rank(), dist.get_world_size()
+def step_inputs(world: int, objective: str, risk: str, dtype: torch.dtype = torch.float32):
+    """One step's tokenizer, policy, reference, their untouched copies (the oracle's), data of
+    PAIRS_PER_RANK pairs per rank and loss arguments: the same on every rank."""
     tok = build_tokenizer()
     policy, ref = build_model(len(tok), seed=1).to(dtype), build_model(len(tok), seed=2).to(dtype)
     oracle, oracle_ref = copy.deepcopy(policy), copy.deepcopy(ref)
@@ -133,6 +134,12 @@ def one_step(workdir: Path, version: int, objective: str, risk: str, dtype: torc
              plain_records(PAIRS_PER_RANK * world, seed=5)]
     data = PairDataset(pairs, tok, max_length=14, max_prompt_length=6)
     loss_args = dict(objective=objective, risk=risk, beta=0.5, alpha=0.5, gamma=0.9, label_smoothing=0.1)
+    return tok, policy, ref, oracle, oracle_ref, data, loss_args
+
+
+def one_step(workdir: Path, version: int, objective: str, risk: str, dtype: torch.dtype) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tok, policy, ref, oracle, oracle_ref, data, loss_args = step_inputs(world, objective, risk, dtype)
     args = RSAConfig(output_dir=str(workdir / f"fsdp{version}-{objective}"), use_cpu=True, ddp_backend="gloo",
                      fsdp="full_shard", fsdp_config={"version": version},
                      per_device_train_batch_size=PAIRS_PER_RANK, max_steps=1, max_grad_norm=0.0,
