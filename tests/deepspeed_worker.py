@@ -164,6 +164,12 @@ def rsa_train(config: Path) -> dict:
 
 def main(workdir: str, results: str, configs: list[str]):
     workdir = Path(workdir)
+    # DeepSpeed's CPU backend reduces through gloo, and through its own shared-memory op where
+    # that op is compatible: probing the ops and compiling that one take about a minute on a
+    # fresh machine, more than all the cases together. Marked unavailable, the reductions go
+    # through gloo, as on a machine without a compiler; the results are the same sums.
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     cases = [(3, "rsa2", "cvar:0.9"), (3, "dpo", "kl"), (2, "rsa2", "cvar:0.9"), (2, "dpo", "kl")]
     # `rsa train` first, while DeepSpeed's communication is not yet initialised, as in a fresh run.

@@ -35,7 +35,7 @@ def deepspeed_job(tmp_path_factory):
     write_jsonl(plain_records(8, seed=1), tmp / "helpful.jsonl")
     config = stage_config(tmp, "zero3", per_device_train_batch_size=1, ddp_backend="gloo",
                           deepspeed=str(ROOT / "examples" / "deepspeed_zero3.json"))
-    # DeepSpeed compiles its shared-memory communication op once per machine (about a minute).
+    # The worker keeps DeepSpeed from compiling its shared-memory op (deepspeed_worker.main).
     return tmp, torchrun_job("deepspeed_worker.py", tmp, [config], DS_ACCELERATOR="cpu")
 
 
