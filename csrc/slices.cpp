@@ -15,7 +15,7 @@
 //                   KEY_BITS / 8 closes the search (the q-mass at the selected key). Items that
 //                   leave the candidates above the selection add to the sums above it (q D,
 //                   q) and to its next larger key;
-//   slice_bracket   level 0 of the search when the group agreed on a bracket of
+//   slice_bracket   level 0 of ra_dpo_cvar's search when the group agreed on a bracket of
 //                   keys (from the slices' samples, which slice_partials draws): one read of
 //                   the row counts the items below and above it (vector compares, no scatter)
 //                   and keeps those inside as the candidates, a small fraction of the row;
@@ -109,16 +109,11 @@ template <typename C> inline void prefetch_line(const C* nz, const C* nr, int64_
 // does (rsa_kernels/vocab_parallel/quantile.py), so the sample decides the time, never the
 // result. Items outside the reference's support (zr = -inf) have D = -inf, those the policy
 // rules out D = +inf (NaN: last, as its key).
-template <typename C> void weighted_sample_bracket(const C* z, const C* zr, int64_t v, double level, C shift_r,
-                                                   C* out);
-
-template <typename C>
-void sample_bracket(const C* z, const C* zr, int64_t v, double level, bool weighted, C shift_r, C* out) {
+template <typename C> void sample_bracket(const C* z, const C* zr, int64_t v, double level, C* out) {
   constexpr int S = 512;
   const C inf = std::numeric_limits<C>::infinity();
   out[0] = -inf;
   out[1] = inf;
-  if (weighted) return weighted_sample_bracket(z, zr, v, level, shift_r, out);
   if (level < 0 || v < 4 * S) return;
   C smp[S];
   const int64_t step = v / S;
@@ -139,56 +134,9 @@ void sample_bracket(const C* z, const C* zr, int64_t v, double level, bool weigh
   }
 }
 
-// cvar's bracket: the same from 256 items weighed by q (exp(zr - shift_r): the slice's own
-// shift, a common factor), the margin from the weights' effective sample size (as
-// select.h's bracketed_weighted_quantile, with 4 standard deviations).
-template <typename C> void weighted_sample_bracket(const C* z, const C* zr, int64_t v, double level, C shift_r,
-                                                   C* out) {
-  constexpr int S = 256, W = width<C>();
-  const C inf = std::numeric_limits<C>::infinity();
-  if (level < 0 || v < 8 * S) return;
-  alignas(64) C us[S], rs[S], es[S];
-  const int64_t step = v / S;
-  for (int s = 0; s < S; ++s) {
-    const C a = z[s * step], b = zr[s * step];
-    const C u = b - a;
-    rs[s] = b - shift_r;
-    us[s] = (a == -inf || u != u) ? inf : u;
-  }
-  for (int s = 0; s < S; s += W) store(es + s, fexp<C>(load(rs + s)));
-  struct Item {
-    C u, e;
-  };
-  Item smp[S];
-  int k = 0;
-  double total = 0, total_sq = 0;
-  for (int s = 0; s < S; ++s)
-    if (es[s] > 0) {  // the support only (cvar weighs it by q)
-      smp[k++] = {us[s], es[s]};
-      total += double(es[s]);
-      total_sq += double(es[s]) * double(es[s]);
-    }
-  if (!(total > 0) || !(total < std::numeric_limits<double>::infinity())) return;
-  std::sort(smp, smp + k, [](const Item& x, const Item& y) { return x.u < y.u; });
-  const double n_eff = total * total / total_sq, t = level;
-  const double delta = 4.0 * std::sqrt(t * (1.0 - t) / n_eff + 1.0 / (n_eff * n_eff)) + 0.01;
-  int il = -1, ih = k;
-  double cum = 0;
-  for (int s = 0; s < k; ++s) {
-    cum += double(smp[s].e);
-    if (il < 0 && cum >= (t - delta) * total) il = s;
-    if (cum >= (t + delta) * total) {
-      ih = s + 1;
-      break;
-    }
-  }
-  out[0] = il <= 0 ? -inf : smp[il - 1].u;
-  out[1] = ih >= k ? inf : smp[ih].u;
-}
-
 template <typename C>
-void partials_row(const C* z, const C* zr, int64_t v, int64_t local, bool erm, C mu, double level, bool weighted,
-                  C* out, const C* nz, const C* nr) {
+void partials_row(const C* z, const C* zr, int64_t v, int64_t local, bool erm, C mu, double level, C* out,
+                  const C* nz, const C* nr) {
   C mz, mr;
   row_max2(z, zr, v, mz, mr);
   const C a = lse_shift(mz), ar = lse_shift(mr);
@@ -234,7 +182,7 @@ void partials_row(const C* z, const C* zr, int64_t v, int64_t local, bool erm, C
   out[6] = local >= 0 ? z[local] : C(0);
   out[7] = local >= 0 ? zr[local] : C(0);
   out[8] = hmax<C>(m_inf);
-  sample_bracket(z, zr, v, level, weighted, ar, out + 9);
+  sample_bracket(z, zr, v, level, out + 9);
 }
 
 // What one row of the search holds between calls (views into the caller's tensors).
@@ -282,26 +230,6 @@ template <typename C> struct Above {
         const int64_t o = Keys<C>::key_order(int64_t(mins[j]));
         *min = o < *min ? o : *min;
       }
-  }
-};
-
-// Per-lane double sums of float or double vectors (cvar's q-mass below a bracket).
-template <typename C> struct WideSum;
-template <> struct WideSum<double> {
-  Vec<double> s{};
-  void add(Vec<double> w) { s += w; }
-  double total() const { return hsum<double>(s); }
-};
-template <> struct WideSum<float> {
-  typedef double D4 __attribute__((vector_size(32)));
-  D4 a{}, b{};
-  void add(Vec<float> w) {
-    a += __builtin_convertvector(__builtin_shufflevector(w, w, 0, 1, 2, 3), D4);
-    b += __builtin_convertvector(__builtin_shufflevector(w, w, 4, 5, 6, 7), D4);
-  }
-  double total() const {
-    const D4 t = a + b;
-    return (t[0] + t[1]) + (t[2] + t[3]);
   }
 };
 
@@ -427,24 +355,20 @@ template <typename C> struct Radix {
     return m;
   }
 
-  // Level 0 of a bracketed search: the items whose key lies in [lo, hi] become the
-  // candidates, those above go to `above`, those below are only weighed (cvar: q-mass);
+  // Level 0 of a bracketed search (counts only: ra_dpo_cvar): the items whose key lies in
+  // [lo, hi] become the candidates, those above go to `above`, those below are only counted;
   // one read of the row, vector compares instead of the histogram's scatter.
   int64_t bracket_read(const C* z, const C* zr, int64_t v, C A, C Ar, U lo, U hi, RowSearch<C>& st,
-                       Above<C>& above, double& below_weight, int64_t& above_count, const C* nz, const C* nr) {
+                       Above<C>& above, int64_t& below_count, int64_t& above_count, const C* nz, const C* nr) {
     int64_t m = 0;
     C* const cd = st.cand_d;
     C* const cq = st.cand_q;
     IVec<C> nb{}, na{};  // minus the counts, per lane (a true comparison is -1)
-    WideSum<C> wb;       // cvar: the q-mass below, in double
     rows(z, zr, v, A, Ar, nz, nr, [&](Vec<C> d, Vec<C> q, int n) {
       const U k = K::of(d);
       const IVec<C> el = eligible(q, n);
       const IVec<C> low = el & (IVec<C>)(k < lo), up = el & (IVec<C>)(k > hi), kept = el & ~low & ~up;
-      if (weighted)
-        wb.add(low ? q : splat<C>(0));
-      else
-        nb += low;
+      nb += low;
       na += up;
       above.add(d, q, up, K::order(k));
       compress_store<C>(cq + m, q, kept);  // no branch: half the vectors hold a candidate
@@ -453,13 +377,11 @@ template <typename C> struct Radix {
     Bits<C> lb[W], la[W];
     std::memcpy(lb, &nb, sizeof lb);
     std::memcpy(la, &na, sizeof la);
-    int64_t below_count = 0;
-    above_count = 0;
+    below_count = above_count = 0;
     for (int j = 0; j < W; ++j) {
       below_count -= lb[j];
       above_count -= la[j];
     }
-    below_weight = weighted ? wb.total() : double(below_count);
     return m;
   }
 
@@ -580,7 +502,7 @@ void check_vector(const at::Tensor& t, int64_t n, at::ScalarType dtype, const ch
 }
 
 at::Tensor slice_partials(const at::Tensor& z, const at::Tensor& zr, const at::Tensor& rows, const at::Tensor& local,
-                          bool erm, double mu, double level, bool weighted) {
+                          bool erm, double mu, double level) {
   check_slice(z, zr, rows);
   const int64_t n = rows.size(0), v = z.size(1);
   check_vector(local, n, at::kLong, "local");
@@ -595,7 +517,7 @@ at::Tensor slice_partials(const at::Tensor& z, const at::Tensor& zr, const at::T
     at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const bool next = i + 1 < e;
-        partials_row<C>(row_of<C>(z, r[i]), row_of<C>(zr, r[i]), v, lab[i], erm, C(mu), level, weighted, o + 11 * i,
+        partials_row<C>(row_of<C>(z, r[i]), row_of<C>(zr, r[i]), v, lab[i], erm, C(mu), level, o + 11 * i,
                         next ? row_of<C>(z, r[i + 1]) : nullptr, next ? row_of<C>(zr, r[i + 1]) : nullptr);
       }
     });
@@ -672,14 +594,14 @@ at::Tensor slice_search(const at::Tensor& z, const at::Tensor& zr, const at::Ten
   return hist;
 }
 
-// Level 0 of the search with the group's bracket [lo[i], hi[i]] of keys (an unbounded
-// one, lo 0 and hi all ones, runs the plain level 0): returns (n, 258) float64, the
-// histogram of the top digit of the candidates (the items in the bracket), the weight of
-// the items below it (cvar: q-mass; ra_dpo_cvar: count) and the number above it. The state is slice_search's; its later levels
+// Level 0 of ra_dpo_cvar's search with the group's bracket [lo[i], hi[i]] of keys (an
+// unbounded one, lo 0 and hi all ones, runs the plain level 0): returns (n, 258) float64,
+// the histogram of the top digit of the candidates (the items in the bracket), the number
+// of items below the bracket and above it. The state is slice_search's; its later levels
 // narrow the candidates.
 at::Tensor slice_bracket(const at::Tensor& z, const at::Tensor& zr, const at::Tensor& rows, const at::Tensor& a,
-                         const at::Tensor& ar, bool weighted, const at::Tensor& lo, const at::Tensor& hi,
-                         double target, at::Tensor cand_d, at::Tensor cand_q, std::vector<at::Tensor> state) {
+                         const at::Tensor& ar, const at::Tensor& lo, const at::Tensor& hi, double target,
+                         at::Tensor cand_d, at::Tensor cand_q, std::vector<at::Tensor> state) {
   check_search(z, zr, rows, a, ar, cand_d, cand_q, state);
   const int64_t n = rows.size(0), v = z.size(1);
   check_vector(lo, n, at::kLong, "lo");
@@ -705,20 +627,31 @@ at::Tensor slice_bracket(const at::Tensor& z, const at::Tensor& zr, const at::Te
         const C* nr = next ? row_of<C>(zr, r[i + 1]) : nullptr;
         const Lane l = Lane(uint64_t(plo[i])), h = Lane(uint64_t(phi[i]));
         if (l == 0 && h == Lane(~Lane(0))) {  // unbounded: the plain level 0
-          search_row<C>(row_of<C>(z, r[i]), row_of<C>(zr, r[i]), v, pa[i], par[i], weighted, 0, levels, 0, target,
-                        st, o, nz, nr);
+          search_row<C>(row_of<C>(z, r[i]), row_of<C>(zr, r[i]), v, pa[i], par[i], false, 0, levels, 0, target, st,
+                        o, nz, nr);
           continue;
         }
-        Radix<C> rx(weighted);
-        Above<C> above(!weighted);
-        double nb = 0;
-        int64_t na = 0;
+        Radix<C> rx(false);
+        Above<C> above(true);
+        int64_t nb = 0, na = 0;
         *st.count = rx.bracket_read(row_of<C>(z, r[i]), row_of<C>(zr, r[i]), v, pa[i], par[i], U{} + l, U{} + h, st,
                                     above, nb, na, nz, nr);
-        *st.guess = BRACKETED;
-        rx.candidate_histogram(st, *st.count, 0);
-        rx.merge(o);
-        o[BINS] = nb;
+        const int top = digit<C>(uint64_t(l), 0);
+        if (top == digit<C>(uint64_t(h), 0)) {
+          // every key in the bracket has this top digit: one bin, and the group picks it (where
+          // the bracket holds), so level 1's histogram is prepared now, as for a right guess
+          o[top] = double(*st.count);
+          rx.candidate_histogram(st, *st.count, 1);
+          rx.merge(st.spec_hist);
+          st.spec_sums[0] = st.spec_sums[1] = 0;  // no candidate leaves at level 1
+          *st.spec_min = NONE;
+          *st.guess = top;
+        } else {
+          *st.guess = BRACKETED;
+          rx.candidate_histogram(st, *st.count, 0);
+          rx.merge(o);
+        }
+        o[BINS] = double(nb);
         o[BINS + 1] = double(na);
         above.finish(st.sums, st.min_above);
       }
@@ -877,10 +810,10 @@ at::Tensor slice_pick(const at::Tensor& hist, at::Tensor below, at::Tensor prefi
 
 void register_slices(pybind11::module_& m) {
   m.def("slice_partials", &slice_partials,
-        "(z, zr, rows, local, erm, mu, level, weighted) -> (n, 11): max z, max zr, S, Sr, U, T, z_y, zr_y, M per "
-        "row of the slice, and the bracket of u = zr - z around the fraction level (< 0: -inf, inf)");
+        "(z, zr, rows, local, erm, mu, level) -> (n, 11): max z, max zr, S, Sr, U, T, z_y, zr_y, M per row of the "
+        "slice, and the bracket of u = zr - z around the fraction level (< 0: -inf, inf)");
   m.def("slice_bracket", &slice_bracket,
-        "(z, zr, rows, A, Ar, weighted, lo, hi, target, cand_d, cand_q, state) -> (n, 258): level 0 within brackets");
+        "(z, zr, rows, A, Ar, lo, hi, target, cand_d, cand_q, state) -> (n, 258): level 0 within key brackets");
   m.def("slice_search", &slice_search,
         "(z, zr, rows, A, Ar, weighted, level, prefix, target, cand_d, cand_q, state) -> (n, 256) histogram");
   m.def("slice_pick", &slice_pick, "(hist, below, prefix, target, shift) -> at; below, prefix updated in place");

@@ -106,10 +106,10 @@ def rows(n, v, seed, dtype, kind, world):
     zr[3, [1, starts[1], v - 1]] = float("-inf")
     if kind == "extreme":
         z[4, starts[1] + 1] = float("-inf")
-    if kind == "samples":  # rows where the slices' strided samples (the cpu kernels') mislead
+    if kind == "samples":  # rows where the cpu kernels' strided samples of each slice mislead
         for k, (start, w) in enumerate(zip(starts, widths)):
             sampled = torch.zeros(w, dtype=torch.bool)
-            sampled[::w // 512] = True  # ra_dpo_cvar's 512 samples (every 4th column; cvar's 256 among them)
+            sampled[::w // 512] = True  # ra_dpo_cvar's 512 samples: every 4th column
             cols = torch.arange(start, start + w)
             z[9:11, cols] = zr[9:11, cols] = 0.0
             zr[9, cols[~sampled]] = -3.0  # u = -3 off the sample, 0 on it
@@ -169,12 +169,7 @@ def check_token_stats(ctx, risk, dtype, kind, v, seed, n=23):
     if selects:
         active = y != -100
         _, saved1 = get_backend(ctx.oracle(risk, kind), z).forward(z, zr, y, parse_risk(risk), -100)
-        if kind == "samples":  # wide rows: cvar's atom weight (F(tau) - ALPHA) / ((1 - ALPHA) q_tau) magnifies
-            # the roundings of F(tau) (seen: 2e-10 in float64, before the brackets too); the rest as usual
-            close(saved[active][:, :4], saved1[active][:, :4], dtype, "saved scalars (A, Ar, threshold, weight)")
-            torch.testing.assert_close(saved[active][:, 4], saved1[active][:, 4], rtol=1e-7, atol=0)
-        else:
-            close(saved[active], saved1[active], dtype, "saved scalars (A, Ar, threshold, weights)")
+        close(saved[active], saved1[active], dtype, "saved scalars (A, Ar, threshold, weights)")
     return {"max_abs_err": max(float((a - b).detach().abs().nan_to_num().max()) for a, b in zip(got, want))}
 
 
@@ -571,12 +566,7 @@ def run_kind(ctx: Ctx, full: bool) -> None:
         ctx.record("token_stats", f"ra_dpo_cvar:0.5 {dtype} V=101 (no interpolation)",
                    lambda: check_token_stats(ctx, "ra_dpo_cvar:0.5", dtype, "random", 101, 99))
         # the cpu kernels' bracketed search: its hits, and the rows it misses searched again
-        # (cvar in float64 only: its atom weight magnifies the single process's float32 sums over this
-        # width to 0.6-1.8 %, before the brackets too)
-        wide = ("ra_dpo_cvar:0.1", "ra_dpo_cvar:0.5", "ra_dpo_cvar:0.9", "cvar:0.1", "cvar:0.5", "cvar:0.95")
-        for risk in wide if full else ("ra_dpo_cvar:0.5", "cvar:0.5"):
-            if risk.startswith("cvar") and dtype != torch.float64:
-                continue
+        for risk in ("ra_dpo_cvar:0.1", "ra_dpo_cvar:0.5", "ra_dpo_cvar:0.9") if full else ("ra_dpo_cvar:0.5",):
             ctx.record("token_stats", f"{risk} {dtype} samples",
                        lambda: check_token_stats(ctx, risk, dtype, "samples", WIDE[ctx.world], 98))
     if full:  # half-precision input accumulates in float32, as in one process

@@ -3,7 +3,7 @@
 
 The kernels read a chunk's rows where they lie (row indices, any row stride) and keep
 nothing of (rows x width) size but the search's candidates: the items inside the group's
-bracket of the quantile (from the slices' samples, drawn in partials), or under the first
+bracket of ra_dpo_cvar's quantile (from the slices' samples, drawn in partials), or under the first
 chosen digit where no bracket bounds the row, typically a fraction of the row, in buffers
 that are only touched as far as they fill. 16-bit input is converted to float32 first (a copy of the chunk's rows).
 """
@@ -58,16 +58,15 @@ class Chunk:
         self.z, self.zr, self.rows = _rows(z, acc), _rows(zr, acc), rows.contiguous()
 
     def partials(self, local: torch.Tensor, risk: Risk) -> torch.Tensor:
-        # the sample bracket of the quantile the search selects rides along (bracket()): cvar's
-        # at ALPHA of the q-mass, ra_dpo_cvar's at 1 - C of the items
-        level = {"cvar": float(risk.param), "ra_dpo_cvar": 1.0 - float(risk.param)}.get(risk.kind, -1.0)
+        # ra_dpo_cvar: the sample bracket of its quantile at 1 - C rides along (bracket())
+        level = 1.0 - float(risk.param) if risk.kind == "ra_dpo_cvar" else -1.0
         out = _C.slice_partials(self.z, self.zr, self.rows, local.contiguous(), risk.kind == "erm",
-                                float(risk.param), level, risk.kind == "cvar")
+                                float(risk.param), level)
         self._bracket = out[:, 9:11]
         return out[:, :9]
 
     def bracket(self) -> torch.Tensor:
-        """(n, 2): this slice's bracket of the quantile in u = zr - z, from partials."""
+        """(n, 2): this slice's bracket of ra_dpo_cvar's quantile in u = zr - z, from partials."""
         return self._bracket
 
     def subset(self, idx: torch.Tensor) -> "Chunk":
@@ -105,11 +104,11 @@ class Search:
         return self._level(level, prefix)
 
     def bracket(self, lo: torch.Tensor, hi: torch.Tensor):
-        """Level 0 within the group's bracket [lo, hi] of keys: the histogram of the top digit
-        of the items in it (its candidates), the weight below it and the count above it."""
+        """Level 0 within the group's bracket [lo, hi] of keys (ra_dpo_cvar's counts): the
+        histogram of the top digit of the items in it (its candidates), the counts below and above."""
         c = self.chunk
-        out = _C.slice_bracket(c.z, c.zr, c.rows, self.a, self.ar, self.weighted, lo.contiguous(), hi.contiguous(),
-                               self.target, self.cand_d, self.cand_q, self.state)
+        out = _C.slice_bracket(c.z, c.zr, c.rows, self.a, self.ar, lo.contiguous(), hi.contiguous(), self.target,
+                               self.cand_d, self.cand_q, self.state)
         return out[:, :-2], out[:, -2], out[:, -1]
 
     def close(self, prefix: torch.Tensor):

@@ -2,8 +2,8 @@
 
 Per chunk of unmasked rows, the forward runs the all-reduces listed here, each carrying
 ``values`` float64 (MIN: int64) numbers per row, 8 bytes each, whatever the input dtype
-(cvar, ra_dpo_cvar: plus the radix rounds again, unbracketed, for the rows where the
-group's bracket of the quantile missed: none in the usual case, see quantile.py);
+(ra_dpo_cvar: plus the radix rounds again, unbracketed, for the rows where the group's
+bracket of its quantile missed: none in the usual case, see quantile.py);
 the backward of the statistics sends nothing. Once per call, the input agreement
 all-gathers AGREEMENT_BYTES per rank; the fused-linear forms add, in the backward, one
 all-reduce of the hidden states' gradient (rows x H in hidden's dtype). The bytes are the
@@ -34,7 +34,7 @@ def forward_communication(risk, dtype: torch.dtype, vocab: int) -> Cost:
     """The forward's all-reduces per chunk of unmasked rows, for ``risk`` on ``dtype`` logits
     over a vocabulary of ``vocab`` columns (without padding), whatever the slice kernels."""
     risk = parse_risk(risk)
-    bracketed = risk.kind in ("cvar", "ra_dpo_cvar")     # the quantile's bracket: bounds, counts outside
+    bracketed = risk.kind == "ra_dpo_cvar"               # its quantile's bracket: bounds, counts outside
     steps = [("max", 4 if bracketed else 2), ("sum", 4)]  # row maxima; exp-sums and the label's logits
     if risk.kind == "kl":
         steps += [("sum", 1)]                            # kl

@@ -14,8 +14,8 @@ lists their bytes):
   0. (no round) each slice's maxima, its exp-sums under its own shifts, U = sum e u,
      erm's log-sum and the largest zr the policy rules out, in one read of the rows
      (partials)
-  1. MAX  the row maxima of z and zr (cvar, ra_dpo_cvar: and the slices' sample brackets
-          of the quantile in u = zr - z, their union: every rank gets the same bracket)
+  1. MAX  the row maxima of z and zr (ra_dpo_cvar: and the slices' sample brackets of its
+          quantile in u = zr - z, their union: every rank gets the same bracket)
   2. SUM  the exp-sums rescaled to the group's maxima, z_y and zr_y (the label's owner
           sends them) -> A, Ar, logp, ref_logp on every rank; each slice's part of kl is
           then exp(ar - Ar) (U + c Sr), c = D - u, without another read
@@ -25,9 +25,9 @@ lists their bytes):
                mass above tau and at tau
   ra_dpo_cvar: 3.. SUM radix rounds for the order statistic LO;  MIN the next larger value
                (only when the interpolation weight is not 0);  last: SUM value and sum(w)
-  The first radix round histograms only the items in the group's bracket (from round 1),
-  with the weight below it and the count above it; the rows whose selection lies outside
-  (rare: an unlucky sample) take the radix rounds again, without a bracket.
+  ra_dpo_cvar's first radix round histograms only the items in the group's bracket (from
+  round 1), with the counts below and above it; the rows whose LO lies outside (rare: an
+  unlucky sample) take the radix rounds again, without a bracket.
 Only unmasked rows take part: masked rows are 0 by definition and every rank agrees
 which rows those are (agreement.py checked the labels). Columns past the vocabulary's end
 (layout.vocab_size: Megatron's padding) take no part at all and get a zero gradient.
@@ -102,7 +102,8 @@ class VocabParallelRows:
         part = chunk.partials(local, risk).to(acc)
         n = part.shape[0]
         mine = lse_shift(part[:, 0:2])                 # this slice's shifts of z and zr
-        if risk.kind in ("cvar", "ra_dpo_cvar"):  # the union of the slices' brackets rides along: -lo and hi
+        bounds = None
+        if risk.kind == "ra_dpo_cvar":  # the union of the slices' brackets rides along: -lo and hi
             bounds = chunk.bracket().to(acc)
             maxed = comm.max(torch.cat([part[:, 0:2], -bounds[:, :1], bounds[:, 1:]], 1))
             group, bounds = lse_shift(maxed[:, 0:2]), torch.stack([-maxed[:, 2], maxed[:, 3]], 1)
@@ -146,16 +147,16 @@ class VocabParallelRows:
         return stats, saved
 
     def _select(self, chunk, a, ar, risk, target, hint, bounds, kl_part, acc):
-        """The search within the group's bracket (quantile.select; kl rides in its first round),
-        and again without one for the rows whose selection lies outside it: (selection, the
-        search, its sums above and its next larger keys (close))."""
+        """The search (quantile.select; kl rides in its first round), within the group's bracket
+        ``bounds`` where given, and again without one for the rows whose selection lies outside
+        it: (selection, the search, its sums above and its next larger keys (close))."""
         bits = key_bits(acc)
         search = chunk.search(a, ar, risk, hint)
         sel = select(self.comm, search, self.kernels.pick, target, bits, kl_part[:, None],
-                     bracket=bracket_of(bounds, a, ar, bits))
+                     bracket=None if bounds is None else bracket_of(bounds, a, ar, bits))
         sums = search.close(sel.key)
-        again = (~sel.hit).nonzero().squeeze(1)  # the same rows on every rank (from the group's counts)
-        if len(again):  # rare: an unlucky sample
+        again = torch.zeros(0, dtype=torch.int64) if sel.hit is None else (~sel.hit).nonzero().squeeze(1)
+        if len(again):  # rare: an unlucky sample; the same rows on every rank (from the group's counts)
             retry = chunk.subset(again).search(a[again], ar[again], risk, hint)
             other = select(self.comm, retry, self.kernels.pick, target, bits, kl_part.new_zeros(len(again), 0))
             more = retry.close(other.key)
