@@ -47,6 +47,8 @@ rsa_kernels/vocab_parallel/rows.py combines with all-reduces. On a rank's column
     backward(z, zr, local, saved, grads, risk, out, chunk_size=None) -> out, the gradient of
         the columns (local: the label's column, -1 where another rank holds it, -2 masked)
     chunk_row_bytes(width, acc, risk) -> temporaries per row of a chunk
+    fresh_like(z) -> a new uninitialised tensor like z for the slice's gradient (the cpu kernels'
+        on 2 MiB pages, as the cpu backend's: its first touch costs less)
     unsupported(tensor) -> None, or the reason
 """
 from __future__ import annotations

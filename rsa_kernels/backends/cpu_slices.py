@@ -15,7 +15,7 @@ import torch
 
 from ..reference import accumulation_dtype
 from ..risk import Risk
-from .cpu_rows import _C, unsupported  # noqa: F401  (ImportError: the extension is not built)
+from .cpu_rows import _C, fresh_like, unsupported  # noqa: F401  (ImportError: the extension is not built)
 from .slice_keys import NO_KEY, RADIX_BITS, key_bits
 
 _SLACK = 8  # a vector store may write this many values past the last candidate

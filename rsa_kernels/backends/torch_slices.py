@@ -21,6 +21,10 @@ def lse_shift(m: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(m), m, 0.0)
 
 
+def fresh_like(z: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(z)
+
+
 def chunk_row_bytes(width: int, acc: torch.dtype, risk: Risk) -> int:
     """Temporaries per row of a chunk: about 8 (rows x width) of the accumulation dtype, and
     for the quantile searches keys, weights, digits and masks of 8 bytes each on top."""

@@ -15,6 +15,7 @@ import torch
 from ..risk import Risk
 from ..triton_modes import interpreting, row_kernel_module
 from .slice_keys import NO_KEY, RADIX_BITS, open_bracket, radix_pick as pick  # noqa: F401
+from .torch_slices import fresh_like  # noqa: F401
 from .triton_rows import BLOCK, unsupported  # noqa: F401  (ImportError: triton is not installed)
 
 SLICE_BLOCK = 1024          # items per step of partials, tail

@@ -205,7 +205,7 @@ class VocabParallelRows:
         """This rank's columns of d(sum of g * stats)/dz: local work only, from the saved scalars."""
         self._check(z)
         real = self.layout.real_width
-        out = z if inplace else torch.empty_like(z)
+        out = z if inplace else self.kernels.fresh_like(z)
         out[:, real:] = 0  # padding: outside the vocabulary
         local = torch.where(labels != ignore_index, self._local_labels(labels), -2)
         self.kernels.backward(z[:, :real], zr[:, :real], local, saved, grads, risk, out[:, :real], chunk_size)
@@ -216,6 +216,7 @@ class EmptySlice:
     """The slice kernels of a rank whose columns are all padding: it adds nothing."""
 
     pick = staticmethod(radix_pick)
+    fresh_like = staticmethod(torch.empty_like)
 
     class Chunk:
         def __init__(self, z, zr, rows):
