@@ -15,6 +15,11 @@
 //                   KEY_BITS / 8 closes the search (the q-mass at the selected key). Items that
 //                   leave the candidates above the selection add to the sums above it (q D,
 //                   q) and to its next larger key;
+//   slice_bracket   level 0 of ra_dpo_cvar's search when the group agreed on a bracket of
+//                   keys (from the slices' samples, which slice_partials draws): one read of
+//                   the row counts the items below and above it (vector compares, no scatter)
+//                   and keeps those inside as the candidates, a small fraction of the row;
+//                   the later levels of slice_search narrow them;
 //   slice_tail_sums sum q D and q over D > a per-row threshold (ra_dpo_cvar, when rounding
 //                   puts the interpolated quantile on the next value);
 //   slice_backward  backward_row over the slice: the label term only where the slice holds it.
@@ -43,6 +48,7 @@ namespace {
 constexpr int RADIX = 8;                // key bits per level
 constexpr int BINS = 1 << RADIX;
 constexpr int64_t NONE = std::numeric_limits<int64_t>::max();  // "no key above the selection"
+constexpr int64_t BRACKETED = -2;  // the search state's guess after a bracketed level 0
 
 // Sortable keys of D (rsa_kernels/backends/slice_keys.py): the IEEE bits, negatives
 // flipped, the sign bit set for the others, as unsigned BITS-bit numbers; -0 is made +0
@@ -95,9 +101,42 @@ template <typename C> inline void prefetch_line(const C* nz, const C* nr, int64_
   }
 }
 
+// ra_dpo_cvar's bracket of its quantile from this slice's row (still in L2 after the sweep):
+// the order statistics of a strided sample of u = zr - z around the fraction `level`, +- 4
+// standard deviations of a sample rank and a bit (-inf / +inf where the sample cannot bound
+// it). D = u + (A - Ar) up to rounding, so the group's quantile of D lies, but for an unlucky
+// sample, in the union of the slices' brackets shifted by A - Ar; the search checks that it
+// does (rsa_kernels/vocab_parallel/quantile.py), so the sample decides the time, never the
+// result. Items outside the reference's support (zr = -inf) have D = -inf, those the policy
+// rules out D = +inf (NaN: last, as its key).
+template <typename C> void sample_bracket(const C* z, const C* zr, int64_t v, double level, C* out) {
+  constexpr int S = 512;
+  const C inf = std::numeric_limits<C>::infinity();
+  out[0] = -inf;
+  out[1] = inf;
+  if (level < 0 || v < 4 * S) return;
+  C smp[S];
+  const int64_t step = v / S;
+  for (int s = 0; s < S; ++s) {
+    const C a = z[s * step], b = zr[s * step];
+    const C u = b - a;
+    smp[s] = b == -inf ? -inf : (a == -inf || u != u) ? inf : u;
+  }
+  const double c = level * (S - 1), margin = 4.0 * std::sqrt(S * level * (1.0 - level)) + 4.0;
+  const int64_t il = int64_t(std::floor(c - margin)), ih = std::min<int64_t>(int64_t(std::ceil(c + margin)) + 1, S);
+  if (ih < S) {
+    std::nth_element(smp, smp + ih, smp + S);
+    out[1] = smp[ih];
+  }
+  if (il >= 0 && il < ih) {
+    std::nth_element(smp, smp + il, smp + ih);
+    out[0] = smp[il];
+  }
+}
+
 template <typename C>
-void partials_row(const C* z, const C* zr, int64_t v, int64_t local, bool erm, C mu, C* out, const C* nz,
-                  const C* nr) {
+void partials_row(const C* z, const C* zr, int64_t v, int64_t local, bool erm, C mu, double level, C* out,
+                  const C* nz, const C* nr) {
   C mz, mr;
   row_max2(z, zr, v, mz, mr);
   const C a = lse_shift(mz), ar = lse_shift(mr);
@@ -143,6 +182,7 @@ void partials_row(const C* z, const C* zr, int64_t v, int64_t local, bool erm, C
   out[6] = local >= 0 ? z[local] : C(0);
   out[7] = local >= 0 ? zr[local] : C(0);
   out[8] = hmax<C>(m_inf);
+  sample_bracket(z, zr, v, level, out + 9);
 }
 
 // What one row of the search holds between calls (views into the caller's tensors).
@@ -315,6 +355,36 @@ template <typename C> struct Radix {
     return m;
   }
 
+  // Level 0 of a bracketed search (counts only: ra_dpo_cvar): the items whose key lies in
+  // [lo, hi] become the candidates, those above go to `above`, those below are only counted;
+  // one read of the row, vector compares instead of the histogram's scatter.
+  int64_t bracket_read(const C* z, const C* zr, int64_t v, C A, C Ar, U lo, U hi, RowSearch<C>& st,
+                       Above<C>& above, int64_t& below_count, int64_t& above_count, const C* nz, const C* nr) {
+    int64_t m = 0;
+    C* const cd = st.cand_d;
+    C* const cq = st.cand_q;
+    IVec<C> nb{}, na{};  // minus the counts, per lane (a true comparison is -1)
+    rows(z, zr, v, A, Ar, nz, nr, [&](Vec<C> d, Vec<C> q, int n) {
+      const U k = K::of(d);
+      const IVec<C> el = eligible(q, n);
+      const IVec<C> low = el & (IVec<C>)(k < lo), up = el & (IVec<C>)(k > hi), kept = el & ~low & ~up;
+      nb += low;
+      na += up;
+      above.add(d, q, up, K::order(k));
+      compress_store<C>(cq + m, q, kept);  // no branch: half the vectors hold a candidate
+      m += compress_store<C>(cd + m, d, kept);
+    });
+    Bits<C> lb[W], la[W];
+    std::memcpy(lb, &nb, sizeof lb);
+    std::memcpy(la, &na, sizeof la);
+    below_count = above_count = 0;
+    for (int j = 0; j < W; ++j) {
+      below_count -= lb[j];
+      above_count -= la[j];
+    }
+    return m;
+  }
+
   // Level 1 (a wrong guess): the items whose top digit is `pick` become the candidates, those
   // above it go to `above`; returns how many were kept. One more read of the row.
   int64_t collect(const C* z, const C* zr, int64_t v, C A, C Ar, int pick, RowSearch<C>& st, Above<C>& above,
@@ -392,14 +462,15 @@ void search_row(const C* z, const C* zr, int64_t v, C A, C Ar, bool weighted, in
   }
   const int pick = digit<C>(prefix, level - 1);
   Above<C> above(!weighted);
-  if (level == 1 && *st.guess == pick) {  // guessed right
+  const bool bracketed = *st.guess == BRACKETED;  // level 0 kept the bracket's items
+  if (level == 1 && !bracketed && *st.guess == pick) {  // guessed right
     std::memcpy(out_hist, st.spec_hist, BINS * sizeof(double));
     st.sums[0] += st.spec_sums[0];
     st.sums[1] += st.spec_sums[1];
     *st.min_above = *st.spec_min < *st.min_above ? *st.spec_min : *st.min_above;
     return;
   }
-  if (level == 1) {
+  if (level == 1 && !bracketed) {
     *st.count = rx.collect(z, zr, v, A, Ar, pick, st, above, nz, nr);
   } else {
     *st.count = rx.narrow(st, *st.count, level, pick, above, level < levels, st.sums + 2);
@@ -431,13 +502,13 @@ void check_vector(const at::Tensor& t, int64_t n, at::ScalarType dtype, const ch
 }
 
 at::Tensor slice_partials(const at::Tensor& z, const at::Tensor& zr, const at::Tensor& rows, const at::Tensor& local,
-                          bool erm, double mu) {
+                          bool erm, double mu, double level) {
   check_slice(z, zr, rows);
   const int64_t n = rows.size(0), v = z.size(1);
   check_vector(local, n, at::kLong, "local");
   const int64_t* lab = local.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) TORCH_CHECK(lab[i] < v, "rsa_kernels._C: label column ", lab[i], " outside the slice");
-  at::Tensor out = at::empty({n, 9}, z.options());
+  at::Tensor out = at::empty({n, 11}, z.options());
   const int64_t* r = rows.const_data_ptr<int64_t>();
   pybind11::gil_scoped_release nogil;
   auto run = [&](auto zero) {
@@ -446,7 +517,7 @@ at::Tensor slice_partials(const at::Tensor& z, const at::Tensor& zr, const at::T
     at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const bool next = i + 1 < e;
-        partials_row<C>(row_of<C>(z, r[i]), row_of<C>(zr, r[i]), v, lab[i], erm, C(mu), o + 9 * i,
+        partials_row<C>(row_of<C>(z, r[i]), row_of<C>(zr, r[i]), v, lab[i], erm, C(mu), level, o + 11 * i,
                         next ? row_of<C>(z, r[i + 1]) : nullptr, next ? row_of<C>(zr, r[i + 1]) : nullptr);
       }
     });
@@ -461,15 +532,12 @@ at::Tensor slice_partials(const at::Tensor& z, const at::Tensor& zr, const at::T
 // spec_hist (n, 256) float64, spec_sums (n, 2) float64, spec_min (n,) int64, kept across
 // the levels. target: the weight the search reaches, as a fraction of the total (level 0's
 // guess).
-at::Tensor slice_search(const at::Tensor& z, const at::Tensor& zr, const at::Tensor& rows, const at::Tensor& a,
-                        const at::Tensor& ar, bool weighted, int64_t level, const at::Tensor& prefix, double target,
-                        at::Tensor cand_d, at::Tensor cand_q, std::vector<at::Tensor> state) {
+void check_search(const at::Tensor& z, const at::Tensor& zr, const at::Tensor& rows, const at::Tensor& a,
+                  const at::Tensor& ar, const at::Tensor& cand_d, const at::Tensor& cand_q,
+                  const std::vector<at::Tensor>& state) {
   check_slice(z, zr, rows);
   const int64_t n = rows.size(0), v = z.size(1);
-  const int levels = z.scalar_type() == at::kDouble ? 64 / RADIX : 32 / RADIX;
-  TORCH_CHECK(level >= 0 && level <= levels, "rsa_kernels._C: search level ", level, " outside [0, ", levels, "]");
   for (const at::Tensor* t : {&a, &ar}) check_vector(*t, n, z.scalar_type(), "A, Ar");
-  check_vector(prefix, n, at::kLong, "prefix");
   TORCH_CHECK(state.size() == 7, "rsa_kernels._C: the search state is 7 tensors");
   const std::vector<int64_t> widths = {1, 3, 1, 1, BINS, 2, 1};
   for (size_t j = 0; j < state.size(); ++j) {
@@ -481,6 +549,26 @@ at::Tensor slice_search(const at::Tensor& z, const at::Tensor& zr, const at::Ten
   for (const at::Tensor* t : {&cand_d, &cand_q})
     TORCH_CHECK(t->dim() == 2 && t->size(0) == n && t->size(1) >= v + 8 && t->scalar_type() == z.scalar_type() &&
                     t->is_contiguous(), "rsa_kernels._C: candidates must be contiguous (n, >= w + 8) of z's dtype");
+}
+
+template <typename C> RowSearch<C> row_state(at::Tensor& cand_d, at::Tensor& cand_q, std::vector<at::Tensor>& state,
+                                             int64_t i) {
+  const int64_t cap = cand_d.size(1);
+  return RowSearch<C>{cand_d.data_ptr<C>() + i * cap,          cand_q.data_ptr<C>() + i * cap,
+                      state[0].data_ptr<int64_t>() + i,         state[1].data_ptr<double>() + 3 * i,
+                      state[2].data_ptr<int64_t>() + i,         state[3].data_ptr<int64_t>() + i,
+                      state[4].data_ptr<double>() + BINS * i,   state[5].data_ptr<double>() + 2 * i,
+                      state[6].data_ptr<int64_t>() + i};
+}
+
+at::Tensor slice_search(const at::Tensor& z, const at::Tensor& zr, const at::Tensor& rows, const at::Tensor& a,
+                        const at::Tensor& ar, bool weighted, int64_t level, const at::Tensor& prefix, double target,
+                        at::Tensor cand_d, at::Tensor cand_q, std::vector<at::Tensor> state) {
+  check_search(z, zr, rows, a, ar, cand_d, cand_q, state);
+  const int64_t n = rows.size(0), v = z.size(1);
+  const int levels = z.scalar_type() == at::kDouble ? 64 / RADIX : 32 / RADIX;
+  TORCH_CHECK(level >= 0 && level <= levels, "rsa_kernels._C: search level ", level, " outside [0, ", levels, "]");
+  check_vector(prefix, n, at::kLong, "prefix");
   const int64_t* cnt = state[0].const_data_ptr<int64_t>();
   for (int64_t i = 0; i < n && level >= 2; ++i)
     TORCH_CHECK(cnt[i] >= 0 && cnt[i] <= v, "rsa_kernels._C: candidate count outside [0, w]");
@@ -492,14 +580,9 @@ at::Tensor slice_search(const at::Tensor& z, const at::Tensor& zr, const at::Ten
     using C = decltype(zero);
     const C* pa = a.const_data_ptr<C>();
     const C* par = ar.const_data_ptr<C>();
-    const int64_t cap = cand_d.size(1);
     at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
-        RowSearch<C> st{cand_d.data_ptr<C>() + i * cap,       cand_q.data_ptr<C>() + i * cap,
-                        state[0].data_ptr<int64_t>() + i,      state[1].data_ptr<double>() + 3 * i,
-                        state[2].data_ptr<int64_t>() + i,      state[3].data_ptr<int64_t>() + i,
-                        state[4].data_ptr<double>() + BINS * i, state[5].data_ptr<double>() + 2 * i,
-                        state[6].data_ptr<int64_t>() + i};
+        RowSearch<C> st = row_state<C>(cand_d, cand_q, state, i);
         const bool next = i + 1 < e && level <= 1;
         search_row<C>(row_of<C>(z, r[i]), row_of<C>(zr, r[i]), v, pa[i], par[i], weighted, int(level), levels,
                       uint64_t(pre[i]), target, st, level < levels ? hist.data_ptr<double>() + BINS * i : nullptr,
@@ -509,6 +592,73 @@ at::Tensor slice_search(const at::Tensor& z, const at::Tensor& zr, const at::Ten
   };
   if (z.scalar_type() == at::kFloat) run(0.0f); else run(0.0);
   return hist;
+}
+
+// Level 0 of ra_dpo_cvar's search with the group's bracket [lo[i], hi[i]] of keys (an
+// unbounded one, lo 0 and hi all ones, runs the plain level 0): returns (n, 258) float64,
+// the histogram of the top digit of the candidates (the items in the bracket), the number
+// of items below the bracket and above it. The state is slice_search's; its later levels
+// narrow the candidates.
+at::Tensor slice_bracket(const at::Tensor& z, const at::Tensor& zr, const at::Tensor& rows, const at::Tensor& a,
+                         const at::Tensor& ar, const at::Tensor& lo, const at::Tensor& hi, double target,
+                         at::Tensor cand_d, at::Tensor cand_q, std::vector<at::Tensor> state) {
+  check_search(z, zr, rows, a, ar, cand_d, cand_q, state);
+  const int64_t n = rows.size(0), v = z.size(1);
+  check_vector(lo, n, at::kLong, "lo");
+  check_vector(hi, n, at::kLong, "hi");
+  const int levels = z.scalar_type() == at::kDouble ? 64 / RADIX : 32 / RADIX;
+  at::Tensor out = at::zeros({n, BINS + 2}, z.options().dtype(at::kDouble));
+  const int64_t* r = rows.const_data_ptr<int64_t>();
+  const int64_t* plo = lo.const_data_ptr<int64_t>();
+  const int64_t* phi = hi.const_data_ptr<int64_t>();
+  pybind11::gil_scoped_release nogil;
+  auto run = [&](auto zero) {
+    using C = decltype(zero);
+    using U = typename Keys<C>::U;
+    using Lane = typename Keys<C>::Lane;
+    const C* pa = a.const_data_ptr<C>();
+    const C* par = ar.const_data_ptr<C>();
+    at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        RowSearch<C> st = row_state<C>(cand_d, cand_q, state, i);
+        double* o = out.data_ptr<double>() + (BINS + 2) * i;
+        const bool next = i + 1 < e;
+        const C* nz = next ? row_of<C>(z, r[i + 1]) : nullptr;
+        const C* nr = next ? row_of<C>(zr, r[i + 1]) : nullptr;
+        const Lane l = Lane(uint64_t(plo[i])), h = Lane(uint64_t(phi[i]));
+        if (l == 0 && h == Lane(~Lane(0))) {  // unbounded: the plain level 0
+          search_row<C>(row_of<C>(z, r[i]), row_of<C>(zr, r[i]), v, pa[i], par[i], false, 0, levels, 0, target, st,
+                        o, nz, nr);
+          continue;
+        }
+        Radix<C> rx(false);
+        Above<C> above(true);
+        int64_t nb = 0, na = 0;
+        *st.count = rx.bracket_read(row_of<C>(z, r[i]), row_of<C>(zr, r[i]), v, pa[i], par[i], U{} + l, U{} + h, st,
+                                    above, nb, na, nz, nr);
+        const int top = digit<C>(uint64_t(l), 0);
+        if (top == digit<C>(uint64_t(h), 0)) {
+          // every key in the bracket has this top digit: one bin, and the group picks it (where
+          // the bracket holds), so level 1's histogram is prepared now, as for a right guess
+          o[top] = double(*st.count);
+          rx.candidate_histogram(st, *st.count, 1);
+          rx.merge(st.spec_hist);
+          st.spec_sums[0] = st.spec_sums[1] = 0;  // no candidate leaves at level 1
+          *st.spec_min = NONE;
+          *st.guess = top;
+        } else {
+          *st.guess = BRACKETED;
+          rx.candidate_histogram(st, *st.count, 0);
+          rx.merge(o);
+        }
+        o[BINS] = double(nb);
+        o[BINS + 1] = double(na);
+        above.finish(st.sums, st.min_above);
+      }
+    });
+  };
+  if (z.scalar_type() == at::kFloat) run(0.0f); else run(0.0);
+  return out;
 }
 
 // (n, 2) float64: sum of q D and of q over the items with D > threshold[i].
@@ -660,7 +810,10 @@ at::Tensor slice_pick(const at::Tensor& hist, at::Tensor below, at::Tensor prefi
 
 void register_slices(pybind11::module_& m) {
   m.def("slice_partials", &slice_partials,
-        "(z, zr, rows, local, erm, mu) -> (n, 9): max z, max zr, S, Sr, U, T, z_y, zr_y, M per row of the slice");
+        "(z, zr, rows, local, erm, mu, level) -> (n, 11): max z, max zr, S, Sr, U, T, z_y, zr_y, M per row of the "
+        "slice, and the bracket of u = zr - z around the fraction level (< 0: -inf, inf)");
+  m.def("slice_bracket", &slice_bracket,
+        "(z, zr, rows, A, Ar, lo, hi, target, cand_d, cand_q, state) -> (n, 258): level 0 within key brackets");
   m.def("slice_search", &slice_search,
         "(z, zr, rows, A, Ar, weighted, level, prefix, target, cand_d, cand_q, state) -> (n, 256) histogram");
   m.def("slice_pick", &slice_pick, "(hist, below, prefix, target, shift) -> at; below, prefix updated in place");

@@ -108,6 +108,9 @@ def test_every_risk_dtype_and_input_kind_was_checked(records, kind):
             for input_kind in kinds:
                 assert f"{risk} {dtype} {input_kind}" in cases
     assert "ra_dpo_cvar interpolated onto the next value" in cases
+    for risk in ("ra_dpo_cvar:0.1", "ra_dpo_cvar:0.5", "ra_dpo_cvar:0.9") if full else ("ra_dpo_cvar:0.5",):
+        for dtype in ("torch.float64", "torch.float32"):  # wide slices: the bracketed search
+            assert f"{risk} {dtype} samples" in cases
 
 
 @pytest.mark.skipif("triton" not in KINDS, reason="triton is not installed")
@@ -257,6 +260,57 @@ def test_cpu_search_equals_torch_search_whatever_the_guess(risk, dtype):
             torch.testing.assert_close(a, b, rtol=1e-5 if dtype == "float32" else 1e-12, atol=1e-9,
                                        msg=lambda m: f"{name} (hint {hint}): {m}")
     assert min(hits.values()) < n, f"no wrong guess among the hints: {hits}"  # both paths ran
+
+
+@pytest.mark.parametrize("risk", ["ra_dpo_cvar:0.95", "ra_dpo_cvar:0.5", "ra_dpo_cvar:0.1"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cpu_bracketed_search_equals_torch_search_where_it_hits(risk, dtype):
+    """ra_dpo_cvar's search on the cpu kernels within the bracket their samples give (as
+    rows.py derives it): where the group's counts say LO lies in it, the key, the counts
+    below and at it, the sums above it and the next larger key are the torch search's;
+    rows whose samples mislead (every 9th item differs from the rest) miss, and say so."""
+    import torch
+
+    from rsa_kernels.backends import available_backends, torch_slices
+    from rsa_kernels.backends.slice_keys import key_bits
+    from rsa_kernels.reference import interpolation_ranks
+    from rsa_kernels.risk import parse_risk
+    from rsa_kernels.vocab_parallel.quantile import bracket_of, select
+    if "cpu" not in available_backends():
+        pytest.skip("the C++ extension is not built")
+    from rsa_kernels.backends import cpu_slices
+    r, dt = parse_risk(risk), getattr(torch, dtype)
+    g = torch.Generator().manual_seed(4)
+    n, w = 12, 4700  # wide enough for the 512 samples: every 9th item
+    z = torch.randn(n, w, generator=g, dtype=torch.float64).to(dt)
+    zr = z + torch.randn(n, w, generator=g, dtype=dt)
+    z[1] = zr[1]  # every D ties at 0
+    zr[2, ::7] = float("-inf")
+    z[3] = torch.randint(-2, 3, (w,), generator=g).to(dt)
+    z[4:6], zr[4:6] = 0.0, 0.0
+    zr[4, torch.arange(w) % 9 != 0] = -3.0  # the sample (every 9th item) sees only u = 0
+    zr[5, ::9] = -3.0  # and here only u = -3
+    rows, bits = torch.arange(n), key_bits(dt)
+    a, ar = torch.logsumexp(z, -1), torch.logsumexp(zr, -1)
+    target = interpolation_ranks(w, 1 - r.param)[0] + 1
+    chunk = cpu_slices.Chunk(z, zr, rows)
+    chunk.partials(torch.full((n,), -1), r)
+    keys = bracket_of(chunk.bracket(), a, ar, bits)
+    search = chunk.search(a, ar, r, target / w)
+    got = select(_OneRank(), search, cpu_slices.pick, target, bits, torch.zeros(n, 1, dtype=dt), bracket=keys)
+    sums, min_above = search.close(got.key)
+    ref = torch_slices.Chunk(z, zr, rows).search(a, ar, r, 0.5)
+    want = select(_OneRank(), ref, torch_slices.pick, target, bits, torch.zeros(n, 1, dtype=dt))
+    want_sums, want_min = ref.close(want.key)
+    hit = got.hit
+    assert bool(hit[:4].all()), f"the bracket missed rows whose samples are fair: {hit}"
+    assert not bool(hit[4:6].all()), f"no misleading sample missed: {hit}"
+    bounded = (keys[0] != 0) | (keys[1] != keys[2])
+    assert bool(bounded[6:].all()), f"random rows searched without a bracket: {bounded}"  # the bracketed path ran
+    for name, x, y in (("key", got.key, want.key), ("below", got.below, want.below), ("at", got.at, want.at),
+                       ("min_above", min_above, want_min)):
+        assert torch.equal(x[hit], y[hit]), name
+    torch.testing.assert_close(sums[hit], want_sums[hit], rtol=1e-5 if dtype == "float32" else 1e-12, atol=1e-9)
 
 
 def test_cpu_pick_equals_radix_pick_bit_for_bit():

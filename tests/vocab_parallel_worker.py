@@ -36,7 +36,10 @@ KINDS = [k for k in os.environ.get("VP_KINDS", "torch,cpu,triton").split(",") if
 RISKS = ["kl", "erm:0.5", "erm:3", "cvar:0", "cvar:0.5", "cvar:0.95", "ra_dpo_cvar:0.1", "ra_dpo_cvar:0.5",
          "ra_dpo_cvar:0.9"]
 # uneven contiguous slices of V = 100 (and 101, where ra_dpo_cvar:0.5 needs no interpolation)
-WIDTHS = {2: {100: [37, 63], 101: [60, 41]}, 3: {100: [41, 17, 42], 101: [30, 30, 41]}}
+# and slices wide enough (>= 2048) for the cpu kernels' sample bracket of ra_dpo_cvar's quantile
+WIDTHS = {2: {100: [37, 63], 101: [60, 41], 4490: [2200, 2290]},
+          3: {100: [41, 17, 42], 101: [30, 30, 41], 6650: [2100, 2300, 2250]}}
+WIDE = {2: 4490, 3: 6650}
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-4, atol=2e-5),
        torch.bfloat16: dict(rtol=1e-2, atol=1e-3)}  # bf16: the gradient's own rounding
 
@@ -103,6 +106,14 @@ def rows(n, v, seed, dtype, kind, world):
     zr[3, [1, starts[1], v - 1]] = float("-inf")
     if kind == "extreme":
         z[4, starts[1] + 1] = float("-inf")
+    if kind == "samples":  # rows where the cpu kernels' strided samples of each slice mislead
+        for k, (start, w) in enumerate(zip(starts, widths)):
+            sampled = torch.zeros(w, dtype=torch.bool)
+            sampled[::w // 512] = True  # ra_dpo_cvar's 512 samples: every 4th column
+            cols = torch.arange(start, start + w)
+            z[9:11, cols] = zr[9:11, cols] = 0.0
+            zr[9, cols[~sampled]] = -3.0  # u = -3 off the sample, 0 on it
+            zr[10, cols[sampled]] = -3.0  # and the other way round
     y = torch.randint(0, v, (n,), generator=g)
     for k in range(world):  # labels in every slice, on both edges of each
         y[5 + 2 * k], y[6 + 2 * k] = starts[k], starts[k] + widths[k] - 1
@@ -554,6 +565,10 @@ def run_kind(ctx: Ctx, full: bool) -> None:
                            lambda: check_token_stats(ctx, risk, dtype, kind, 100, seed))
         ctx.record("token_stats", f"ra_dpo_cvar:0.5 {dtype} V=101 (no interpolation)",
                    lambda: check_token_stats(ctx, "ra_dpo_cvar:0.5", dtype, "random", 101, 99))
+        # the cpu kernels' bracketed search: its hits, and the rows it misses searched again
+        for risk in ("ra_dpo_cvar:0.1", "ra_dpo_cvar:0.5", "ra_dpo_cvar:0.9") if full else ("ra_dpo_cvar:0.5",):
+            ctx.record("token_stats", f"{risk} {dtype} samples",
+                       lambda: check_token_stats(ctx, risk, dtype, "samples", WIDE[ctx.world], 98))
     if full:  # half-precision input accumulates in float32, as in one process
         for risk in ("erm:1", "cvar:0.9", "ra_dpo_cvar:0.5"):
             ctx.record("token_stats", f"{risk} torch.bfloat16 random",

@@ -23,6 +23,9 @@ rsa_kernels/vocab_parallel/rows.py combines with all-reduces. On a rank's column
           MU u (erm; else -inf), both over the items with e != 0 and z != -inf, z_y and zr_y
           at the label's column local (-1: not in this slice; then 0), M = max zr over the
           items with z = -inf (they make kl and erm +inf where exp(zr - Ar) != 0)
+      .bracket() -> (n, 2): after partials, the slice's bounds of u = zr - z that bracket
+          ra_dpo_cvar's quantile (its sample's; (-inf, inf) where the kernels draw none)
+      .subset(idx) -> the Chunk of the rows idx (needed only by kernels whose brackets bound)
       .search(A, Ar, risk, target) -> Search over the keys of D = (zr - Ar) - (z - A)
           (slice_keys), weighing cvar's support (q > 0) by q and counting every item for
           ra_dpo_cvar; target, the fraction of the total weight the search reaches, is a
@@ -30,6 +33,9 @@ rsa_kernels/vocab_parallel/rows.py combines with all-reduces. On a rank's column
         .histogram(level, prefix) -> (n, 256) float64: the weight of the items whose top
             `level` key digits (8 bits each) are the prefix's, by their next digit; levels
             are asked in order, 0 first
+        .bracket(lo, hi) -> (hist, below, above): level 0 over the items whose keys lie
+            in [lo, hi] (ra_dpo_cvar's counts), with the counts below and above; later levels
+            narrow those items (only kernels whose brackets bound need it)
         .close(prefix) -> ((n, 3) float64: sum q D and sum q over the keys above the key
             `prefix`, sum q at it; (n,) int64 the smallest key above it, as
             slice_keys.key_order, NO_KEY where none: ra_dpo_cvar's HI, which a cvar search
@@ -41,6 +47,8 @@ rsa_kernels/vocab_parallel/rows.py combines with all-reduces. On a rank's column
     backward(z, zr, local, saved, grads, risk, out, chunk_size=None) -> out, the gradient of
         the columns (local: the label's column, -1 where another rank holds it, -2 masked)
     chunk_row_bytes(width, acc, risk) -> temporaries per row of a chunk
+    fresh_like(z) -> a new uninitialised tensor like z for the slice's gradient (the cpu kernels'
+        on 2 MiB pages, as the cpu backend's: its first touch costs less)
     unsupported(tensor) -> None, or the reason
 """
 from __future__ import annotations

@@ -2,9 +2,10 @@
 (csrc/slices.cpp; the contract is in rsa_kernels/backends/__init__.py).
 
 The kernels read a chunk's rows where they lie (row indices, any row stride) and keep
-nothing of (rows x width) size but the search's candidates: the items under the first
-chosen digit, typically a fraction of the row, in buffers that are only touched as far as
-they fill. 16-bit input is converted to float32 first (a copy of the chunk's rows).
+nothing of (rows x width) size but the search's candidates: the items inside the group's
+bracket of ra_dpo_cvar's quantile (from the slices' samples, drawn in partials), or under the first
+chosen digit where no bracket bounds the row, typically a fraction of the row, in buffers
+that are only touched as far as they fill. 16-bit input is converted to float32 first (a copy of the chunk's rows).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 from ..reference import accumulation_dtype
 from ..risk import Risk
-from .cpu_rows import _C, unsupported  # noqa: F401  (ImportError: the extension is not built)
+from .cpu_rows import _C, fresh_like, unsupported  # noqa: F401  (ImportError: the extension is not built)
 from .slice_keys import NO_KEY, RADIX_BITS, key_bits
 
 _SLACK = 8  # a vector store may write this many values past the last candidate
@@ -57,8 +58,22 @@ class Chunk:
         self.z, self.zr, self.rows = _rows(z, acc), _rows(zr, acc), rows.contiguous()
 
     def partials(self, local: torch.Tensor, risk: Risk) -> torch.Tensor:
-        return _C.slice_partials(self.z, self.zr, self.rows, local.contiguous(), risk.kind == "erm",
-                                 float(risk.param))
+        # ra_dpo_cvar: the sample bracket of its quantile at 1 - C rides along (bracket())
+        level = 1.0 - float(risk.param) if risk.kind == "ra_dpo_cvar" else -1.0
+        out = _C.slice_partials(self.z, self.zr, self.rows, local.contiguous(), risk.kind == "erm",
+                                float(risk.param), level)
+        self._bracket = out[:, 9:11]
+        return out[:, :9]
+
+    def bracket(self) -> torch.Tensor:
+        """(n, 2): this slice's bracket of ra_dpo_cvar's quantile in u = zr - z, from partials."""
+        return self._bracket
+
+    def subset(self, idx: torch.Tensor) -> "Chunk":
+        """The rows ``idx`` of this chunk (a search the group's bracket missed runs again on them)."""
+        sub = object.__new__(Chunk)
+        sub.z, sub.zr, sub.rows = self.z, self.zr, self.rows[idx].contiguous()
+        return sub
 
     def search(self, a: torch.Tensor, ar: torch.Tensor, risk: Risk, target: float) -> "Search":
         return Search(self, a, ar, risk, target)
@@ -87,6 +102,14 @@ class Search:
 
     def histogram(self, level: int, prefix: torch.Tensor) -> torch.Tensor:
         return self._level(level, prefix)
+
+    def bracket(self, lo: torch.Tensor, hi: torch.Tensor):
+        """Level 0 within the group's bracket [lo, hi] of keys (ra_dpo_cvar's counts): the
+        histogram of the top digit of the items in it (its candidates), the counts below and above."""
+        c = self.chunk
+        out = _C.slice_bracket(c.z, c.zr, c.rows, self.a, self.ar, lo.contiguous(), hi.contiguous(), self.target,
+                               self.cand_d, self.cand_q, self.state)
+        return out[:, :-2], out[:, -2], out[:, -1]
 
     def close(self, prefix: torch.Tensor):
         self._level(self.levels, prefix)

@@ -48,6 +48,20 @@ def key_values(key: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bits.to(torch.int32).view(torch.float32).to(dtype)
 
 
+def open_bracket(n: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """(n, 2) bounds (-inf, inf): the slice kernels' Chunk.bracket() when they bound nothing."""
+    return torch.tensor([float("-inf"), float("inf")], dtype=dtype, device=device).expand(n, 2)
+
+
+def bracket_keys(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple:
+    """Keys of the bounds [lo, hi] (float32 or float64 values); an infinite or NaN bound leaves
+    its side open: key 0 below, the all-ones key (NaN's) above."""
+    top = -1 if bits == 64 else 2**32 - 1
+    lo_key = torch.where(torch.isnan(lo) | (lo == float("-inf")), 0, sort_keys(lo))
+    hi_key = torch.where(torch.isnan(hi) | (hi == float("inf")), top, sort_keys(hi))
+    return lo_key, hi_key, top
+
+
 def key_order(key: torch.Tensor, bits: int) -> torch.Tensor:
     """Keys as signed int64 in the same order (its own inverse)."""
     return key ^ torch.iinfo(torch.int64).min if bits == 64 else key

@@ -11,13 +11,18 @@ import torch
 
 from ..reference import accumulation_dtype, in_support
 from ..risk import Risk
-from .slice_keys import BINS, NO_KEY, RADIX_BITS, key_bits, key_order, radix_pick as pick, sort_keys  # noqa: F401
+from .slice_keys import (BINS, NO_KEY, RADIX_BITS, key_bits, key_order, open_bracket,  # noqa: F401
+                         radix_pick as pick, sort_keys)
 from .torch_rows import _deviation, backward_columns, rows_per_chunk
 
 
 def lse_shift(m: torch.Tensor) -> torch.Tensor:
     """A logsumexp's shift: the maximum, or 0 where it is infinite (as torch.logsumexp)."""
     return torch.where(torch.isfinite(m), m, 0.0)
+
+
+def fresh_like(z: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(z)
 
 
 def chunk_row_bytes(width: int, acc: torch.dtype, risk: Risk) -> int:
@@ -53,6 +58,9 @@ class Chunk:
         picked = [torch.where(own, m.gather(1, col).squeeze(1), 0.0) for m in (z, zr)]
         return torch.stack([mz, mr, xz.exp().sum(-1), er.sum(-1), torch.where(support, er * u, 0.0).sum(-1), t,
                             *picked, m_inf], 1)
+
+    def bracket(self) -> torch.Tensor:
+        return open_bracket(self.z.shape[0], self.z.dtype, self.z.device)  # no bracketed search here
 
     def search(self, a: torch.Tensor, ar: torch.Tensor, risk: Risk, target: float) -> "Search":
         return Search(self.z, self.zr, a, ar, risk)

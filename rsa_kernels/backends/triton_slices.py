@@ -14,7 +14,8 @@ import torch
 
 from ..risk import Risk
 from ..triton_modes import interpreting, row_kernel_module
-from .slice_keys import NO_KEY, RADIX_BITS, radix_pick as pick  # noqa: F401
+from .slice_keys import NO_KEY, RADIX_BITS, open_bracket, radix_pick as pick  # noqa: F401
+from .torch_slices import fresh_like  # noqa: F401
 from .triton_rows import BLOCK, unsupported  # noqa: F401  (ImportError: triton is not installed)
 
 SLICE_BLOCK = 1024          # items per step of partials, tail
@@ -61,6 +62,9 @@ class Chunk:
                                       self.zr.stride(0), self.z.shape[1], mu, ERM=risk.kind == "erm",
                                       BLOCK=SLICE_BLOCK, **_opts(True))
         return out
+
+    def bracket(self) -> torch.Tensor:
+        return open_bracket(len(self.rows), torch.float32, self.z.device)  # no bracketed search here
 
     def search(self, a, ar, risk: Risk, target: float) -> "Search":
         return Search(self, a, ar, risk)

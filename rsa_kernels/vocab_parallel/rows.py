@@ -14,7 +14,8 @@ lists their bytes):
   0. (no round) each slice's maxima, its exp-sums under its own shifts, U = sum e u,
      erm's log-sum and the largest zr the policy rules out, in one read of the rows
      (partials)
-  1. MAX  the row maxima of z and zr
+  1. MAX  the row maxima of z and zr (ra_dpo_cvar: and the slices' sample brackets of its
+          quantile in u = zr - z, their union: every rank gets the same bracket)
   2. SUM  the exp-sums rescaled to the group's maxima, z_y and zr_y (the label's owner
           sends them) -> A, Ar, logp, ref_logp on every rank; each slice's part of kl is
           then exp(ar - Ar) (U + c Sr), c = D - u, without another read
@@ -24,11 +25,16 @@ lists their bytes):
                mass above tau and at tau
   ra_dpo_cvar: 3.. SUM radix rounds for the order statistic LO;  MIN the next larger value
                (only when the interpolation weight is not 0);  last: SUM value and sum(w)
+  ra_dpo_cvar's first radix round histograms only the items in the group's bracket (from
+  round 1), with the counts below and above it; the rows whose LO lies outside (rare: an
+  unlucky sample) take the radix rounds again, without a bracket.
 Only unmasked rows take part: masked rows are 0 by definition and every rank agrees
 which rows those are (agreement.py checked the labels). Columns past the vocabulary's end
 (layout.vocab_size: Megatron's padding) take no part at all and get a zero gradient.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -39,7 +45,7 @@ from ..reference import accumulation_dtype, interpolation_ranks
 from ..risk import SAVED_WIDTH, Risk
 from .agreement import VocabLayout
 from .comm import Comm
-from .quantile import select
+from .quantile import bracket_of, select
 
 
 class VocabParallelRows:
@@ -96,7 +102,13 @@ class VocabParallelRows:
         part = chunk.partials(local, risk).to(acc)
         n = part.shape[0]
         mine = lse_shift(part[:, 0:2])                 # this slice's shifts of z and zr
-        group = lse_shift(comm.max(part[:, 0:2]))      # the group's
+        bounds = None
+        if risk.kind == "ra_dpo_cvar":  # the union of the slices' brackets rides along: -lo and hi
+            bounds = chunk.bracket().to(acc)
+            maxed = comm.max(torch.cat([part[:, 0:2], -bounds[:, :1], bounds[:, 1:]], 1))
+            group, bounds = lse_shift(maxed[:, 0:2]), torch.stack([-maxed[:, 2], maxed[:, 3]], 1)
+        else:
+            group = lse_shift(comm.max(part[:, 0:2]))  # the group's
         exp_sums = part[:, 2:4]
         # a slice without mass adds 0 (never 0 * inf); a NaN sum stays NaN
         rescaled = torch.where(exp_sums != 0, exp_sums * (mine - group).exp(), 0.0)
@@ -121,22 +133,42 @@ class VocabParallelRows:
             kl, saved[:, 2] = both[:, 0], both[:, 1].log() + shift
             value = saved[:, 2] / risk.param
         elif risk.kind == "cvar":
-            search = chunk.search(a, ar, risk, risk.param)
-            kl, value, saved[:, 2], saved[:, 3], saved[:, 4] = self._cvar(search, kl_part, risk.param, acc)
+            sel, search, closed = self._select(chunk, a, ar, risk, risk.param, risk.param, bounds, kl_part, acc)
+            kl, value, saved[:, 2], saved[:, 3], saved[:, 4] = self._cvar(sel, closed, risk.param, acc)
         elif risk.kind == "ra_dpo_cvar":
             lo, hi, frac = interpolation_ranks(self.layout.vocab, 1.0 - risk.param)
-            search = chunk.search(a, ar, risk, (lo + 1) / self.layout.vocab)
-            kl, value, saved[:, 2], saved[:, 3] = self._ra_dpo_cvar(search, kl_part, (lo, hi, frac), acc)
+            sel, search, closed = self._select(chunk, a, ar, risk, lo + 1, (lo + 1) / self.layout.vocab, bounds,
+                                               kl_part, acc)
+            kl, value, saved[:, 2], saved[:, 3] = self._ra_dpo_cvar(sel, search, closed, (lo, hi, frac), acc)
         else:
             raise ValueError(f"risk: unknown kind {risk.kind!r}")
         value = torch.where(torch.isnan(kl), kl, value)  # a NaN in D must not vanish in a selection
         stats = torch.stack([sums[:, 2] - a, sums[:, 3] - ar, kl, value], 1)
         return stats, saved
 
-    def _cvar(self, search, kl_part, alpha, acc):
+    def _select(self, chunk, a, ar, risk, target, hint, bounds, kl_part, acc):
+        """The search (quantile.select; kl rides in its first round), within the group's bracket
+        ``bounds`` where given, and again without one for the rows whose selection lies outside
+        it: (selection, the search, its sums above and its next larger keys (close))."""
+        bits = key_bits(acc)
+        search = chunk.search(a, ar, risk, hint)
+        sel = select(self.comm, search, self.kernels.pick, target, bits, kl_part[:, None],
+                     bracket=None if bounds is None else bracket_of(bounds, a, ar, bits))
+        sums = search.close(sel.key)
+        again = torch.zeros(0, dtype=torch.int64) if sel.hit is None else (~sel.hit).nonzero().squeeze(1)
+        if len(again):  # rare: an unlucky sample; the same rows on every rank (from the group's counts)
+            retry = chunk.subset(again).search(a[again], ar[again], risk, hint)
+            other = select(self.comm, retry, self.kernels.pick, target, bits, kl_part.new_zeros(len(again), 0))
+            more = retry.close(other.key)
+            sel.key[again], sel.below[again], sel.at[again] = other.key, other.below, other.at
+            sums = tuple(t.clone() for t in sums)
+            for t, m in zip(sums, more):
+                t[again] = m
+        return sel, search, sums
+
+    def _cvar(self, sel, closed, alpha, acc):
         """tau* = the smallest D whose q-mass F(D) over all ranks reaches ALPHA (torch_rows)."""
-        sel = select(self.comm, search, self.kernels.pick, alpha, key_bits(acc), kl_part[:, None])
-        sums, _ = search.close(sel.key)
+        sums, _ = closed
         tau = key_values(sel.key, acc)
         f_le, f_lt = sel.below + sel.at, sel.below
         c_above = torch.full_like(tau, 1.0 / (1.0 - alpha))
@@ -146,12 +178,11 @@ class VocabParallelRows:
         value = above * c_above + torch.where(atom > 0, atom * tau, 0.0)
         return sel.carried[:, 0], value, tau, c_above, c_atom
 
-    def _ra_dpo_cvar(self, search, kl_part, ranks, acc):
+    def _ra_dpo_cvar(self, sel, search, closed, ranks, acc):
         """Q = torch.quantile(D, 1 - C) of the concatenated row: order statistics LO and HI."""
         bits = key_bits(acc)
         lo, hi, frac = ranks
-        sel = select(self.comm, search, self.kernels.pick, lo + 1, bits, kl_part[:, None])
-        sums, min_above = search.close(sel.key)
+        sums, min_above = closed
         low = key_values(sel.key, acc)
         quantile = low
         if frac != 0.0:  # HI is LO's value again, unless LO's value ends at rank LO: then the next larger key
@@ -174,7 +205,7 @@ class VocabParallelRows:
         """This rank's columns of d(sum of g * stats)/dz: local work only, from the saved scalars."""
         self._check(z)
         real = self.layout.real_width
-        out = z if inplace else torch.empty_like(z)
+        out = z if inplace else self.kernels.fresh_like(z)
         out[:, real:] = 0  # padding: outside the vocabulary
         local = torch.where(labels != ignore_index, self._local_labels(labels), -2)
         self.kernels.backward(z[:, :real], zr[:, :real], local, saved, grads, risk, out[:, :real], chunk_size)
@@ -185,6 +216,7 @@ class EmptySlice:
     """The slice kernels of a rank whose columns are all padding: it adds nothing."""
 
     pick = staticmethod(radix_pick)
+    fresh_like = staticmethod(torch.empty_like)
 
     class Chunk:
         def __init__(self, z, zr, rows):
@@ -195,6 +227,14 @@ class EmptySlice:
                                  dtype=self.dtype)
             return empty.to(self.device).expand(self.n, 9)
 
+        def bracket(self):  # bounds nothing in the group's union
+            return torch.tensor([float("inf"), float("-inf")], dtype=self.dtype, device=self.device).expand(self.n, 2)
+
+        def subset(self, idx):
+            sub = copy.copy(self)
+            sub.n = len(idx)
+            return sub
+
         def search(self, a, ar, risk, target):
             return EmptySlice.Search(self.n, self.device)
 
@@ -204,6 +244,10 @@ class EmptySlice:
 
         def histogram(self, level, prefix):
             return torch.zeros(self.n, BINS, dtype=torch.float64, device=self.device)
+
+        def bracket(self, lo, hi):
+            zero = torch.zeros(self.n, dtype=torch.float64, device=self.device)
+            return self.histogram(0, lo), zero, zero
 
         def close(self, prefix):
             return (torch.zeros(self.n, 3, dtype=torch.float64, device=self.device),
