@@ -134,19 +134,156 @@ template <typename C> void sample_bracket(const C* z, const C* zr, int64_t v, do
   }
 }
 
+// cvar's and ra_dpo_cvar's candidates of their quantile, collected in the same read (cz, cr not
+// null): the items whose raw u = zr - z lies in this slice's sample bracket [lo, hi] (or is NaN)
+// are kept as (z, zr) pairs; those below are counted and their Sr summed, those above counted
+// and summed as kl is (Sr, U over them), with their smallest zr (is q = 0 possible for one of them, with the
+// group's Ar?) and the largest |z|, |zr| of the items with a finite u (the rounding that
+// separates D from u + A - Ar). rsa_kernels/vocab_parallel/rows.py proves from these, with
+// the group's numbers, whether the group's quantile lies among the candidates.
+template <typename C> struct Collect {
+  C* cz;
+  C* cr;
+  int64_t m = 0;
+  Vec<C> lo, hi, sr = splat<C>(0), su = splat<C>(0), zr_min = splat(std::numeric_limits<C>::infinity()),
+                 mabs = splat<C>(0), sb = splat<C>(0);
+  IVec<C> nb{}, nh{}, iota;  // nb, nh: minus the counts (a true comparison is -1)
+  Collect(C* z, C* r, C l, C h) : cz(z), cr(r), lo(splat(l)), hi(splat(h)) {
+    for (int j = 0; j < width<C>(); ++j) iota[j] = j;
+  }
+  void add(Vec<C> zv, Vec<C> rv, Vec<C> u, Vec<C> er, int lanes) {
+    const Vec<C> zero = splat<C>(0), du = rv - zv;
+    const IVec<C> live = iota < lanes, low = live & (du < lo), up = live & (du > hi), kept = live & ~low & ~up;
+    nb += low;
+    nh += up;
+    sb += low ? er : zero;
+    sr += up ? er : zero;
+    su += (up & (er != zero)) ? er * u : zero;  // z = -inf: u = +inf, so +inf where q may be > 0
+    zr_min = (up & (rv < zr_min)) ? rv : zr_min;
+    const Vec<C> az = vmax<C>(zv, -zv), ar = vmax<C>(rv, -rv);
+    mabs = ((du - du) == zero) & (az > mabs) ? az : mabs;  // du - du == 0: u finite
+    mabs = ((du - du) == zero) & (ar > mabs) ? ar : mabs;
+    compress_store<C>(cz + m, zv, kept);
+    m += compress_store<C>(cr + m, rv, kept);
+  }
+  void finish(C* out) const {
+    constexpr int W = width<C>();
+    Bits<C> b[W], h[W];
+    std::memcpy(b, &nb, sizeof b);
+    std::memcpy(h, &nh, sizeof h);
+    int64_t below = 0, above = 0;
+    for (int j = 0; j < W; ++j) {
+      below -= b[j];
+      above -= h[j];
+    }
+    out[0] = C(below);
+    out[1] = C(above);
+    out[2] = hsum<C>(sr);
+    out[3] = hsum<C>(su);
+    out[4] = -hmax<C>(-zr_min);
+    out[5] = hmax<C>(mabs);
+    out[6] = C(m);
+    out[7] = hsum<C>(sb);
+  }
+};
+
+// Items (u, e) sorted by u: an LSD radix sort of u's sortable keys, a byte a pass (std::sort's
+// mispredicted comparisons cost several times more on a row's small sample).
+template <typename Item, int S> void sort_by_u(Item (&items)[S]) {
+  using C = decltype(items[0].u);
+  using K = Keys<C>;
+  typename K::Lane key[S], key2[S];
+  Item tmp[S];
+  for (int s = 0; s < S; ++s) {
+    Vec<C> one = splat(items[s].u);
+    const typename K::U k = K::of(one);
+    key[s] = k[0];
+  }
+  Item* src = items;
+  Item* dst = tmp;
+  typename K::Lane* ks = key;
+  typename K::Lane* kd = key2;
+  for (int shift = 0; shift < K::BITS; shift += 8) {
+    int count[257] = {0};
+    for (int s = 0; s < S; ++s) ++count[((ks[s] >> shift) & 255) + 1];
+    if (count[((ks[0] >> shift) & 255) + 1] == S) continue;  // one digit for all: nothing moves
+    for (int b = 0; b < 256; ++b) count[b + 1] += count[b];
+    for (int s = 0; s < S; ++s) {
+      const int at = count[(ks[s] >> shift) & 255]++;
+      dst[at] = src[s];
+      kd[at] = ks[s];
+    }
+    std::swap(src, dst);
+    std::swap(ks, kd);
+  }
+  if (src != items) std::copy(src, src + S, items);
+}
+
+// cvar's bracket of its q-weighted quantile at `alpha` from this slice's row, as
+// sample_bracket: a strided sample's (u, e = exp(zr - ar)) pairs, sorted by u, and the u where
+// the sample's cumulative e reaches alpha -+ 4 standard deviations of its CDF there (the
+// weights' effective sample size) and a bit. Within a slice q is e times one factor, so the
+// group's quantile lies in the union of the slices' brackets but for unlucky samples.
+template <typename C> void weighted_sample_bracket(const C* z, const C* zr, int64_t v, double alpha, C ar, C* out) {
+  constexpr int S = 256, W = width<C>();
+  const C inf = std::numeric_limits<C>::infinity();
+  out[0] = -inf;
+  out[1] = inf;
+  if (v < 8 * S) return;
+  struct Item {
+    C u, e;
+  };
+  Item smp[S];
+  alignas(64) C rs[W], es[W];
+  const int64_t step = v / S;
+  const Vec<C> var = splat(ar);
+  double total = 0, total_sq = 0;
+  for (int s = 0; s < S; s += W) {
+    for (int j = 0; j < W; ++j) rs[j] = zr[(s + j) * step];
+    store<C>(es, fexp<C>(load(rs) - var));
+    for (int j = 0; j < W; ++j) {
+      const C a = z[(s + j) * step], b = rs[j], u = b - a;
+      smp[s + j] = {b == -inf ? -inf : (a == -inf || u != u) ? inf : u, es[j] == es[j] ? es[j] : C(0)};
+      total += double(smp[s + j].e);
+      total_sq += double(smp[s + j].e) * double(smp[s + j].e);
+    }
+  }
+  if (!(total > 0)) return;
+  sort_by_u(smp);
+  const double n_eff = total * total / total_sq;
+  const double delta = 4.0 * std::sqrt(alpha * (1.0 - alpha) / n_eff + 1.0 / (n_eff * n_eff)) + 0.02;
+  int il = -1, ih = S;
+  double cum = 0;
+  for (int s = 0; s < S; ++s) {
+    cum += double(smp[s].e);
+    if (il < 0 && cum >= (alpha - delta) * total) il = s;
+    if (cum >= (alpha + delta) * total) {
+      ih = s + 1;
+      break;
+    }
+  }
+  out[0] = il <= 0 ? -inf : smp[il - 1].u;
+  out[1] = ih >= S ? inf : smp[ih].u;
+}
+
 template <typename C>
-void partials_row(const C* z, const C* zr, int64_t v, int64_t local, bool erm, C mu, double level, C* out,
-                  const C* nz, const C* nr) {
+void partials_row(const C* z, const C* zr, int64_t v, int64_t local, bool erm, C mu, double level, bool weighted,
+                  C* out, const C* nz, const C* nr, C* cz, C* cr) {
   C mz, mr;
   row_max2(z, zr, v, mz, mr);
   const C a = lse_shift(mz), ar = lse_shift(mr);
+  if (weighted)  // the row is in L2 after the maxima's read
+    weighted_sample_bracket(z, zr, v, level, ar, out + 9);
+  else
+    sample_bracket(z, zr, v, level, out + 9);
   const Vec<C> va = splat(a), var = splat(ar), ninf = splat(NEG_INF<C>), zero = splat<C>(0), vmu = splat(mu);
   Vec<C> sz = zero, sr = zero, su = zero, m_inf = ninf;
   OnlineLse<C> lse_t;
+  Collect<C> col(cz, cr, out[9], out[10]);
   constexpr int W = width<C>();
-  auto sweep = [&](auto erm_tag) {
-    constexpr bool IS_ERM = decltype(erm_tag)::value;
-    auto pass = [&](Vec<C> zv, Vec<C> rv) {  // the tail's fill, -inf in both, adds nothing
+  auto sweep = [&](auto erm_tag, auto collect_tag) {
+    constexpr bool IS_ERM = decltype(erm_tag)::value, COLLECT = decltype(collect_tag)::value;
+    auto pass = [&](Vec<C> zv, Vec<C> rv, int lanes) {  // the tail's fill, -inf in both, adds nothing
       Vec<C> xz = zv - va, xr = rv - var, u = xr - xz, ez, er;
       const IVec<C> in = zv != ninf;  // NaN z stays in: NaN in gives NaN out
       if constexpr (IS_ERM) {
@@ -161,18 +298,21 @@ void partials_row(const C* z, const C* zr, int64_t v, int64_t local, bool erm, C
       sr += er;
       su += ((er != zero) & in) ? er * u : zero;
       m_inf = (zv == ninf) & (rv > m_inf) ? rv : m_inf;
+      if constexpr (COLLECT) col.add(zv, rv, u, er, lanes);
     };
     int64_t i = 0;
     for (; i + W <= v; i += W) {
       prefetch_line(nz, nr, i);
-      pass(load(z + i), load(zr + i));
+      pass(load(z + i), load(zr + i), W);
     }
-    if (i < v) pass(load_part(z + i, v - i, NEG_INF<C>), load_part(zr + i, v - i, NEG_INF<C>));
+    if (i < v) pass(load_part(z + i, v - i, NEG_INF<C>), load_part(zr + i, v - i, NEG_INF<C>), int(v - i));
   };
   if (erm)
-    sweep(std::true_type{});
+    sweep(std::true_type{}, std::false_type{});
+  else if (cz)
+    sweep(std::false_type{}, std::true_type{});
   else
-    sweep(std::false_type{});
+    sweep(std::false_type{}, std::false_type{});
   out[0] = mz;
   out[1] = mr;
   out[2] = hsum<C>(sz);
@@ -182,7 +322,7 @@ void partials_row(const C* z, const C* zr, int64_t v, int64_t local, bool erm, C
   out[6] = local >= 0 ? z[local] : C(0);
   out[7] = local >= 0 ? zr[local] : C(0);
   out[8] = hmax<C>(m_inf);
-  sample_bracket(z, zr, v, level, out + 9);
+  if (cz) col.finish(out + 11);
 }
 
 // What one row of the search holds between calls (views into the caller's tensors).
@@ -358,18 +498,27 @@ template <typename C> struct Radix {
   // Level 0 of a bracketed search (counts only: ra_dpo_cvar): the items whose key lies in
   // [lo, hi] become the candidates, those above go to `above`, those below are only counted;
   // one read of the row, vector compares instead of the histogram's scatter.
-  int64_t bracket_read(const C* z, const C* zr, int64_t v, C A, C Ar, U lo, U hi, RowSearch<C>& st,
-                       Above<C>& above, int64_t& below_count, int64_t& above_count, const C* nz, const C* nr) {
+  // `items(f)` runs f(d, q, lanes) over the items: the row's (rows) or the stored candidates'
+  // (stored: those write their D and q back over themselves, behind the read).
+  template <typename Items>
+  int64_t bracket_read(Items items, U lo, U hi, RowSearch<C>& st, Above<C>& above, int64_t& below_count,
+                       int64_t& above_count, double* masses) {
     int64_t m = 0;
     C* const cd = st.cand_d;
     C* const cq = st.cand_q;
     IVec<C> nb{}, na{};  // minus the counts, per lane (a true comparison is -1)
-    rows(z, zr, v, A, Ar, nz, nr, [&](Vec<C> d, Vec<C> q, int n) {
+    Vec<C> mb = splat<C>(0), ma = splat<C>(0), mi = splat<C>(0);  // cvar: the q-masses below, above, inside
+    items([&](Vec<C> d, Vec<C> q, int n) {
       const U k = K::of(d);
       const IVec<C> el = eligible(q, n);
       const IVec<C> low = el & (IVec<C>)(k < lo), up = el & (IVec<C>)(k > hi), kept = el & ~low & ~up;
       nb += low;
       na += up;
+      if (weighted) {
+        mb += low ? q : splat<C>(0);
+        ma += up ? q : splat<C>(0);
+        mi += kept ? q : splat<C>(0);
+      }
       above.add(d, q, up, K::order(k));
       compress_store<C>(cq + m, q, kept);  // no branch: half the vectors hold a candidate
       m += compress_store<C>(cd + m, d, kept);
@@ -382,7 +531,20 @@ template <typename C> struct Radix {
       below_count -= lb[j];
       above_count -= la[j];
     }
+    masses[0] = double(hsum<C>(mb));
+    masses[1] = double(hsum<C>(ma));
+    masses[2] = double(hsum<C>(mi));
     return m;
+  }
+
+  // D and q of the first m stored candidates: raw z in cand_d, zr in cand_q (slice_partials')
+  template <typename F> static void stored(const RowSearch<C>& st, int64_t m, C A, C Ar, F f) {
+    const Vec<C> va = splat(A), var = splat(Ar);
+    for (int64_t i = 0; i < m; i += W) {
+      const int lanes = int(m - i < W ? m - i : W);
+      Deviation<C> dv(load_part(st.cand_d + i, lanes, C(0)), load_part(st.cand_q + i, lanes, NEG_INF<C>), va, var);
+      f(dv.d, dv.q, lanes);
+    }
   }
 
   // Level 1 (a wrong guess): the items whose top digit is `pick` become the candidates, those
@@ -502,13 +664,21 @@ void check_vector(const at::Tensor& t, int64_t n, at::ScalarType dtype, const ch
 }
 
 at::Tensor slice_partials(const at::Tensor& z, const at::Tensor& zr, const at::Tensor& rows, const at::Tensor& local,
-                          bool erm, double mu, double level) {
+                          bool erm, double mu, double level, bool weighted, at::Tensor cand_z,
+                          at::Tensor cand_zr) {
   check_slice(z, zr, rows);
   const int64_t n = rows.size(0), v = z.size(1);
   check_vector(local, n, at::kLong, "local");
   const int64_t* lab = local.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) TORCH_CHECK(lab[i] < v, "rsa_kernels._C: label column ", lab[i], " outside the slice");
-  at::Tensor out = at::empty({n, 11}, z.options());
+  const bool collect = cand_z.numel() > 0;
+  if (collect) {
+    TORCH_CHECK(!erm && level >= 0, "rsa_kernels._C: candidates are collected for a quantile's bracket only");
+    for (const at::Tensor* t : {&cand_z, &cand_zr})
+      TORCH_CHECK(t->dim() == 2 && t->size(0) == n && t->size(1) >= v + 8 && t->scalar_type() == z.scalar_type() &&
+                      t->is_contiguous(), "rsa_kernels._C: candidates must be contiguous (n, >= w + 8) of z's dtype");
+  }
+  at::Tensor out = at::zeros({n, 19}, z.options());
   const int64_t* r = rows.const_data_ptr<int64_t>();
   pybind11::gil_scoped_release nogil;
   auto run = [&](auto zero) {
@@ -517,8 +687,10 @@ at::Tensor slice_partials(const at::Tensor& z, const at::Tensor& zr, const at::T
     at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const bool next = i + 1 < e;
-        partials_row<C>(row_of<C>(z, r[i]), row_of<C>(zr, r[i]), v, lab[i], erm, C(mu), level, o + 11 * i,
-                        next ? row_of<C>(z, r[i + 1]) : nullptr, next ? row_of<C>(zr, r[i + 1]) : nullptr);
+        partials_row<C>(row_of<C>(z, r[i]), row_of<C>(zr, r[i]), v, lab[i], erm, C(mu), level, weighted, o + 19 * i,
+                        next ? row_of<C>(z, r[i + 1]) : nullptr, next ? row_of<C>(zr, r[i + 1]) : nullptr,
+                        collect ? cand_z.data_ptr<C>() + i * cand_z.size(1) : nullptr,
+                        collect ? cand_zr.data_ptr<C>() + i * cand_zr.size(1) : nullptr);
       }
     });
   };
@@ -601,11 +773,19 @@ at::Tensor slice_search(const at::Tensor& z, const at::Tensor& zr, const at::Ten
 // narrow the candidates.
 at::Tensor slice_bracket(const at::Tensor& z, const at::Tensor& zr, const at::Tensor& rows, const at::Tensor& a,
                          const at::Tensor& ar, const at::Tensor& lo, const at::Tensor& hi, double target,
-                         at::Tensor cand_d, at::Tensor cand_q, std::vector<at::Tensor> state) {
+                         bool weighted, at::Tensor cand_d, at::Tensor cand_q, std::vector<at::Tensor> state,
+                         const at::Tensor& stored) {
   check_search(z, zr, rows, a, ar, cand_d, cand_q, state);
   const int64_t n = rows.size(0), v = z.size(1);
   check_vector(lo, n, at::kLong, "lo");
   check_vector(hi, n, at::kLong, "hi");
+  const bool from_stored = stored.numel() > 0;  // the candidates slice_partials kept, their counts
+  if (from_stored) {
+    check_vector(stored, n, at::kLong, "stored");
+    const int64_t* c = stored.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < n; ++i) TORCH_CHECK(c[i] >= 0 && c[i] <= v, "rsa_kernels._C: stored count outside [0, w]");
+  }
+  const int64_t* cnt = from_stored ? stored.const_data_ptr<int64_t>() : nullptr;
   const int levels = z.scalar_type() == at::kDouble ? 64 / RADIX : 32 / RADIX;
   at::Tensor out = at::zeros({n, BINS + 2}, z.options().dtype(at::kDouble));
   const int64_t* r = rows.const_data_ptr<int64_t>();
@@ -626,21 +806,28 @@ at::Tensor slice_bracket(const at::Tensor& z, const at::Tensor& zr, const at::Te
         const C* nz = next ? row_of<C>(z, r[i + 1]) : nullptr;
         const C* nr = next ? row_of<C>(zr, r[i + 1]) : nullptr;
         const Lane l = Lane(uint64_t(plo[i])), h = Lane(uint64_t(phi[i]));
-        if (l == 0 && h == Lane(~Lane(0))) {  // unbounded: the plain level 0
-          search_row<C>(row_of<C>(z, r[i]), row_of<C>(zr, r[i]), v, pa[i], par[i], false, 0, levels, 0, target, st,
-                        o, nz, nr);
+        if (!from_stored && l == 0 && h == Lane(~Lane(0))) {  // unbounded: the plain level 0
+          search_row<C>(row_of<C>(z, r[i]), row_of<C>(zr, r[i]), v, pa[i], par[i], weighted, 0, levels, 0, target,
+                        st, o, nz, nr);
           continue;
         }
-        Radix<C> rx(false);
-        Above<C> above(true);
+        Radix<C> rx(weighted);
+        Above<C> above(!weighted);
         int64_t nb = 0, na = 0;
-        *st.count = rx.bracket_read(row_of<C>(z, r[i]), row_of<C>(zr, r[i]), v, pa[i], par[i], U{} + l, U{} + h, st,
-                                    above, nb, na, nz, nr);
+        double masses[3];
+        const C* zi = row_of<C>(z, r[i]);
+        const C* ri = row_of<C>(zr, r[i]);
+        const C A = pa[i], Ar = par[i];
+        *st.count = from_stored
+            ? rx.bracket_read([&](auto f) { Radix<C>::stored(st, cnt[i], A, Ar, f); }, U{} + l, U{} + h, st, above,
+                              nb, na, masses)
+            : rx.bracket_read([&](auto f) { Radix<C>::rows(zi, ri, v, A, Ar, nz, nr, f); }, U{} + l, U{} + h, st,
+                              above, nb, na, masses);
         const int top = digit<C>(uint64_t(l), 0);
         if (top == digit<C>(uint64_t(h), 0)) {
           // every key in the bracket has this top digit: one bin, and the group picks it (where
           // the bracket holds), so level 1's histogram is prepared now, as for a right guess
-          o[top] = double(*st.count);
+          o[top] = weighted ? masses[2] : double(*st.count);
           rx.candidate_histogram(st, *st.count, 1);
           rx.merge(st.spec_hist);
           st.spec_sums[0] = st.spec_sums[1] = 0;  // no candidate leaves at level 1
@@ -651,8 +838,8 @@ at::Tensor slice_bracket(const at::Tensor& z, const at::Tensor& zr, const at::Te
           rx.candidate_histogram(st, *st.count, 0);
           rx.merge(o);
         }
-        o[BINS] = double(nb);
-        o[BINS + 1] = double(na);
+        o[BINS] = weighted ? masses[0] : double(nb);
+        o[BINS + 1] = weighted ? masses[1] : double(na);
         above.finish(st.sums, st.min_above);
       }
     });
@@ -810,10 +997,14 @@ at::Tensor slice_pick(const at::Tensor& hist, at::Tensor below, at::Tensor prefi
 
 void register_slices(pybind11::module_& m) {
   m.def("slice_partials", &slice_partials,
-        "(z, zr, rows, local, erm, mu, level) -> (n, 11): max z, max zr, S, Sr, U, T, z_y, zr_y, M per row of the "
-        "slice, and the bracket of u = zr - z around the fraction level (< 0: -inf, inf)");
+        "(z, zr, rows, local, erm, mu, level, weighted, cand_z, cand_zr) -> (n, 19): max z, max zr, S, Sr, U, T, "
+        "z_y, zr_y, M per row of the slice, the bracket of u = zr - z around the fraction level (of the items, or "
+        "of the weights exp(zr - max zr); < 0: -inf, inf), and with candidate buffers (else empty tensors) what "
+        "was collected: below, above, Sr and U above, min zr above, max |z|, |zr|, candidates, Sr below");
   m.def("slice_bracket", &slice_bracket,
-        "(z, zr, rows, A, Ar, lo, hi, target, cand_d, cand_q, state) -> (n, 258): level 0 within key brackets");
+        "(z, zr, rows, A, Ar, lo, hi, target, weighted, cand_d, cand_q, state, stored) -> (n, 258): level 0 "
+        "within key brackets (counts, or q-masses where weighted), over the rows or (stored: their counts) over "
+        "slice_partials' candidates");
   m.def("slice_search", &slice_search,
         "(z, zr, rows, A, Ar, weighted, level, prefix, target, cand_d, cand_q, state) -> (n, 256) histogram");
   m.def("slice_pick", &slice_pick, "(hist, below, prefix, target, shift) -> at; below, prefix updated in place");

@@ -106,7 +106,7 @@ def rows(n, v, seed, dtype, kind, world):
     zr[3, [1, starts[1], v - 1]] = float("-inf")
     if kind == "extreme":
         z[4, starts[1] + 1] = float("-inf")
-    if kind == "samples":  # rows where the cpu kernels' strided samples of each slice mislead
+    if kind == "samples":  # rows where the cpu kernels' strided samples of each slice mislead (ra_dpo_cvar's)
         for k, (start, w) in enumerate(zip(starts, widths)):
             sampled = torch.zeros(w, dtype=torch.bool)
             sampled[::w // 512] = True  # ra_dpo_cvar's 512 samples: every 4th column
@@ -358,7 +358,7 @@ class Counter:
         self._orig = {}
 
     def __enter__(self):
-        for name in ("all_reduce", "all_gather"):
+        for name in ("all_reduce", "all_gather", "all_gather_single"):
             orig = getattr(dist, name)
             self._orig[name] = orig
 
@@ -366,6 +366,8 @@ class Counter:
                 if _name == "all_reduce":
                     t, op = args[0], kwargs.get("op", dist.ReduceOp.SUM)
                     op = {dist.ReduceOp.SUM: "sum", dist.ReduceOp.MAX: "max", dist.ReduceOp.MIN: "min"}[op]
+                elif _name == "all_gather_single":  # a reduction done by each rank (comm.py): its payload
+                    t, op = args[1], "gathered"
                 else:
                     t, op = args[1], "all_gather"
                 self.calls.append((op, t.numel(), t.numel() * t.element_size()))
@@ -389,8 +391,11 @@ def measure(ctx, risk, dtype, v=100):
     with Counter() as bwd:
         weighted(st, 1).backward()
     agreement, forward = fwd.calls[0], fwd.calls[1:]
-    cost = forward_communication(risk, dtype, v)
-    measured = [(op, numel // n) for op, numel, _ in forward]
+    kernels, _ = get_slices(ctx.kind or "auto", z)
+    cost = forward_communication(risk, dtype, v, collects=getattr(kernels, "COLLECTS", False))
+    # a gathered round's op is the formula's (each rank reduces the gathered payloads itself)
+    measured = [(want[0] if op == "gathered" else op, numel // n)
+                for (op, numel, _), want in zip(forward, cost.collectives + ((None,),) * len(forward))]
     if agreement != ("all_gather", AGREEMENT_BYTES // 8, AGREEMENT_BYTES):
         raise AssertionError(f"agreement collective {agreement}")
     if measured != list(cost.collectives) or any(numel % n for _, numel, _ in forward):
@@ -413,7 +418,8 @@ def measure_fused(ctx, risk):
     with Counter() as bwd:
         weighted(st, 1).backward()
     n = int((labels != -100).sum())
-    cost = forward_communication(risk, torch.float64, 100)
+    kernels, _ = get_slices(ctx.kind or "auto", hidden)
+    cost = forward_communication(risk, torch.float64, 100, collects=getattr(kernels, "COLLECTS", False))
     forward_bytes = sum(b for _, _, b in fwd.calls[1:]) / n
     if forward_bytes != cost.bytes_per_row or bwd.calls != [("sum", h.numel(), h.numel() * 8)]:
         raise AssertionError(f"forward {forward_bytes} B/row, backward {bwd.calls}")
@@ -565,8 +571,10 @@ def run_kind(ctx: Ctx, full: bool) -> None:
                            lambda: check_token_stats(ctx, risk, dtype, kind, 100, seed))
         ctx.record("token_stats", f"ra_dpo_cvar:0.5 {dtype} V=101 (no interpolation)",
                    lambda: check_token_stats(ctx, "ra_dpo_cvar:0.5", dtype, "random", 101, 99))
-        # the cpu kernels' bracketed search: its hits, and the rows it misses searched again
-        for risk in ("ra_dpo_cvar:0.1", "ra_dpo_cvar:0.5", "ra_dpo_cvar:0.9") if full else ("ra_dpo_cvar:0.5",):
+        # the cpu kernels' kept candidates and bracketed search: their hits, and the rows they
+        # miss searched again
+        for risk in ("ra_dpo_cvar:0.1", "ra_dpo_cvar:0.5", "ra_dpo_cvar:0.9", "cvar:0.5", "cvar:0.9") if full \
+                else ("ra_dpo_cvar:0.5", "cvar:0.9"):
             ctx.record("token_stats", f"{risk} {dtype} samples",
                        lambda: check_token_stats(ctx, risk, dtype, "samples", WIDE[ctx.world], 98))
     if full:  # half-precision input accumulates in float32, as in one process

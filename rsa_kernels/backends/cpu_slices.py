@@ -2,10 +2,12 @@
 (csrc/slices.cpp; the contract is in rsa_kernels/backends/__init__.py).
 
 The kernels read a chunk's rows where they lie (row indices, any row stride) and keep
-nothing of (rows x width) size but the search's candidates: the items inside the group's
-bracket of ra_dpo_cvar's quantile (from the slices' samples, drawn in partials), or under the first
-chosen digit where no bracket bounds the row, typically a fraction of the row, in buffers
-that are only touched as far as they fill. 16-bit input is converted to float32 first (a copy of the chunk's rows).
+nothing of (rows x width) size but the search's candidates, typically a fraction of the row,
+in buffers that are only touched as far as they fill: for ra_dpo_cvar the items inside the
+slice's sample bracket of its quantile, kept by partials in its one read of the row (so the
+search reads the row no second time where the group's quantile lies among them: COLLECTS);
+for cvar the items under the first chosen digit. 16-bit input is converted to float32 first
+(a copy of the chunk's rows).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from ..risk import Risk
 from .cpu_rows import _C, fresh_like, unsupported  # noqa: F401  (ImportError: the extension is not built)
 from .slice_keys import NO_KEY, RADIX_BITS, key_bits
 
+COLLECTS = True  # Chunk.collected(): ra_dpo_cvar's candidates from partials' read
 _SLACK = 8  # a vector store may write this many values past the last candidate
 _kept = threading.local()  # per thread: dtype -> the candidates' storage (see _candidates)
 
@@ -56,23 +59,34 @@ class Chunk:
         if z.dtype != acc or zr.dtype != acc:  # 16-bit rows: convert only the chunk's
             z, zr, rows = z.index_select(0, rows), zr.index_select(0, rows), torch.arange(len(rows))
         self.z, self.zr, self.rows = _rows(z, acc), _rows(zr, acc), rows.contiguous()
+        self.kept = None  # ra_dpo_cvar: (z, zr) candidate buffers from partials, their counts
 
     def partials(self, local: torch.Tensor, risk: Risk) -> torch.Tensor:
-        # ra_dpo_cvar: the sample bracket of its quantile at 1 - C rides along (bracket())
-        level = 1.0 - float(risk.param) if risk.kind == "ra_dpo_cvar" else -1.0
+        # ra_dpo_cvar: the sample bracket of its quantile at 1 - C rides along (bracket()), and
+        # the items in it are kept (collected())
+        level = {"ra_dpo_cvar": 1.0 - float(risk.param), "cvar": float(risk.param)}.get(risk.kind, -1.0)
+        none = torch.empty(0, dtype=self.z.dtype)
+        keep = level >= 0 and COLLECTS
+        cand = _candidates(len(self.rows), self.z.shape[1], self.z.dtype) if keep else (none, none)
         out = _C.slice_partials(self.z, self.zr, self.rows, local.contiguous(), risk.kind == "erm",
-                                float(risk.param), level)
-        self._bracket = out[:, 9:11]
+                                float(risk.param), level if keep or risk.kind == "ra_dpo_cvar" else -1.0,
+                                risk.kind == "cvar", *cand)
+        self._bracket, self._collected = out[:, 9:11], torch.cat([out[:, 9:17], out[:, 18:19]], 1)
+        self.kept = (*cand, out[:, 17].long()) if keep else None
         return out[:, :9]
 
     def bracket(self) -> torch.Tensor:
         """(n, 2): this slice's bracket of ra_dpo_cvar's quantile in u = zr - z, from partials."""
         return self._bracket
 
+    def collected(self) -> torch.Tensor:
+        """(n, 9): what partials kept of cvar's or ra_dpo_cvar's candidates (rsa_kernels.backends)."""
+        return self._collected
+
     def subset(self, idx: torch.Tensor) -> "Chunk":
         """The rows ``idx`` of this chunk (a search the group's bracket missed runs again on them)."""
         sub = object.__new__(Chunk)
-        sub.z, sub.zr, sub.rows = self.z, self.zr, self.rows[idx].contiguous()
+        sub.z, sub.zr, sub.rows, sub.kept = self.z, self.zr, self.rows[idx].contiguous(), None
         return sub
 
     def search(self, a: torch.Tensor, ar: torch.Tensor, risk: Risk, target: float) -> "Search":
@@ -87,7 +101,11 @@ class Search:
         self.chunk, self.a, self.ar, self.target = chunk, a.contiguous(), ar.contiguous(), float(target)
         self.weighted = risk.kind == "cvar"
         self.levels = key_bits(chunk.z.dtype) // RADIX_BITS
-        self.cand_d, self.cand_q = _candidates(n, width, chunk.z.dtype)
+        # the candidates partials kept (read once by bracket, which writes their D and q over them)
+        kept = chunk.kept if risk.kind in ("cvar", "ra_dpo_cvar") else None
+        self.cand_d, self.cand_q = kept[:2] if kept else _candidates(n, width, chunk.z.dtype)
+        self.stored = kept[2] if kept else torch.empty(0, dtype=torch.int64)
+        chunk.kept = None
         i64, f64 = dict(dtype=torch.int64), dict(dtype=torch.float64)
         self.sums = torch.zeros(n, 3, **f64)
         self.min_above = torch.full((n,), NO_KEY, **i64)
@@ -105,10 +123,12 @@ class Search:
 
     def bracket(self, lo: torch.Tensor, hi: torch.Tensor):
         """Level 0 within the group's bracket [lo, hi] of keys (ra_dpo_cvar's counts): the
-        histogram of the top digit of the items in it (its candidates), the counts below and above."""
+        histogram of the top digit of the items in it (its candidates), the counts below and
+        above; over the candidates partials kept where it kept them (else over the rows)."""
         c = self.chunk
         out = _C.slice_bracket(c.z, c.zr, c.rows, self.a, self.ar, lo.contiguous(), hi.contiguous(), self.target,
-                               self.cand_d, self.cand_q, self.state)
+                               self.weighted, self.cand_d, self.cand_q, self.state, self.stored)
+        self.stored = torch.empty(0, dtype=torch.int64)
         return out[:, :-2], out[:, -2], out[:, -1]
 
     def close(self, prefix: torch.Tensor):

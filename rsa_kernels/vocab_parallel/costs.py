@@ -1,14 +1,20 @@
 """What the vocabulary-parallel path sends: the formula docs/distributed.md states.
 
-Per chunk of unmasked rows, the forward runs the all-reduces listed here, each carrying
-``values`` float64 (MIN: int64) numbers per row, 8 bytes each, whatever the input dtype
-(ra_dpo_cvar: plus the radix rounds again, unbracketed, for the rows where the group's
-bracket of its quantile missed: none in the usual case, see quantile.py);
-the backward of the statistics sends nothing. Once per call, the input agreement
-all-gathers AGREEMENT_BYTES per rank; the fused-linear forms add, in the backward, one
-all-reduce of the hidden states' gradient (rows x H in hidden's dtype). The bytes are the
-payload each rank hands to all_reduce; a ring all-reduce moves about 2 (P-1)/P times that
-per rank over the wire.
+Per chunk of unmasked rows, the forward runs the rounds listed here, each a reduction
+(sum, max or min) of ``values`` numbers per row: float64 (MIN: int64), 8 bytes each, but
+for the radix rounds of cvar and ra_dpo_cvar, which travel in the accumulation dtype (4
+bytes on float32 rows: counts exact, q-masses as exact as the single process's float32 sums).
+Slice kernels that keep the quantile's candidates in their first read (COLLECTS: cpu) send 3
+more values in the MAX round (the intersection of the slices' brackets and a rounding bound)
+and 2 more in the first radix round (the weights they left out below and above). The rows
+whose selection lies outside the group's bracket are searched again (ra_dpo_cvar: within the
+union of the slices' brackets, then without one; cvar: without one): their radix rounds
+come on top, none in the usual case (see quantile.py). The backward of the statistics sends
+nothing. Once per call, the input agreement all-gathers AGREEMENT_BYTES per rank; the
+fused-linear forms add, in the backward, one all-reduce of the hidden states' gradient (rows
+x H in hidden's dtype). The bytes are the payload each rank hands to the collective: an
+all-reduce (a ring moves about 2 (P-1)/P times that per rank) or, on gloo, an all-gather
+whose result every rank reduces itself (comm.py).
 """
 from __future__ import annotations
 
@@ -28,23 +34,29 @@ class Cost(NamedTuple):
     collectives: tuple      # ((op, values per row), ...) in order
     rounds: int
     bytes_per_row: int
+    widths: tuple = ()      # bytes per value of each round
 
 
-def forward_communication(risk, dtype: torch.dtype, vocab: int) -> Cost:
-    """The forward's all-reduces per chunk of unmasked rows, for ``risk`` on ``dtype`` logits
-    over a vocabulary of ``vocab`` columns (without padding), whatever the slice kernels."""
+def forward_communication(risk, dtype: torch.dtype, vocab: int, collects: bool = False) -> Cost:
+    """The forward's rounds per chunk of unmasked rows, for ``risk`` on ``dtype`` logits over a
+    vocabulary of ``vocab`` columns (without padding), on slice kernels that keep the
+    quantile's candidates in their first read (``collects``: cpu) or not (torch, triton)."""
     risk = parse_risk(risk)
-    bracketed = risk.kind == "ra_dpo_cvar"               # its quantile's bracket: bounds, counts outside
-    steps = [("max", 4 if bracketed else 2), ("sum", 4)]  # row maxima; exp-sums and the label's logits
+    acc_bytes = torch.finfo(accumulation_dtype(dtype)).bits // 8
+    selects = risk.kind in ("cvar", "ra_dpo_cvar")
+    kept = collects and selects
+    union = risk.kind == "ra_dpo_cvar"                   # the union of the slices' brackets: -lo, hi
+    steps = [("max", 2 + 2 * union + 3 * kept, 8), ("sum", 4, 8)]  # row maxima; exp-sums, the label's logits
     if risk.kind == "kl":
-        steps += [("sum", 1)]                            # kl
+        steps += [("sum", 1, 8)]                         # kl
     elif risk.kind == "erm":
-        steps += [("max", 1), ("sum", 2)]                # the log-sums of r + MU D; kl and the exp-sums
+        steps += [("max", 1, 8), ("sum", 2, 8)]          # the log-sums of r + MU D; kl and the exp-sums
     else:
         radix = key_bits(accumulation_dtype(dtype)) // RADIX_BITS
-        first = BINS + 1 + (2 if bracketed else 0)
-        steps += [("sum", first)] + [("sum", BINS)] * (radix - 1)   # histograms, kl in the first
+        first = BINS + 1 + (2 if union or kept else 0)   # kl, and the weights outside the bracket
+        steps += [("sum", first, acc_bytes)] + [("sum", BINS, acc_bytes)] * (radix - 1)
         if risk.kind == "ra_dpo_cvar" and interpolation_ranks(vocab, 1.0 - risk.param)[2] != 0.0:
-            steps += [("min", 1)]                        # the next larger value (HI)
-        steps += [("sum", 2)]                            # the sums above (and at) the threshold
-    return Cost(tuple(steps), len(steps), 8 * sum(v for _, v in steps))
+            steps += [("min", 1, 8)]                     # the next larger value (HI)
+        steps += [("sum", 2, 8)]                         # the sums above (and at) the threshold
+    return Cost(tuple((op, n) for op, n, _ in steps), len(steps), sum(n * w for _, n, w in steps),
+                tuple(w for _, _, w in steps))

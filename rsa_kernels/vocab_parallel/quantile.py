@@ -12,8 +12,8 @@ widths; the number of rounds never depends on the data.
 With a bracket (ra_dpo_cvar: keys [lo, hi] per row that every rank derived alike from the
 slices' samples), the first round histograms only the items inside it and carries the
 group's counts below and above it: those tell every rank alike whether the selection lies
-in the bracket (Selection.hit); the rows where it does not are searched again without one
-(rows.py), so a bracket decides the time, never the result.
+in the bracket (Selection.hit); the rows where it does not are searched again (rows.py), so
+a bracket decides the time, never the result.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backends.slice_keys import BINS, RADIX_BITS, bracket_keys
+from ..backends.slice_keys import BINS, RADIX_BITS, bracket_keys, sort_keys
 from .comm import Comm
 
 
@@ -44,6 +44,37 @@ def bracket_of(u_bounds: torch.Tensor, a: torch.Tensor, ar: torch.Tensor, bits: 
     return bracket_keys(d[:, 0].contiguous(), d[:, 1].contiguous(), bits)
 
 
+def collected_bracket(col: torch.Tensor, group: torch.Tensor, a, ar, bits: int, acc: torch.dtype):
+    """select's bracket for the candidates a rank's partials kept (the slice
+    kernels' Chunk.collected(), ``col``): the keys [lo, hi] of D that every item a rank left out
+    lies outside, from the group's ``group`` (rows, 3): the intersection [L, H] of the slices'
+    brackets of u = zr - z and the largest |z|, |zr| of their items with a finite u.
+
+    An item left out below has u < L, so D < L + (A - Ar) + err (D = -inf where q = 0), err
+    bounding the rounding of D = (zr - Ar) - (z - A) and of u against their exact values; one
+    left out above has D > H + (A - Ar) - err if its q != 0, which its rank proves from its
+    smallest zr. Returns the bracket (the same keys on every rank) and where this rank proved
+    that (not where L > H): rows.py makes the others miss on every rank."""
+    lo_u, hi_u, big = group[:, 0].double(), group[:, 1].double(), group[:, 2].double()
+    shift, unit = a.double() - ar.double(), 16 * torch.finfo(acc).eps  # generous: 32 roundings' worth
+    err = unit * (2 * big + a.double().abs() + ar.double().abs() + shift.abs())
+    has_lo, has_hi = lo_u > float("-inf"), hi_u < float("inf")
+    # an infinite bound stays itself: below +inf lies every D < +inf, above -inf every D > -inf
+    lo_v = torch.where(torch.isinf(lo_u), lo_u, lo_u + shift + (err + unit * lo_u.abs()))
+    hi_v = torch.where(torch.isinf(hi_u), hi_u, hi_u + shift - (err + unit * hi_u.abs()))
+    ok = ~torch.isnan(lo_v) & ~torch.isnan(hi_v) & (lo_v <= hi_v)  # else they overlap: no proof
+    floor = -90.0 if acc != torch.float64 else -700.0  # exp(zr - Ar) of the smallest zr above is > 0
+    ok &= (col[:, 3] == 0) | ((col[:, 6].double() - ar.double()) >= floor)
+    lo_v, hi_v = torch.where(ok & has_lo, lo_v, 0.0), torch.where(ok & has_hi, hi_v, 0.0)
+    lo_c, hi_c = lo_v.to(acc), hi_v.to(acc)  # rounded outward to the dtype of D
+    lo_c = torch.where(lo_c.double() < lo_v, torch.nextafter(lo_c, torch.full_like(lo_c, float("inf"))), lo_c)
+    hi_c = torch.where(hi_c.double() > hi_v, torch.nextafter(hi_c, torch.full_like(hi_c, float("-inf"))), hi_c)
+    top = -1 if bits == 64 else 2**32 - 1
+    lo_key = torch.where(has_lo, sort_keys(lo_c), 0)
+    hi_key = torch.where(has_hi, sort_keys(hi_c), top)
+    return (lo_key, hi_key, top), ok
+
+
 def missed(below, inside, above, target: float) -> torch.Tensor:
     """Rows whose selection (see select) lies outside the bracket, from the group's weight
     below it, inside it and above it: an item below reaches the target, or none inside does
@@ -52,7 +83,8 @@ def missed(below, inside, above, target: float) -> torch.Tensor:
     return ((below > 0) & (below >= target)) | (~reached & ((above > 0) | ((inside == 0) & (below > 0))))
 
 
-def select(comm: Comm, search, pick, target: float, bits: int, carry: torch.Tensor, bracket=None) -> Selection:
+def select(comm: Comm, search, pick, target: float, bits: int, carry: torch.Tensor, bracket=None,
+           wire=torch.float64, outside=None, need_next: bool = False) -> Selection:
     """The smallest key whose cumulative weight (over all ranks) reaches ``target``.
 
     ``search``: a slice kernels' Search (its histogram(level, prefix) weighs the items that
@@ -63,18 +95,26 @@ def select(comm: Comm, search, pick, target: float, bits: int, carry: torch.Tens
     ride along in the first all-reduce. ``bracket``: (lo, hi, top) of
     slice_keys.bracket_keys, the same on every rank; with it the first all-reduce carries
     the counts below and above it too, and the result's ``hit`` says where it held.
+    ``wire``: the dtype the rounds travel in (float32 for counts and float32 carries: exact).
+    ``outside``: (below, above) weights of items this rank knows lie below and above the
+    bracket without their keys (the candidates its partials kept, rows.py): they add to the
+    search's, and the bracket's level 0 runs even where it is open. ``need_next``: a hit also
+    needs the next item after the selection inside the bracket (ra_dpo_cvar's HI: the keys
+    of the items left out are not known).
     """
     rows = carry.shape[0]
     f64 = dict(dtype=torch.float64, device=carry.device)
     prefix = torch.zeros(rows, dtype=torch.int64, device=carry.device)
     below, at = torch.zeros(rows, **f64), torch.zeros(rows, **f64)
-    carried, outside, hit = carry, torch.zeros(rows, 0, **f64), None
+    known, carried, outside, hit = outside, carry, torch.zeros(rows, 0, **f64), None
     for level in range(bits // RADIX_BITS):
         shift = bits - (level + 1) * RADIX_BITS
         if level == 0 and bracket is not None:
             lo, hi, top = bracket
-            if bool(((lo != 0) | (hi != top)).any()):  # some row is bounded (only kernels that bracket bound)
+            if known is not None or bool(((lo != 0) | (hi != top)).any()):  # some row is bounded
                 hist, n_below, n_above = search.bracket(lo, hi)
+                if known is not None:
+                    n_below, n_above = n_below + known[0], n_above + known[1]
                 outside = torch.stack([n_below, n_above], 1).to(torch.float64)
             else:
                 hist, outside = search.histogram(level, prefix), torch.zeros(rows, 2, **f64)
@@ -82,12 +122,15 @@ def select(comm: Comm, search, pick, target: float, bits: int, carry: torch.Tens
             hist = search.histogram(level, prefix)
         if level == 0:
             k = BINS + outside.shape[1]
-            both = comm.sum(torch.cat([hist, outside, carry.to(torch.float64)], 1), inplace=True)
+            both = comm.sum(torch.cat([hist.to(wire), outside.to(wire), carry.to(wire)], 1), inplace=True,
+                            wire_dtype=wire).to(torch.float64)
             hist, outside, carried = both[:, :BINS], both[:, BINS:k], both[:, k:].to(carry.dtype)
             if bracket is not None:
-                below = outside[:, 0].clone()
-                hit = ~missed(below, hist.sum(1), outside[:, 1], target)
+                below, inside = outside[:, 0].clone(), hist.sum(1)
+                hit = ~missed(below, inside, outside[:, 1], target)
+                if need_next:
+                    hit &= below + inside >= target + 1
         else:
-            hist = comm.sum(hist, inplace=True)
+            hist = comm.sum(hist.to(wire), inplace=True, wire_dtype=wire).to(torch.float64)
         below, at, prefix = pick(hist, below, target, shift, prefix)
     return Selection(prefix, below, at, carried, hit)

@@ -45,7 +45,7 @@ from ..reference import accumulation_dtype, interpolation_ranks
 from ..risk import SAVED_WIDTH, Risk
 from .agreement import VocabLayout
 from .comm import Comm
-from .quantile import bracket_of, select
+from .quantile import bracket_of, collected_bracket, select
 
 
 class VocabParallelRows:
@@ -102,13 +102,21 @@ class VocabParallelRows:
         part = chunk.partials(local, risk).to(acc)
         n = part.shape[0]
         mine = lse_shift(part[:, 0:2])                 # this slice's shifts of z and zr
-        bounds = None
+        bounds = kept = None
+        sent = [part[:, 0:2]]  # the row maxima
         if risk.kind == "ra_dpo_cvar":  # the union of the slices' brackets rides along: -lo and hi
             bounds = chunk.bracket().to(acc)
-            maxed = comm.max(torch.cat([part[:, 0:2], -bounds[:, :1], bounds[:, 1:]], 1))
-            group, bounds = lse_shift(maxed[:, 0:2]), torch.stack([-maxed[:, 2], maxed[:, 3]], 1)
-        else:
-            group = lse_shift(comm.max(part[:, 0:2]))  # the group's
+            sent += [-bounds[:, :1], bounds[:, 1:]]
+        if risk.kind in ("cvar", "ra_dpo_cvar") and getattr(self.agreed, "COLLECTS", False):
+            kept = chunk.collected().to(acc)  # their intersection, and the largest |z|, |zr|
+            sent += [kept[:, :1], -kept[:, 1:2], kept[:, 7:8]]
+        maxed = comm.max(torch.cat(sent, 1))
+        group = lse_shift(maxed[:, 0:2])
+        if bounds is not None:
+            bounds = torch.stack([-maxed[:, 2], maxed[:, 3]], 1)
+        if kept is not None:
+            k = maxed.shape[1] - 3
+            kept = (kept, torch.stack([maxed[:, k], -maxed[:, k + 1], maxed[:, k + 2]], 1))
         exp_sums = part[:, 2:4]
         # a slice without mass adds 0 (never 0 * inf); a NaN sum stays NaN
         rescaled = torch.where(exp_sums != 0, exp_sums * (mine - group).exp(), 0.0)
@@ -123,6 +131,11 @@ class VocabParallelRows:
         kl_part = torch.where(ruled_out, float("inf"), kl_part)
         saved = torch.zeros(n, SAVED_WIDTH, dtype=acc, device=part.device)
         saved[:, 0], saved[:, 1] = a, ar
+        if kept is not None:  # what the rank left out of its candidates, as kl_part: above, sum q D and
+            col, scale = kept[0], (mine[:, 1] - ar).exp()[:, None]  # sum q; the q-masses below and above
+            above = torch.where(col[:, 4:5] != 0, torch.stack([col[:, 5] + c * col[:, 4], col[:, 4]], 1) * scale, 0.0)
+            masses = torch.where(col[:, [8, 4]] != 0, col[:, [8, 4]] * scale, 0.0)
+            kept = (*kept, above, masses if risk.kind == "cvar" else col[:, 2:4])
         if risk.kind == "kl":
             kl = value = comm.sum(kl_part[:, None])[:, 0]
         elif risk.kind == "erm":
@@ -133,12 +146,12 @@ class VocabParallelRows:
             kl, saved[:, 2] = both[:, 0], both[:, 1].log() + shift
             value = saved[:, 2] / risk.param
         elif risk.kind == "cvar":
-            sel, search, closed = self._select(chunk, a, ar, risk, risk.param, risk.param, bounds, kl_part, acc)
+            sel, search, closed = self._select(chunk, a, ar, risk, risk.param, risk.param, bounds, kl_part, acc, kept)
             kl, value, saved[:, 2], saved[:, 3], saved[:, 4] = self._cvar(sel, closed, risk.param, acc)
         elif risk.kind == "ra_dpo_cvar":
             lo, hi, frac = interpolation_ranks(self.layout.vocab, 1.0 - risk.param)
             sel, search, closed = self._select(chunk, a, ar, risk, lo + 1, (lo + 1) / self.layout.vocab, bounds,
-                                               kl_part, acc)
+                                               kl_part, acc, kept)
             kl, value, saved[:, 2], saved[:, 3] = self._ra_dpo_cvar(sel, search, closed, (lo, hi, frac), acc)
         else:
             raise ValueError(f"risk: unknown kind {risk.kind!r}")
@@ -146,24 +159,47 @@ class VocabParallelRows:
         stats = torch.stack([sums[:, 2] - a, sums[:, 3] - ar, kl, value], 1)
         return stats, saved
 
-    def _select(self, chunk, a, ar, risk, target, hint, bounds, kl_part, acc):
-        """The search (quantile.select; kl rides in its first round), within the group's bracket
-        ``bounds`` where given, and again without one for the rows whose selection lies outside
-        it: (selection, the search, its sums above and its next larger keys (close))."""
-        bits = key_bits(acc)
+    def _select(self, chunk, a, ar, risk, target, hint, bounds, kl_part, acc, kept=None):
+        """The search (quantile.select; kl rides in its first round): among the candidates the
+        slices kept (``kept``: collected(), the group's intersection and largest |z|, |zr|, what
+        the rank left out above adds to the sums, and its weights below and above: counts or
+        cvar's q-masses), else within the group's bracket
+        ``bounds`` where given; the rows whose selection lies outside go on to the next of
+        these, the last without a bracket. Returns (selection, the search, its sums above and
+        its next larger keys (close))."""
+        bits, wire = key_bits(acc), _wire(risk, acc)
         search = chunk.search(a, ar, risk, hint)
-        sel = select(self.comm, search, self.kernels.pick, target, bits, kl_part[:, None],
-                     bracket=None if bounds is None else bracket_of(bounds, a, ar, bits))
-        sums = search.close(sel.key)
-        again = torch.zeros(0, dtype=torch.int64) if sel.hit is None else (~sel.hit).nonzero().squeeze(1)
-        if len(again):  # rare: an unlucky sample; the same rows on every rank (from the group's counts)
-            retry = chunk.subset(again).search(a[again], ar[again], risk, hint)
-            other = select(self.comm, retry, self.kernels.pick, target, bits, kl_part.new_zeros(len(again), 0))
+        union = None if bounds is None else bracket_of(bounds, a, ar, bits)
+        if kept is not None:
+            bracket, ok = collected_bracket(kept[0], kept[1], a, ar, bits, acc)
+            # a row the rank cannot prove it left nothing out of misses, on every rank (2**30 below)
+            outside = (kept[3][:, 0].double() + torch.where(ok, 0.0, 2.0**30), kept[3][:, 1].double())
+            sel = select(self.comm, search, self.kernels.pick, target, bits, kl_part[:, None], bracket=bracket,
+                         wire=wire, outside=outside, need_next=risk.kind == "ra_dpo_cvar")
+            sums, min_above = search.close(sel.key)
+            sums = sums.clone()
+            sums[:, :2] += kept[2].to(sums.dtype)
+            sums, later = (sums, min_above), [union, None]
+        else:
+            sel = select(self.comm, search, self.kernels.pick, target, bits, kl_part[:, None], bracket=union,
+                         wire=wire)
+            sums, later = search.close(sel.key), ([] if union is None else [None])
+        left = torch.zeros(0, dtype=torch.int64) if sel.hit is None else (~sel.hit).nonzero().squeeze(1)
+        for bracket in later:  # rare: an unlucky sample; the same rows on every rank (the group's counts)
+            if not len(left):
+                break
+            retry = chunk.subset(left).search(a[left], ar[left], risk, hint)
+            other = select(self.comm, retry, self.kernels.pick, target, bits, kl_part.new_zeros(len(left), 0),
+                           bracket=None if bracket is None else tuple(t[left] for t in bracket[:2]) + bracket[2:],
+                           wire=wire)
             more = retry.close(other.key)
-            sel.key[again], sel.below[again], sel.at[again] = other.key, other.below, other.at
+            done = torch.ones_like(left, dtype=torch.bool) if other.hit is None else other.hit
+            rows = left[done]
+            sel.key[rows], sel.below[rows], sel.at[rows] = other.key[done], other.below[done], other.at[done]
             sums = tuple(t.clone() for t in sums)
             for t, m in zip(sums, more):
-                t[again] = m
+                t[rows] = m[done]
+            left = left[~done]
         return sel, search, sums
 
     def _cvar(self, sel, closed, alpha, acc):
@@ -212,6 +248,13 @@ class VocabParallelRows:
         return out
 
 
+def _wire(risk: Risk, acc: torch.dtype) -> torch.dtype:
+    """What the radix rounds travel in: the accumulation dtype. On float32 rows ra_dpo_cvar's
+    counts are exact in float32 (below 2**24) and cvar's q-masses as exact as the single
+    process's own float32 sums; the kl carried along is float32 there anyway."""
+    return torch.float32 if acc == torch.float32 else torch.float64
+
+
 class EmptySlice:
     """The slice kernels of a rank whose columns are all padding: it adds nothing."""
 
@@ -229,6 +272,11 @@ class EmptySlice:
 
         def bracket(self):  # bounds nothing in the group's union
             return torch.tensor([float("inf"), float("-inf")], dtype=self.dtype, device=self.device).expand(self.n, 2)
+
+        def collected(self):  # nothing kept, nothing left out: bounds nothing in the intersection
+            inf = float("inf")
+            return torch.tensor([-inf, inf, 0.0, 0.0, 0.0, 0.0, inf, 0.0, 0.0], dtype=self.dtype,
+                                device=self.device).expand(self.n, 9)
 
         def subset(self, idx):
             sub = copy.copy(self)
