@@ -146,9 +146,14 @@ template <typename C> struct Collect {
   C* cr;
   int64_t m = 0;
   Vec<C> lo, hi, sr = splat<C>(0), su = splat<C>(0), zr_min = splat(std::numeric_limits<C>::infinity()),
-                 mabs = splat<C>(0), sb = splat<C>(0);
+                 mabs = splat<C>(0);
+  // Sr below in double, as cvar's q-mass below the bracket (its F at the quantile): a float
+  // sum's rounding, over most of the row, would move the atom's weight (F - ALPHA) / q_atom
+  typedef double D4 __attribute__((vector_size(32)));
+  D4 sb0{}, sb1{};
   IVec<C> nb{}, nh{}, iota;  // nb, nh: minus the counts (a true comparison is -1)
-  Collect(C* z, C* r, C l, C h) : cz(z), cr(r), lo(splat(l)), hi(splat(h)) {
+  bool weighted;
+  Collect(C* z, C* r, C l, C h, bool w) : cz(z), cr(r), lo(splat(l)), hi(splat(h)), weighted(w) {
     for (int j = 0; j < width<C>(); ++j) iota[j] = j;
   }
   void add(Vec<C> zv, Vec<C> rv, Vec<C> u, Vec<C> er, int lanes) {
@@ -156,7 +161,15 @@ template <typename C> struct Collect {
     const IVec<C> live = iota < lanes, low = live & (du < lo), up = live & (du > hi), kept = live & ~low & ~up;
     nb += low;
     nh += up;
-    sb += low ? er : zero;
+    if (weighted) {
+      const Vec<C> eb = low ? er : zero;
+      if constexpr (sizeof(C) == 4) {
+        sb0 += __builtin_convertvector(__builtin_shufflevector(eb, eb, 0, 1, 2, 3), D4);
+        sb1 += __builtin_convertvector(__builtin_shufflevector(eb, eb, 4, 5, 6, 7), D4);
+      } else {
+        sb0 += eb;
+      }
+    }
     sr += up ? er : zero;
     su += (up & (er != zero)) ? er * u : zero;  // z = -inf: u = +inf, so +inf where q may be > 0
     zr_min = (up & (rv < zr_min)) ? rv : zr_min;
@@ -183,7 +196,10 @@ template <typename C> struct Collect {
     out[4] = -hmax<C>(-zr_min);
     out[5] = hmax<C>(mabs);
     out[6] = C(m);
-    out[7] = hsum<C>(sb);
+    const D4 sb = sb0 + sb1;
+    const double mass = (sb[0] + sb[1]) + (sb[2] + sb[3]);
+    out[7] = C(mass);
+    out[8] = C(mass - double(out[7]));  // the rest: the double is out[7] + out[8]
   }
 };
 
@@ -279,7 +295,7 @@ void partials_row(const C* z, const C* zr, int64_t v, int64_t local, bool erm, C
   const Vec<C> va = splat(a), var = splat(ar), ninf = splat(NEG_INF<C>), zero = splat<C>(0), vmu = splat(mu);
   Vec<C> sz = zero, sr = zero, su = zero, m_inf = ninf;
   OnlineLse<C> lse_t;
-  Collect<C> col(cz, cr, out[9], out[10]);
+  Collect<C> col(cz, cr, out[9], out[10], weighted);
   constexpr int W = width<C>();
   auto sweep = [&](auto erm_tag, auto collect_tag) {
     constexpr bool IS_ERM = decltype(erm_tag)::value, COLLECT = decltype(collect_tag)::value;
@@ -678,7 +694,7 @@ at::Tensor slice_partials(const at::Tensor& z, const at::Tensor& zr, const at::T
       TORCH_CHECK(t->dim() == 2 && t->size(0) == n && t->size(1) >= v + 8 && t->scalar_type() == z.scalar_type() &&
                       t->is_contiguous(), "rsa_kernels._C: candidates must be contiguous (n, >= w + 8) of z's dtype");
   }
-  at::Tensor out = at::zeros({n, 19}, z.options());
+  at::Tensor out = at::zeros({n, 20}, z.options());
   const int64_t* r = rows.const_data_ptr<int64_t>();
   pybind11::gil_scoped_release nogil;
   auto run = [&](auto zero) {
@@ -687,7 +703,7 @@ at::Tensor slice_partials(const at::Tensor& z, const at::Tensor& zr, const at::T
     at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const bool next = i + 1 < e;
-        partials_row<C>(row_of<C>(z, r[i]), row_of<C>(zr, r[i]), v, lab[i], erm, C(mu), level, weighted, o + 19 * i,
+        partials_row<C>(row_of<C>(z, r[i]), row_of<C>(zr, r[i]), v, lab[i], erm, C(mu), level, weighted, o + 20 * i,
                         next ? row_of<C>(z, r[i + 1]) : nullptr, next ? row_of<C>(zr, r[i + 1]) : nullptr,
                         collect ? cand_z.data_ptr<C>() + i * cand_z.size(1) : nullptr,
                         collect ? cand_zr.data_ptr<C>() + i * cand_zr.size(1) : nullptr);
@@ -997,10 +1013,11 @@ at::Tensor slice_pick(const at::Tensor& hist, at::Tensor below, at::Tensor prefi
 
 void register_slices(pybind11::module_& m) {
   m.def("slice_partials", &slice_partials,
-        "(z, zr, rows, local, erm, mu, level, weighted, cand_z, cand_zr) -> (n, 19): max z, max zr, S, Sr, U, T, "
+        "(z, zr, rows, local, erm, mu, level, weighted, cand_z, cand_zr) -> (n, 20): max z, max zr, S, Sr, U, T, "
         "z_y, zr_y, M per row of the slice, the bracket of u = zr - z around the fraction level (of the items, or "
         "of the weights exp(zr - max zr); < 0: -inf, inf), and with candidate buffers (else empty tensors) what "
-        "was collected: below, above, Sr and U above, min zr above, max |z|, |zr|, candidates, Sr below");
+        "was collected: below, above, Sr and U above, min zr above, max |z|, |zr|, candidates, Sr below (weighted; "
+        "as two numbers whose sum in double is it)");
   m.def("slice_bracket", &slice_bracket,
         "(z, zr, rows, A, Ar, lo, hi, target, weighted, cand_d, cand_q, state, stored) -> (n, 258): level 0 "
         "within key brackets (counts, or q-masses where weighted), over the rows or (stored: their counts) over "

@@ -169,7 +169,14 @@ def check_token_stats(ctx, risk, dtype, kind, v, seed, n=23):
     if selects:
         active = y != -100
         _, saved1 = get_backend(ctx.oracle(risk, kind), z).forward(z, zr, y, parse_risk(risk), -100)
-        close(saved[active], saved1[active], dtype, "saved scalars (A, Ar, threshold, weights)")
+        atom = parse_risk(risk).kind == "cvar" and dtype != torch.float64
+        close(saved[active][:, :4 if atom else 5], saved1[active][:, :4 if atom else 5], dtype,
+              "saved scalars (A, Ar, threshold, weights)")
+        if atom:  # cvar's atom weight (F(tau) - ALPHA) / ((1 - ALPHA) q at tau) divides a difference
+            # of rounded masses: one process's float32 one differs from its float64 one by up to
+            # 1.3% on the "samples" rows; the kept candidates' mass below (Sr times exp(shift - Ar))
+            # rounds otherwise than a sum of q, by 0.2% there
+            torch.testing.assert_close(saved[active][:, 4], saved1[active][:, 4], rtol=2e-2, atol=1e-4)
     return {"max_abs_err": max(float((a - b).detach().abs().nan_to_num().max()) for a, b in zip(got, want))}
 
 

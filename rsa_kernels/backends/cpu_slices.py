@@ -71,7 +71,9 @@ class Chunk:
         out = _C.slice_partials(self.z, self.zr, self.rows, local.contiguous(), risk.kind == "erm",
                                 float(risk.param), level if keep or risk.kind == "ra_dpo_cvar" else -1.0,
                                 risk.kind == "cvar", *cand)
-        self._bracket, self._collected = out[:, 9:11], torch.cat([out[:, 9:17], out[:, 18:19]], 1)
+        self._bracket = out[:, 9:11]
+        below = out[:, 18].double() + out[:, 19].double()  # cvar's Sr below, a double in two halves
+        self._collected = torch.cat([out[:, 9:17].double(), below[:, None]], 1)
         self.kept = (*cand, out[:, 17].long()) if keep else None
         return out[:, :9]
 

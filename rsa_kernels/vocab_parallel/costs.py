@@ -2,8 +2,9 @@
 
 Per chunk of unmasked rows, the forward runs the rounds listed here, each a reduction
 (sum, max or min) of ``values`` numbers per row: float64 (MIN: int64), 8 bytes each, but
-for the radix rounds of cvar and ra_dpo_cvar, which travel in the accumulation dtype (4
-bytes on float32 rows: counts exact, q-masses as exact as the single process's float32 sums).
+for ra_dpo_cvar's radix rounds, which travel in the accumulation dtype (4 bytes on float32
+rows: its counts are exact there, below 2**24; cvar's q-masses stay float64: its atom's
+weight divides a difference of them).
 Slice kernels that keep the quantile's candidates in their first read (COLLECTS: cpu) send 3
 more values in the MAX round (the intersection of the slices' brackets and a rounding bound)
 and 2 more in the first radix round (the weights they left out below and above). The rows
@@ -54,7 +55,8 @@ def forward_communication(risk, dtype: torch.dtype, vocab: int, collects: bool =
     else:
         radix = key_bits(accumulation_dtype(dtype)) // RADIX_BITS
         first = BINS + 1 + (2 if union or kept else 0)   # kl, and the weights outside the bracket
-        steps += [("sum", first, acc_bytes)] + [("sum", BINS, acc_bytes)] * (radix - 1)
+        wire = acc_bytes if risk.kind == "ra_dpo_cvar" else 8  # counts; cvar's q-masses stay float64
+        steps += [("sum", first, wire)] + [("sum", BINS, wire)] * (radix - 1)
         if risk.kind == "ra_dpo_cvar" and interpolation_ranks(vocab, 1.0 - risk.param)[2] != 0.0:
             steps += [("min", 1, 8)]                     # the next larger value (HI)
         steps += [("sum", 2, 8)]                         # the sums above (and at) the threshold

@@ -108,8 +108,8 @@ class VocabParallelRows:
             bounds = chunk.bracket().to(acc)
             sent += [-bounds[:, :1], bounds[:, 1:]]
         if risk.kind in ("cvar", "ra_dpo_cvar") and getattr(self.agreed, "COLLECTS", False):
-            kept = chunk.collected().to(acc)  # their intersection, and the largest |z|, |zr|
-            sent += [kept[:, :1], -kept[:, 1:2], kept[:, 7:8]]
+            kept = chunk.collected()  # their intersection, and the largest |z|, |zr|
+            sent += [kept[:, :1].to(acc), -kept[:, 1:2].to(acc), kept[:, 7:8].to(acc)]
         maxed = comm.max(torch.cat(sent, 1))
         group = lse_shift(maxed[:, 0:2])
         if bounds is not None:
@@ -132,9 +132,11 @@ class VocabParallelRows:
         saved = torch.zeros(n, SAVED_WIDTH, dtype=acc, device=part.device)
         saved[:, 0], saved[:, 1] = a, ar
         if kept is not None:  # what the rank left out of its candidates, as kl_part: above, sum q D and
-            col, scale = kept[0], (mine[:, 1] - ar).exp()[:, None]  # sum q; the q-masses below and above
+            col, scale = kept[0].to(acc), (mine[:, 1] - ar).exp()[:, None]  # sum q; the q-masses below, above
             above = torch.where(col[:, 4:5] != 0, torch.stack([col[:, 5] + c * col[:, 4], col[:, 4]], 1) * scale, 0.0)
-            masses = torch.where(col[:, [8, 4]] != 0, col[:, [8, 4]] * scale, 0.0)
+            # the masses in float64 (F at the quantile decides the atom's weight): exp(shift - Ar) too
+            exact = kept[0][:, [8, 4]] * (mine[:, 1].double() - ar.double()).exp()[:, None]
+            masses = torch.where(kept[0][:, [8, 4]] != 0, exact, 0.0)
             kept = (*kept, above, masses if risk.kind == "cvar" else col[:, 2:4])
         if risk.kind == "kl":
             kl = value = comm.sum(kl_part[:, None])[:, 0]
@@ -249,10 +251,10 @@ class VocabParallelRows:
 
 
 def _wire(risk: Risk, acc: torch.dtype) -> torch.dtype:
-    """What the radix rounds travel in: the accumulation dtype. On float32 rows ra_dpo_cvar's
-    counts are exact in float32 (below 2**24) and cvar's q-masses as exact as the single
-    process's own float32 sums; the kl carried along is float32 there anyway."""
-    return torch.float32 if acc == torch.float32 else torch.float64
+    """What the radix rounds travel in: float32 for ra_dpo_cvar's counts (exact below 2**24)
+    on float32 rows (its kl carry is float32 too), float64 otherwise (cvar's q-masses: its
+    atom's weight divides a difference of them)."""
+    return torch.float32 if acc == torch.float32 and risk.kind == "ra_dpo_cvar" else torch.float64
 
 
 class EmptySlice:
