@@ -145,41 +145,36 @@ template <typename C> struct Collect {
   C* cz;
   C* cr;
   int64_t m = 0;
-  Vec<C> lo, hi, sr = splat<C>(0), su = splat<C>(0), zr_min = splat(std::numeric_limits<C>::infinity()),
-                 mabs = splat<C>(0);
-  // Sr below in double, as cvar's q-mass below the bracket (its F at the quantile): a float
-  // sum's rounding, over most of the row, would move the atom's weight (F - ALPHA) / q_atom
-  typedef double D4 __attribute__((vector_size(32)));
-  D4 sb0{}, sb1{};
+  Vec<C> lo, hi, sr = splat<C>(0), su = splat<C>(0), sb = splat<C>(0);
   IVec<C> nb{}, nh{}, iota;  // nb, nh: minus the counts (a true comparison is -1)
-  bool weighted;
-  Collect(C* z, C* r, C l, C h, bool w) : cz(z), cr(r), lo(splat(l)), hi(splat(h)), weighted(w) {
+  bool weighted, bounded_above;
+  Collect(C* z, C* r, C l, C h, bool w)
+      : cz(z), cr(r), lo(splat(l)), hi(splat(h)), weighted(w), bounded_above(h < std::numeric_limits<C>::infinity()) {
     for (int j = 0; j < width<C>(); ++j) iota[j] = j;
   }
-  void add(Vec<C> zv, Vec<C> rv, Vec<C> u, Vec<C> er, int lanes) {
+  // the items of one vector (the first `lanes` of the row's tail where TAIL)
+  template <bool TAIL> void add(Vec<C> zv, Vec<C> rv, Vec<C> u, Vec<C> er, int lanes) {
     const Vec<C> zero = splat<C>(0), du = rv - zv;
-    const IVec<C> live = iota < lanes, low = live & (du < lo), up = live & (du > hi), kept = live & ~low & ~up;
-    nb += low;
-    nh += up;
-    if (weighted) {
-      const Vec<C> eb = low ? er : zero;
-      if constexpr (sizeof(C) == 4) {
-        sb0 += __builtin_convertvector(__builtin_shufflevector(eb, eb, 0, 1, 2, 3), D4);
-        sb1 += __builtin_convertvector(__builtin_shufflevector(eb, eb, 4, 5, 6, 7), D4);
-      } else {
-        sb0 += eb;
-      }
+    IVec<C> low = du < lo, up = du > hi, kept = ~(low | up);  // NaN u: kept
+    if constexpr (TAIL) {
+      const IVec<C> live = iota < lanes;
+      low &= live;
+      up &= live;
+      kept &= live;
     }
-    sr += up ? er : zero;
-    su += (up & (er != zero)) ? er * u : zero;  // z = -inf: u = +inf, so +inf where q may be > 0
-    zr_min = (up & (rv < zr_min)) ? rv : zr_min;
-    const Vec<C> az = vmax<C>(zv, -zv), ar = vmax<C>(rv, -rv);
-    mabs = ((du - du) == zero) & (az > mabs) ? az : mabs;  // du - du == 0: u finite
-    mabs = ((du - du) == zero) & (ar > mabs) ? ar : mabs;
+    nb += low;
+    if (weighted) sb += low ? er : zero;
+    if (bounded_above) {
+      nh += up;
+      sr += up ? er : zero;
+      su += (up & (er != zero)) ? er * u : zero;  // z = -inf: u = +inf, so +inf where q may be > 0
+    }
     compress_store<C>(cz + m, zv, kept);
     m += compress_store<C>(cr + m, rv, kept);
   }
-  void finish(C* out) const {
+  // out[0..9): below, above, Sr and U above, the row's smallest finite zr, the largest |z|,
+  // |zr| over its finite items, the candidates, Sr below (two numbers whose sum is it)
+  void finish(C* out, C zr_min, C big) const {
     constexpr int W = width<C>();
     Bits<C> b[W], h[W];
     std::memcpy(b, &nb, sizeof b);
@@ -193,15 +188,34 @@ template <typename C> struct Collect {
     out[1] = C(above);
     out[2] = hsum<C>(sr);
     out[3] = hsum<C>(su);
-    out[4] = -hmax<C>(-zr_min);
-    out[5] = hmax<C>(mabs);
+    out[4] = zr_min;
+    out[5] = big;
     out[6] = C(m);
-    const D4 sb = sb0 + sb1;
-    const double mass = (sb[0] + sb[1]) + (sb[2] + sb[3]);
-    out[7] = C(mass);
-    out[8] = C(mass - double(out[7]));  // the rest: the double is out[7] + out[8]
+    out[7] = hsum<C>(sb);
+    out[8] = C(0);
   }
 };
+
+// The maxima of z and zr as row_max2, and their smallest finite values, in the same read
+// (which waits on memory: the minima cost nothing there).
+template <typename C> void row_extrema(const C* z, const C* zr, int64_t v, C& mz, C& mr, C& nz, C& nr) {
+  constexpr int W = width<C>();
+  const Vec<C> ninf = splat(NEG_INF<C>), pinf = splat(std::numeric_limits<C>::infinity());
+  Vec<C> a = ninf, b = ninf, c = pinf, d = pinf;
+  auto take = [&](Vec<C> x, Vec<C> y) {
+    a = vmax<C>(a, x);
+    b = vmax<C>(b, y);
+    c = (x != ninf) & (x < c) ? x : c;
+    d = (y != ninf) & (y < d) ? y : d;
+  };
+  int64_t i = 0;
+  for (; i + W <= v; i += W) take(load(z + i), load(zr + i));
+  if (i < v) take(load_part(z + i, v - i, NEG_INF<C>), load_part(zr + i, v - i, NEG_INF<C>));
+  mz = hmax<C>(a);
+  mr = hmax<C>(b);
+  nz = -hmax<C>(-c);
+  nr = -hmax<C>(-d);
+}
 
 // Items (u, e) sorted by u: an LSD radix sort of u's sortable keys, a byte a pass (std::sort's
 // mispredicted comparisons cost several times more on a row's small sample).
@@ -284,9 +298,12 @@ template <typename C> void weighted_sample_bracket(const C* z, const C* zr, int6
 
 template <typename C>
 void partials_row(const C* z, const C* zr, int64_t v, int64_t local, bool erm, C mu, double level, bool weighted,
-                  C* out, const C* nz, const C* nr, C* cz, C* cr) {
-  C mz, mr;
-  row_max2(z, zr, v, mz, mr);
+                  C* out, const C* next_z, const C* next_r, C* cz, C* cr) {
+  C mz, mr, nz = 0, nr = 0;  // nz, nr: the smallest finite z, zr (collecting only)
+  if (cz)
+    row_extrema(z, zr, v, mz, mr, nz, nr);
+  else
+    row_max2(z, zr, v, mz, mr);
   const C a = lse_shift(mz), ar = lse_shift(mr);
   if (weighted)  // the row is in L2 after the maxima's read
     weighted_sample_bracket(z, zr, v, level, ar, out + 9);
@@ -314,11 +331,16 @@ void partials_row(const C* z, const C* zr, int64_t v, int64_t local, bool erm, C
       sr += er;
       su += ((er != zero) & in) ? er * u : zero;
       m_inf = (zv == ninf) & (rv > m_inf) ? rv : m_inf;
-      if constexpr (COLLECT) col.add(zv, rv, u, er, lanes);
+      if constexpr (COLLECT) {
+        if (lanes == W)
+          col.template add<false>(zv, rv, u, er, W);
+        else
+          col.template add<true>(zv, rv, u, er, lanes);
+      }
     };
     int64_t i = 0;
     for (; i + W <= v; i += W) {
-      prefetch_line(nz, nr, i);
+      prefetch_line(next_z, next_r, i);
       pass(load(z + i), load(zr + i), W);
     }
     if (i < v) pass(load_part(z + i, v - i, NEG_INF<C>), load_part(zr + i, v - i, NEG_INF<C>), int(v - i));
@@ -338,7 +360,10 @@ void partials_row(const C* z, const C* zr, int64_t v, int64_t local, bool erm, C
   out[6] = local >= 0 ? z[local] : C(0);
   out[7] = local >= 0 ? zr[local] : C(0);
   out[8] = hmax<C>(m_inf);
-  if (cz) col.finish(out + 11);
+  if (cz) {
+    const C big = std::max(std::max(std::abs(mz), std::abs(mr)), std::max(std::abs(nz), std::abs(nr)));
+    col.finish(out + 11, nr, big);
+  }
 }
 
 // What one row of the search holds between calls (views into the caller's tensors).
