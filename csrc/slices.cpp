@@ -1034,9 +1034,114 @@ at::Tensor slice_pick(const at::Tensor& hist, at::Tensor below, at::Tensor prefi
   return at_w;
 }
 
+// The gathered end of a search (rsa_kernels/vocab_parallel/quantile.py): each row's first
+// `most` candidates (those slice_search left under its prefix) as one int64 payload row:
+// count, the smallest key above that left earlier (key_order), `most` keys (key_order; NONE
+// past the count) and `most` weights (double bits: q, or 1 for counts; 0 past the count).
+at::Tensor slice_candidates(const at::Tensor& cand_d, const at::Tensor& cand_q, const std::vector<at::Tensor>& state,
+                            bool weighted, int64_t most) {
+  const int64_t n = cand_d.size(0);
+  TORCH_CHECK(state.size() == 7 && cand_d.sizes() == cand_q.sizes() && cand_d.is_contiguous() &&
+                  cand_q.is_contiguous() && cand_d.scalar_type() == cand_q.scalar_type() && most > 0,
+              "rsa_kernels._C: slice_candidates takes a search's candidates and state");
+  at::Tensor out = at::empty({n, 2 + 2 * most}, cand_d.options().dtype(at::kLong));
+  const int64_t* count = state[0].const_data_ptr<int64_t>();
+  const int64_t* min_above = state[2].const_data_ptr<int64_t>();
+  auto run = [&](auto zero) {
+    using C = decltype(zero);
+    using K = Keys<C>;
+    const int64_t cap = cand_d.size(1);
+    for (int64_t i = 0; i < n; ++i) {
+      int64_t* o = out.data_ptr<int64_t>() + i * (2 + 2 * most);
+      const C* d = cand_d.const_data_ptr<C>() + i * cap;
+      const C* q = cand_q.const_data_ptr<C>() + i * cap;
+      const int64_t m = std::min(count[i], most);
+      o[0] = count[i];
+      o[1] = min_above[i];
+      for (int64_t j = 0; j < most; ++j) {
+        double w = 0;
+        int64_t key = NONE;
+        if (j < m) {
+          const typename K::U k = K::of(splat(d[j]));
+          // slice_keys.key_order of the key: itself for 32 bits, the top bit flipped for 64
+          key = K::BITS == 64 ? int64_t(uint64_t(k[0]) ^ (uint64_t(1) << 63)) : int64_t(uint64_t(k[0]));
+          w = weighted ? double(q[j]) : 1.0;
+        }
+        o[2 + j] = key;
+        std::memcpy(o + 2 + most + j, &w, sizeof w);
+      }
+    }
+  };
+  if (cand_d.scalar_type() == at::kFloat) run(0.0f); else run(0.0);
+  return out;
+}
+
+// The selection from the gathered payloads (P, n, 2 + 2 most) of slice_candidates, the same on
+// every rank: per row, the smallest key whose cumulative weight over the items (in key order)
+// on top of below[i] reaches target, else the largest key with weight (slice_pick's, key by
+// key), and an empty row's `empty_key[i]`. Returns (n, 4) float64 bits as int64: key
+// (key_order), the new below, the weight at the key, the smallest key above it (the items'
+// or the ranks' earlier ones).
+at::Tensor slice_gathered_pick(const at::Tensor& parts, const at::Tensor& below, double target,
+                               const at::Tensor& empty_key) {
+  TORCH_CHECK(parts.dim() == 3 && parts.scalar_type() == at::kLong && parts.is_contiguous(),
+              "rsa_kernels._C: parts must be a contiguous (P, n, 2 + 2 most) int64 tensor");
+  const int64_t p = parts.size(0), n = parts.size(1), most = (parts.size(2) - 2) / 2;
+  check_vector(below, n, at::kDouble, "below");
+  check_vector(empty_key, n, at::kLong, "empty_key");
+  at::Tensor out = at::empty({n, 4}, parts.options());
+  std::vector<std::pair<int64_t, double>> items;
+  for (int64_t i = 0; i < n; ++i) {
+    items.clear();
+    int64_t next = NONE;
+    for (int64_t r = 0; r < p; ++r) {
+      const int64_t* o = parts.const_data_ptr<int64_t>() + (r * n + i) * (2 + 2 * most);
+      next = std::min(next, o[1]);
+      const int64_t m = std::min(o[0], most);
+      for (int64_t j = 0; j < m; ++j) {
+        double w;
+        std::memcpy(&w, o + 2 + most + j, sizeof w);
+        if (w > 0) items.emplace_back(o[2 + j], w);
+      }
+    }
+    std::sort(items.begin(), items.end());  // by key, then weight: the same order on every rank
+    const double b0 = below.const_data_ptr<double>()[i];
+    double cum = 0;
+    int64_t key = empty_key.const_data_ptr<int64_t>()[i];
+    double before = 0, at = 0;
+    for (size_t j = 0; j < items.size();) {
+      size_t e = j;
+      double w = 0;
+      for (; e < items.size() && items[e].first == items[j].first; ++e) w += items[e].second;
+      key = items[j].first;  // the largest so far: the fallback
+      before = cum;
+      at = w;
+      cum += w;
+      j = e;
+      if (b0 + cum >= target) break;
+    }
+    for (const auto& it : items)
+      if (it.first > key) {
+        next = std::min(next, it.first);
+        break;
+      }
+    int64_t* o = out.data_ptr<int64_t>() + 4 * i;
+    const double new_below = b0 + before;
+    o[0] = key;
+    std::memcpy(o + 1, &new_below, sizeof new_below);
+    std::memcpy(o + 2, &at, sizeof at);
+    o[3] = next;
+  }
+  return out;
+}
+
 }  // namespace
 
 void register_slices(pybind11::module_& m) {
+  m.def("slice_candidates", &slice_candidates,
+        "(cand_d, cand_q, state, weighted, most) -> (n, 2 + 2 most) int64: count, next key, keys, weight bits");
+  m.def("slice_gathered_pick", &slice_gathered_pick,
+        "(parts (P, n, 2 + 2 most), below, target, empty_key) -> (n, 4) int64: key, below, at (double bits), next");
   m.def("slice_partials", &slice_partials,
         "(z, zr, rows, local, erm, mu, level, weighted, cand_z, cand_zr) -> (n, 20): max z, max zr, S, Sr, U, T, "
         "z_y, zr_y, M per row of the slice, the bracket of u = zr - z around the fraction level (of the items, or "

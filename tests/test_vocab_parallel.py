@@ -207,6 +207,9 @@ class _OneRank:
 
     max = min = sum
 
+    def gather(self, values):
+        return values[None]
+
 
 def _search(kernels, z, zr, risk, target_hint):
     """The radix search of quantile.select on one slice, as the driver runs it."""

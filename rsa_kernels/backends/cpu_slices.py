@@ -18,7 +18,7 @@ import torch
 from ..reference import accumulation_dtype
 from ..risk import Risk
 from .cpu_rows import _C, fresh_like, unsupported  # noqa: F401  (ImportError: the extension is not built)
-from .slice_keys import NO_KEY, RADIX_BITS, key_bits
+from .slice_keys import NO_KEY, RADIX_BITS, key_bits, key_order, sort_keys
 
 COLLECTS = True  # Chunk.collected(): ra_dpo_cvar's candidates from partials' read
 _SLACK = 8  # a vector store may write this many values past the last candidate
@@ -107,6 +107,7 @@ class Search:
         kept = chunk.kept if risk.kind in ("cvar", "ra_dpo_cvar") else None
         self.cand_d, self.cand_q = kept[:2] if kept else _candidates(n, width, chunk.z.dtype)
         self.stored = kept[2] if kept else torch.empty(0, dtype=torch.int64)
+        self._kept_keys = self._pending = None  # candidates(): the keys close() compares whole
         chunk.kept = None
         i64, f64 = dict(dtype=torch.int64), dict(dtype=torch.float64)
         self.sums = torch.zeros(n, 3, **f64)
@@ -133,8 +134,43 @@ class Search:
         self.stored = torch.empty(0, dtype=torch.int64)
         return out[:, :-2], out[:, -2], out[:, -1]
 
+    def candidates(self, level: int, prefix: torch.Tensor, most: int) -> torch.Tensor:
+        """The candidates under the prefix's top ``level`` digits (narrowed as histogram(level)
+        does; use_candidates() if the search ends with them), the first ``most`` of each row,
+        as one (n, 2 + 2 most) int64 payload: their count, the smallest key above the prefix
+        of the items that left (slice_keys.key_order), their keys (NO_KEY past the count) and
+        weights (float64 bits: q, or 1 for counts)."""
+        self._level(level, prefix)
+        m = min(most, self.cand_d.shape[1])
+        self._pending = m
+        return _C.slice_candidates(self.cand_d, self.cand_q, self.state, self.weighted, most)
+
+    @staticmethod
+    def finish(parts: torch.Tensor, below: torch.Tensor, target: float, empty_key: torch.Tensor):
+        """The selection from the ranks' gathered candidates() (P, n, ...), the same on every
+        rank: (key, below, at, the smallest key above)."""
+        out = _C.slice_gathered_pick(parts.contiguous(), below.contiguous(), float(target), empty_key.contiguous())
+        return out[:, 0], out[:, 1].view(torch.float64), out[:, 2].view(torch.float64), out[:, 3]
+
+    def use_candidates(self):
+        """The group finished the search from candidates(): close() compares their whole keys."""
+        self._kept_keys = self._pending
+
     def close(self, prefix: torch.Tensor):
-        self._level(self.levels, prefix)
+        if self._kept_keys is None:
+            self._level(self.levels, prefix)
+            return self.sums, self.min_above
+        # after candidates(): the sums over the candidates above and at the whole key
+        m, bits = self._kept_keys, key_bits(self.chunk.z.dtype)
+        d, q = self.cand_d[:, :m].double(), self.cand_q[:, :m].double()
+        valid = torch.arange(m) < self.state[0][:, None]
+        keys = torch.where(valid, key_order(sort_keys(self.cand_d[:, :m]), bits), NO_KEY)
+        key = key_order(prefix, bits)[:, None]
+        up, at = valid & (keys > key), valid & (keys == key)
+        self.sums[:, 0] += torch.where(up & (q != 0), q * d, 0.0).sum(1)  # never 0 * -inf
+        self.sums[:, 1] += torch.where(up, q, 0.0).sum(1)
+        self.sums[:, 2] += torch.where(at, q, 0.0).sum(1)
+        torch.minimum(self.min_above, torch.where(up, keys, NO_KEY).amin(1), out=self.min_above)
         return self.sums, self.min_above
 
     def sums_above(self, idx: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:

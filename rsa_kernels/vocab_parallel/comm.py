@@ -53,6 +53,12 @@ class Comm:
         dist.all_reduce(wire, op=_OPS[op], group=self.group)
         return wire if wire is values else wire.to(values.dtype)
 
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """(P, *values.shape): every rank's ``values`` (int64 or float64), in rank order."""
+        parts = torch.empty(self.world * values.numel(), dtype=values.dtype, device=values.device)
+        dist.all_gather_single(parts, values.contiguous().reshape(-1), group=self.group)
+        return parts.view((self.world,) + tuple(values.shape))
+
     def _gathered(self, wire: torch.Tensor, op: str) -> torch.Tensor:
         """all_reduce's result from one all-gather: the ranks' payloads reduced in rank order."""
         parts = _received(self.world * wire.numel(), wire.dtype, wire.device)

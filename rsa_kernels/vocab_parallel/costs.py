@@ -7,7 +7,11 @@ rows: its counts are exact there, below 2**24; cvar's q-masses stay float64: its
 weight divides a difference of them).
 Slice kernels that keep the quantile's candidates in their first read (COLLECTS: cpu) send 3
 more values in the MAX round (the intersection of the slices' brackets and a rounding bound)
-and 2 more in the first radix round (the weights they left out below and above). The rows
+and 2 more in the first radix round (the weights they left out below and above); on float32
+rows they end the search after GATHER_LEVEL radix rounds with one all-gather of the
+candidates left (at most GATHERED a rank: count, next key above, keys, weights; int64),
+which also gives ra_dpo_cvar's HI (no MIN round). Where a rank holds more, the radix rounds
+go on (and the MIN round comes back) for the chunk: not in the usual case. The rows
 whose selection lies outside the group's bracket are searched again (ra_dpo_cvar: within the
 union of the slices' brackets, then without one; cvar: without one): their radix rounds
 come on top, none in the usual case (see quantile.py). The backward of the statistics sends
@@ -27,6 +31,7 @@ from ..backends.slice_keys import BINS, RADIX_BITS, key_bits
 from ..reference import accumulation_dtype, interpolation_ranks
 from ..risk import parse_risk
 from .agreement import _HEAD, MAX_SETTINGS, MESSAGE_BYTES
+from .quantile import GATHER_LEVEL, GATHERED
 
 AGREEMENT_BYTES = 8 * (_HEAD + MAX_SETTINGS) + MESSAGE_BYTES
 
@@ -56,8 +61,12 @@ def forward_communication(risk, dtype: torch.dtype, vocab: int, collects: bool =
         radix = key_bits(accumulation_dtype(dtype)) // RADIX_BITS
         first = BINS + 1 + (2 if union or kept else 0)   # kl, and the weights outside the bracket
         wire = acc_bytes if risk.kind == "ra_dpo_cvar" else 8  # counts; cvar's q-masses stay float64
-        steps += [("sum", first, wire)] + [("sum", BINS, wire)] * (radix - 1)
-        if risk.kind == "ra_dpo_cvar" and interpolation_ranks(vocab, 1.0 - risk.param)[2] != 0.0:
+        gathered = collects and radix * RADIX_BITS == 32   # the candidates left after GATHER_LEVEL rounds
+        rounds = GATHER_LEVEL if gathered else radix
+        steps += [("sum", first, wire)] + [("sum", BINS, wire)] * (rounds - 1)
+        if gathered:
+            steps += [("gather", 2 + 2 * GATHERED, 8)]   # their count, keys and weights, the next key above
+        elif risk.kind == "ra_dpo_cvar" and interpolation_ranks(vocab, 1.0 - risk.param)[2] != 0.0:
             steps += [("min", 1, 8)]                     # the next larger value (HI)
         steps += [("sum", 2, 8)]                         # the sums above (and at) the threshold
     return Cost(tuple((op, n) for op, n, _ in steps), len(steps), sum(n * w for _, n, w in steps),

@@ -21,8 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backends.slice_keys import BINS, RADIX_BITS, bracket_keys, sort_keys
+from ..backends.slice_keys import BINS, NO_KEY, RADIX_BITS, bracket_keys, sort_keys
 from .comm import Comm
+
+GATHER_LEVEL = 2  # float32 keys: after two radix rounds, the candidates left under the prefix are
+GATHERED = 64     # few (a handful a rank): up to this many a rank are gathered whole instead
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Selection:
     at: torch.Tensor       # (rows,) float64 weight of the keys equal to it, over all ranks
     carried: torch.Tensor  # the sums carried along in the first round's all-reduce
     hit: torch.Tensor | None = None  # (rows,) bool: the selection lies in the bracket (None: no bracket)
+    next_key: torch.Tensor | None = None  # (rows,) the smallest key above it, as key_order, where gathered
 
 
 def bracket_of(u_bounds: torch.Tensor, a: torch.Tensor, ar: torch.Tensor, bits: int) -> tuple:
@@ -133,4 +137,24 @@ def select(comm: Comm, search, pick, target: float, bits: int, carry: torch.Tens
         else:
             hist = comm.sum(hist.to(wire), inplace=True, wire_dtype=wire).to(torch.float64)
         below, at, prefix = pick(hist, below, target, shift, prefix)
+        if level + 1 == GATHER_LEVEL and bits == 32 and hasattr(search, "candidates"):
+            done = _gathered(comm, search, level + 1, prefix, below, target, bits)
+            if done is not None:
+                return Selection(done[0], done[1], done[2], carried, hit, done[3])
     return Selection(prefix, below, at, carried, hit)
+
+
+def _gathered(comm: Comm, search, level: int, prefix, below, target: float, bits: int):
+    """The rest of the search in one round: every rank's candidates under the prefix's top
+    ``level`` digits (at most GATHERED a rank, else None: the radix rounds go on), their keys
+    and weights all-gathered, the selection made by each rank alike from the same numbers,
+    with the smallest key above it (ra_dpo_cvar's HI, no MIN round). Returns (key, below, at,
+    next key) as select's."""
+    payload = search.candidates(level, prefix, GATHERED)  # count, next key above, keys, weights
+    parts = comm.gather(payload)  # (P, rows, 2 + 2 GATHERED): the same on every rank
+    if bool((parts[:, :, 0] > GATHERED).any()):
+        return None
+    search.use_candidates()
+    empty = prefix | ((1 << (bits - level * RADIX_BITS)) - 1)  # radix_pick's last bin at every level left
+    key, new_below, at, next_key = search.finish(parts, below, target, empty)
+    return key, new_below, at, next_key

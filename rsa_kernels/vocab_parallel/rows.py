@@ -198,6 +198,11 @@ class VocabParallelRows:
             done = torch.ones_like(left, dtype=torch.bool) if other.hit is None else other.hit
             rows = left[done]
             sel.key[rows], sel.below[rows], sel.at[rows] = other.key[done], other.below[done], other.at[done]
+            if sel.next_key is not None:  # gathered: the next keys too, or else the MIN round for all
+                if other.next_key is None:
+                    sel.next_key = None
+                else:
+                    sel.next_key[rows] = other.next_key[done]
             sums = tuple(t.clone() for t in sums)
             for t, m in zip(sums, more):
                 t[rows] = m[done]
@@ -225,7 +230,7 @@ class VocabParallelRows:
         quantile = low
         if frac != 0.0:  # HI is LO's value again, unless LO's value ends at rank LO: then the next larger key
             chosen = key_order(sel.key, bits)
-            nxt = self.comm.min(min_above[:, None])[:, 0]
+            nxt = sel.next_key if sel.next_key is not None else self.comm.min(min_above[:, None])[:, 0]
             high_key = torch.where(sel.below + sel.at >= hi + 1, chosen, nxt)
             high = key_values(key_order(high_key, bits), acc)
             quantile = torch.where((low == high) | (low == float("-inf")), low, low + frac * (high - low))
