@@ -101,6 +101,38 @@ template <typename C> inline void prefetch_line(const C* nz, const C* nr, int64_
   }
 }
 
+// Items (u, e) sorted by u: an LSD radix sort of u's sortable keys, a byte a pass (std::sort's
+// mispredicted comparisons cost several times more on a row's small sample).
+template <typename Item, int S> void sort_by_u(Item (&items)[S]) {
+  using C = decltype(items[0].u);
+  using K = Keys<C>;
+  typename K::Lane key[S], key2[S];
+  Item tmp[S];
+  for (int s = 0; s < S; ++s) {
+    Vec<C> one = splat(items[s].u);
+    const typename K::U k = K::of(one);
+    key[s] = k[0];
+  }
+  Item* src = items;
+  Item* dst = tmp;
+  typename K::Lane* ks = key;
+  typename K::Lane* kd = key2;
+  for (int shift = 0; shift < K::BITS; shift += 8) {
+    int count[257] = {0};
+    for (int s = 0; s < S; ++s) ++count[((ks[s] >> shift) & 255) + 1];
+    if (count[((ks[0] >> shift) & 255) + 1] == S) continue;  // one digit for all: nothing moves
+    for (int b = 0; b < 256; ++b) count[b + 1] += count[b];
+    for (int s = 0; s < S; ++s) {
+      const int at = count[(ks[s] >> shift) & 255]++;
+      dst[at] = src[s];
+      kd[at] = ks[s];
+    }
+    std::swap(src, dst);
+    std::swap(ks, kd);
+  }
+  if (src != items) std::copy(src, src + S, items);
+}
+
 // ra_dpo_cvar's bracket of its quantile from this slice's row (still in L2 after the sweep):
 // the order statistics of a strided sample of u = zr - z around the fraction `level`, +- 4
 // standard deviations of a sample rank and a bit (-inf / +inf where the sample cannot bound
@@ -215,38 +247,6 @@ template <typename C> void row_extrema(const C* z, const C* zr, int64_t v, C& mz
   mr = hmax<C>(b);
   nz = -hmax<C>(-c);
   nr = -hmax<C>(-d);
-}
-
-// Items (u, e) sorted by u: an LSD radix sort of u's sortable keys, a byte a pass (std::sort's
-// mispredicted comparisons cost several times more on a row's small sample).
-template <typename Item, int S> void sort_by_u(Item (&items)[S]) {
-  using C = decltype(items[0].u);
-  using K = Keys<C>;
-  typename K::Lane key[S], key2[S];
-  Item tmp[S];
-  for (int s = 0; s < S; ++s) {
-    Vec<C> one = splat(items[s].u);
-    const typename K::U k = K::of(one);
-    key[s] = k[0];
-  }
-  Item* src = items;
-  Item* dst = tmp;
-  typename K::Lane* ks = key;
-  typename K::Lane* kd = key2;
-  for (int shift = 0; shift < K::BITS; shift += 8) {
-    int count[257] = {0};
-    for (int s = 0; s < S; ++s) ++count[((ks[s] >> shift) & 255) + 1];
-    if (count[((ks[0] >> shift) & 255) + 1] == S) continue;  // one digit for all: nothing moves
-    for (int b = 0; b < 256; ++b) count[b + 1] += count[b];
-    for (int s = 0; s < S; ++s) {
-      const int at = count[(ks[s] >> shift) & 255]++;
-      dst[at] = src[s];
-      kd[at] = ks[s];
-    }
-    std::swap(src, dst);
-    std::swap(ks, kd);
-  }
-  if (src != items) std::copy(src, src + S, items);
 }
 
 // cvar's bracket of its q-weighted quantile at `alpha` from this slice's row, as
@@ -679,7 +679,7 @@ void search_row(const C* z, const C* zr, int64_t v, C A, C Ar, bool weighted, in
     *st.count = rx.narrow(st, *st.count, level, pick, above, level < levels, st.sums + 2);
     if (level == levels) *st.count = 0;
   }
-  if (level < levels) {
+  if (level < levels && out_hist) {  // (none asked: the candidates are all the caller wants)
     rx.candidate_histogram(st, *st.count, level);
     rx.merge(out_hist);
   }
@@ -776,7 +776,7 @@ template <typename C> RowSearch<C> row_state(at::Tensor& cand_d, at::Tensor& can
 
 at::Tensor slice_search(const at::Tensor& z, const at::Tensor& zr, const at::Tensor& rows, const at::Tensor& a,
                         const at::Tensor& ar, bool weighted, int64_t level, const at::Tensor& prefix, double target,
-                        at::Tensor cand_d, at::Tensor cand_q, std::vector<at::Tensor> state) {
+                        at::Tensor cand_d, at::Tensor cand_q, std::vector<at::Tensor> state, bool histogram) {
   check_search(z, zr, rows, a, ar, cand_d, cand_q, state);
   const int64_t n = rows.size(0), v = z.size(1);
   const int levels = z.scalar_type() == at::kDouble ? 64 / RADIX : 32 / RADIX;
@@ -785,7 +785,9 @@ at::Tensor slice_search(const at::Tensor& z, const at::Tensor& zr, const at::Ten
   const int64_t* cnt = state[0].const_data_ptr<int64_t>();
   for (int64_t i = 0; i < n && level >= 2; ++i)
     TORCH_CHECK(cnt[i] >= 0 && cnt[i] <= v, "rsa_kernels._C: candidate count outside [0, w]");
-  at::Tensor hist = at::empty({level < levels ? n : 0, BINS}, z.options().dtype(at::kDouble));
+  TORCH_CHECK(histogram || level >= 2, "rsa_kernels._C: levels 0 and 1 always histogram");
+  const bool hist_rows = level < levels && histogram;
+  at::Tensor hist = at::empty({hist_rows ? n : 0, BINS}, z.options().dtype(at::kDouble));
   const int64_t* r = rows.const_data_ptr<int64_t>();
   const int64_t* pre = prefix.const_data_ptr<int64_t>();
   pybind11::gil_scoped_release nogil;
@@ -798,7 +800,7 @@ at::Tensor slice_search(const at::Tensor& z, const at::Tensor& zr, const at::Ten
         RowSearch<C> st = row_state<C>(cand_d, cand_q, state, i);
         const bool next = i + 1 < e && level <= 1;
         search_row<C>(row_of<C>(z, r[i]), row_of<C>(zr, r[i]), v, pa[i], par[i], weighted, int(level), levels,
-                      uint64_t(pre[i]), target, st, level < levels ? hist.data_ptr<double>() + BINS * i : nullptr,
+                      uint64_t(pre[i]), target, st, hist_rows ? hist.data_ptr<double>() + BINS * i : nullptr,
                       next ? row_of<C>(z, r[i + 1]) : nullptr, next ? row_of<C>(zr, r[i + 1]) : nullptr);
       }
     });
@@ -1153,7 +1155,8 @@ void register_slices(pybind11::module_& m) {
         "within key brackets (counts, or q-masses where weighted), over the rows or (stored: their counts) over "
         "slice_partials' candidates");
   m.def("slice_search", &slice_search,
-        "(z, zr, rows, A, Ar, weighted, level, prefix, target, cand_d, cand_q, state) -> (n, 256) histogram");
+        "(z, zr, rows, A, Ar, weighted, level, prefix, target, cand_d, cand_q, state, histogram) -> (n, 256) "
+        "histogram (none where histogram is false: the narrowing only)");
   m.def("slice_pick", &slice_pick, "(hist, below, prefix, target, shift) -> at; below, prefix updated in place");
   m.def("slice_tail_sums", &slice_tail_sums, "(z, zr, rows, A, Ar, threshold) -> (n, 2) float64: sum q D, sum q over D > t");
   m.def("slice_backward", &slice_backward, "(z, zr, local, saved, grads, code, param, out) -> out");

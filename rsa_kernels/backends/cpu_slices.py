@@ -18,7 +18,7 @@ import torch
 from ..reference import accumulation_dtype
 from ..risk import Risk
 from .cpu_rows import _C, fresh_like, unsupported  # noqa: F401  (ImportError: the extension is not built)
-from .slice_keys import NO_KEY, RADIX_BITS, key_bits, key_order, sort_keys
+from .slice_keys import NO_KEY, RADIX_BITS, key_bits, key_order
 
 COLLECTS = True  # Chunk.collected(): ra_dpo_cvar's candidates from partials' read
 _SLACK = 8  # a vector store may write this many values past the last candidate
@@ -116,10 +116,10 @@ class Search:
         self.state = [torch.zeros(n, **i64), self.sums, self.min_above, torch.full((n,), -1, **i64),
                       torch.zeros(n, 1 << RADIX_BITS, **f64), torch.zeros(n, 2, **f64), torch.full((n,), NO_KEY, **i64)]
 
-    def _level(self, level: int, prefix: torch.Tensor) -> torch.Tensor:
+    def _level(self, level: int, prefix: torch.Tensor, histogram: bool = True) -> torch.Tensor:
         c = self.chunk
         return _C.slice_search(c.z, c.zr, c.rows, self.a, self.ar, self.weighted, level, prefix.contiguous(),
-                               self.target, self.cand_d, self.cand_q, self.state)
+                               self.target, self.cand_d, self.cand_q, self.state, histogram)
 
     def histogram(self, level: int, prefix: torch.Tensor) -> torch.Tensor:
         return self._level(level, prefix)
@@ -140,10 +140,10 @@ class Search:
         as one (n, 2 + 2 most) int64 payload: their count, the smallest key above the prefix
         of the items that left (slice_keys.key_order), their keys (NO_KEY past the count) and
         weights (float64 bits: q, or 1 for counts)."""
-        self._level(level, prefix)
-        m = min(most, self.cand_d.shape[1])
-        self._pending = m
-        return _C.slice_candidates(self.cand_d, self.cand_q, self.state, self.weighted, most)
+        self._level(level, prefix, histogram=False)
+        payload = _C.slice_candidates(self.cand_d, self.cand_q, self.state, self.weighted, most)
+        self._pending = payload[:, 2:2 + min(most, self.cand_d.shape[1])]  # their keys, for close()
+        return payload
 
     @staticmethod
     def finish(parts: torch.Tensor, below: torch.Tensor, target: float, empty_key: torch.Tensor):
@@ -161,11 +161,10 @@ class Search:
             self._level(self.levels, prefix)
             return self.sums, self.min_above
         # after candidates(): the sums over the candidates above and at the whole key
-        m, bits = self._kept_keys, key_bits(self.chunk.z.dtype)
+        keys = self._kept_keys
+        m, valid = keys.shape[1], keys != NO_KEY
         d, q = self.cand_d[:, :m].double(), self.cand_q[:, :m].double()
-        valid = torch.arange(m) < self.state[0][:, None]
-        keys = torch.where(valid, key_order(sort_keys(self.cand_d[:, :m]), bits), NO_KEY)
-        key = key_order(prefix, bits)[:, None]
+        key = key_order(prefix, key_bits(self.chunk.z.dtype))[:, None]
         up, at = valid & (keys > key), valid & (keys == key)
         self.sums[:, 0] += torch.where(up & (q != 0), q * d, 0.0).sum(1)  # never 0 * -inf
         self.sums[:, 1] += torch.where(up, q, 0.0).sum(1)
