@@ -1137,9 +1137,47 @@ at::Tensor slice_gathered_pick(const at::Tensor& parts, const at::Tensor& below,
   return out;
 }
 
+// The close of a gathered search, on this rank's candidates (their keys from slice_candidates'
+// payload, key_order, NONE past the count): sum q D and sum q over those above the key,
+// sum q at it, into sums (n, 3), and min_above lowered to the smallest key above it.
+void slice_close_gathered(const at::Tensor& cand_d, const at::Tensor& cand_q, const at::Tensor& keys,
+                          const at::Tensor& key, at::Tensor sums, at::Tensor min_above) {
+  const int64_t n = keys.size(0), m = keys.size(1), cap = cand_d.size(1);
+  TORCH_CHECK(keys.scalar_type() == at::kLong && keys.stride(1) == 1 && m <= cap && cand_d.is_contiguous() &&
+                  cand_q.is_contiguous() && sums.is_contiguous() && sums.scalar_type() == at::kDouble &&
+                  sums.size(0) == n && sums.size(1) == 3,
+              "rsa_kernels._C: slice_close_gathered takes a search's candidates, their keys and its sums");
+  check_vector(key, n, at::kLong, "key");
+  check_vector(min_above, n, at::kLong, "min_above");
+  auto run = [&](auto zero) {
+    using C = decltype(zero);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t* k = keys.const_data_ptr<int64_t>() + i * keys.stride(0);
+      const C* d = cand_d.const_data_ptr<C>() + i * cap;
+      const C* q = cand_q.const_data_ptr<C>() + i * cap;
+      const int64_t sel = key.const_data_ptr<int64_t>()[i];
+      double* o = sums.data_ptr<double>() + 3 * i;
+      int64_t* mn = min_above.data_ptr<int64_t>() + i;
+      for (int64_t j = 0; j < m && k[j] != NONE; ++j) {
+        const double qj = double(q[j]);
+        if (k[j] > sel) {
+          o[0] += qj != 0 ? qj * double(d[j]) : 0.0;  // never 0 * -inf
+          o[1] += qj;
+          *mn = std::min(*mn, k[j]);
+        } else if (k[j] == sel) {
+          o[2] += qj;
+        }
+      }
+    }
+  };
+  if (cand_d.scalar_type() == at::kFloat) run(0.0f); else run(0.0);
+}
+
 }  // namespace
 
 void register_slices(pybind11::module_& m) {
+  m.def("slice_close_gathered", &slice_close_gathered,
+        "(cand_d, cand_q, keys, key, sums, min_above): the close over gathered candidates, in place");
   m.def("slice_candidates", &slice_candidates,
         "(cand_d, cand_q, state, weighted, most) -> (n, 2 + 2 most) int64: count, next key, keys, weight bits");
   m.def("slice_gathered_pick", &slice_gathered_pick,

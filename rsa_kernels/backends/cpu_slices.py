@@ -161,15 +161,8 @@ class Search:
             self._level(self.levels, prefix)
             return self.sums, self.min_above
         # after candidates(): the sums over the candidates above and at the whole key
-        keys = self._kept_keys
-        m, valid = keys.shape[1], keys != NO_KEY
-        d, q = self.cand_d[:, :m].double(), self.cand_q[:, :m].double()
-        key = key_order(prefix, key_bits(self.chunk.z.dtype))[:, None]
-        up, at = valid & (keys > key), valid & (keys == key)
-        self.sums[:, 0] += torch.where(up & (q != 0), q * d, 0.0).sum(1)  # never 0 * -inf
-        self.sums[:, 1] += torch.where(up, q, 0.0).sum(1)
-        self.sums[:, 2] += torch.where(at, q, 0.0).sum(1)
-        torch.minimum(self.min_above, torch.where(up, keys, NO_KEY).amin(1), out=self.min_above)
+        key = key_order(prefix, key_bits(self.chunk.z.dtype)).contiguous()
+        _C.slice_close_gathered(self.cand_d, self.cand_q, self._kept_keys, key, self.sums, self.min_above)
         return self.sums, self.min_above
 
     def sums_above(self, idx: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
