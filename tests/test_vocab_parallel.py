@@ -372,6 +372,54 @@ def test_cpu_collected_candidates_hit_and_equal_one_process(risk, dtype, monkeyp
         assert not bool(hits[0][4:6].all()), f"no misleading sample missed: {hits[0]}"
 
 
+@pytest.mark.parametrize("risk", ["ra_dpo_cvar:0.95", "ra_dpo_cvar:0.2", "cvar:0.9"])
+def test_cpu_kept_candidates_short_search_equals_one_process(risk):
+    """Where every row's kept candidates' bracket lies under one top key digit (ra_dpo_cvar), the
+    first round carries the second digit's histogram; after it (cvar: after two) the few
+    candidates left are gathered whole: no other histogram round, and every statistic is
+    one process's."""
+    import torch
+
+    from rsa_kernels.backends import available_backends, get_backend
+    from rsa_kernels.risk import parse_risk
+    from rsa_kernels.vocab_parallel import rows as vp_rows
+    from rsa_kernels.vocab_parallel.agreement import VocabLayout
+    if "cpu" not in available_backends():
+        pytest.skip("the C++ extension is not built")
+    from rsa_kernels.backends import cpu_slices
+
+    class Counted(_OneRank):
+        def __init__(self):
+            self.widths = []
+
+        def sum(self, values, inplace=False, wire_dtype=None):
+            self.widths.append(values.shape[1])
+            return super().sum(values, inplace, wire_dtype)
+
+        def gather(self, values):
+            self.widths.append("gather")
+            return values[None]
+
+    g = torch.Generator().manual_seed(6)
+    n, w = 16, 6000
+    z = torch.randn(n, w, generator=g)
+    zr = z + 0.5 * torch.randn(n, w, generator=g)
+    labels = torch.randint(0, w, (n,), generator=g)
+    r = parse_risk(risk)
+    one = object.__new__(vp_rows.VocabParallelRows)
+    one.layout, one.agreed, one.kernels = VocabLayout(None, 0, (w,)), cpu_slices, cpu_slices
+    one.comm = Counted()
+    stats, saved = one.forward(z, zr, labels, r, -100)
+    want_stats, want_saved = get_backend("cpu", z).forward(z, zr, labels, r, -100)
+    torch.testing.assert_close(stats, want_stats, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(saved[:, :4], want_saved[:, :4], rtol=1e-4, atol=1e-4)
+    histograms = [k for k in one.comm.widths if k != "gather" and k >= 256]
+    assert "gather" in one.comm.widths, one.comm.widths
+    # ra_dpo_cvar:0.95's brackets here lie under one top digit (D near -1); at 0.2 (D near 0.4)
+    # some cross one (0.5), and cvar's are open above: two histogram rounds
+    assert len(histograms) == (1 if risk == "ra_dpo_cvar:0.95" else 2), one.comm.widths
+
+
 def test_cpu_pick_equals_radix_pick_bit_for_bit():
     import torch
 

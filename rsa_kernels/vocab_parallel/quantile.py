@@ -111,7 +111,8 @@ def select(comm: Comm, search, pick, target: float, bits: int, carry: torch.Tens
     prefix = torch.zeros(rows, dtype=torch.int64, device=carry.device)
     below, at = torch.zeros(rows, **f64), torch.zeros(rows, **f64)
     known, carried, outside, hit = outside, carry, torch.zeros(rows, 0, **f64), None
-    for level in range(bits // RADIX_BITS):
+    level, first = 0, True
+    while level < bits // RADIX_BITS:
         shift = bits - (level + 1) * RADIX_BITS
         if level == 0 and bracket is not None:
             lo, hi, top = bracket
@@ -120,11 +121,18 @@ def select(comm: Comm, search, pick, target: float, bits: int, carry: torch.Tens
                 if known is not None:
                     n_below, n_above = n_below + known[0], n_above + known[1]
                 outside = torch.stack([n_below, n_above], 1).to(torch.float64)
+                digit = lo >> shift
+                if known is not None and bool(((hi >> shift) == digit).all()):
+                    # every row's bracket lies under one top digit: the group picks it wherever
+                    # the bracket holds, so the first round carries the next level's histogram
+                    prefix, level, shift = digit << shift, 1, shift - RADIX_BITS
+                    hist = search.histogram(level, prefix)
             else:
                 hist, outside = search.histogram(level, prefix), torch.zeros(rows, 2, **f64)
         else:
             hist = search.histogram(level, prefix)
-        if level == 0:
+        if first:
+            first = False
             k = BINS + outside.shape[1]
             both = comm.sum(torch.cat([hist.to(wire), outside.to(wire), carry.to(wire)], 1), inplace=True,
                             wire_dtype=wire).to(torch.float64)
@@ -137,8 +145,9 @@ def select(comm: Comm, search, pick, target: float, bits: int, carry: torch.Tens
         else:
             hist = comm.sum(hist.to(wire), inplace=True, wire_dtype=wire).to(torch.float64)
         below, at, prefix = pick(hist, below, target, shift, prefix)
-        if level + 1 == GATHER_LEVEL and bits == 32 and hasattr(search, "candidates"):
-            done = _gathered(comm, search, level + 1, prefix, below, target, bits)
+        level += 1
+        if level == GATHER_LEVEL and bits == 32 and hasattr(search, "candidates"):
+            done = _gathered(comm, search, level, prefix, below, target, bits)
             if done is not None:
                 return Selection(done[0], done[1], done[2], carried, hit, done[3])
     return Selection(prefix, below, at, carried, hit)
