@@ -5,7 +5,9 @@
 //   slice_partials  one read of each row (max, then 2 exps per item from L2, as forward_row):
 //                   the slice's maxima, its exp-sums S, Sr under its own shifts, U = sum e u
 //                   (kl), erm's log-sum, the label's logits where the slice holds it, and the
-//                   largest zr where z = -inf;
+//                   largest zr where z = -inf; for cvar and ra_dpo_cvar a sample's bracket
+//                   of the quantile in u = zr - z and (with candidate buffers) the items in
+//                   it kept, those outside counted and summed (Collect);
 //   slice_search    one level of the exact radix search of cvar / ra_dpo_cvar over the keys
 //                   of D: level 0 histograms the top 8 key bits of every item (one read of the
 //                   row); level 1 keeps the items under the chosen top digit as candidates
@@ -15,11 +17,15 @@
 //                   KEY_BITS / 8 closes the search (the q-mass at the selected key). Items that
 //                   leave the candidates above the selection add to the sums above it (q D,
 //                   q) and to its next larger key;
-//   slice_bracket   level 0 of ra_dpo_cvar's search when the group agreed on a bracket of
-//                   keys (from the slices' samples, which slice_partials draws): one read of
-//                   the row counts the items below and above it (vector compares, no scatter)
-//                   and keeps those inside as the candidates, a small fraction of the row;
-//                   the later levels of slice_search narrow them;
+//   slice_bracket   level 0 of a search when the group agreed on a bracket of keys (from
+//                   the slices' samples, which slice_partials draws): over the candidates
+//                   slice_partials kept (or one read of the row: ra_dpo_cvar's union) it
+//                   weighs the items below and above it (vector compares, no scatter) and
+//                   keeps those inside as the candidates, a small fraction of the row; the
+//                   later levels of slice_search narrow them;
+//   slice_candidates, slice_gathered_pick, slice_close_gathered  the gathered end of a
+//                   float32 search: the candidates left as one payload row, the selection
+//                   from every rank's payloads, the close over them;
 //   slice_tail_sums sum q D and q over D > a per-row threshold (ra_dpo_cvar, when rounding
 //                   puts the interpolated quantile on the next value);
 //   slice_backward  backward_row over the slice: the label term only where the slice holds it.

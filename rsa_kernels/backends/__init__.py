@@ -48,6 +48,12 @@ rsa_kernels/vocab_parallel/rows.py combines with all-reduces. On a rank's column
             need not track)
         .sums_above(idx, threshold) -> (m, 2) float64: sum q D and sum q over D > threshold
             of the rows idx
+        .candidates(level, prefix, most) -> (n, 2 + 2 most) int64, optional (cpu): the
+            candidates under the prefix's top `level` digits as one payload (their count, the
+            smallest key above that left, up to `most` keys and weights as float64 bits);
+            .use_candidates() when the group ends the search with them (close() then compares
+            whole keys), and .finish(parts, below, target, empty_key) -> (key, below, at, next
+            key) from every rank's payloads (vocab_parallel/quantile.py: the gathered end)
     pick(hist, below, target, shift, prefix) -> (below, at, prefix): one round's choice from
         the group's histogram (slice_keys.radix_pick, or the same in C++)
     backward(z, zr, local, saved, grads, risk, out, chunk_size=None) -> out, the gradient of

@@ -25,9 +25,13 @@ lists their bytes):
                mass above tau and at tau
   ra_dpo_cvar: 3.. SUM radix rounds for the order statistic LO;  MIN the next larger value
                (only when the interpolation weight is not 0);  last: SUM value and sum(w)
-  ra_dpo_cvar's first radix round histograms only the items in the group's bracket (from
-  round 1), with the counts below and above it; the rows whose LO lies outside (rare: an
-  unlucky sample) take the radix rounds again, without a bracket.
+  Slice kernels that keep the candidates in their first read (COLLECTS: cpu) send the
+  intersection of the slices' brackets in round 1, search among the candidates only (the
+  first radix round carries the weights each rank left out below and above), and on
+  float32 rows end the search with one all-gather of the few candidates left (quantile.py),
+  which also gives HI. ra_dpo_cvar's union of the brackets (round 1) is for the others, and
+  for the rows whose selection lies outside the kept candidates: those (rare: an unlucky
+  sample) are searched again within the union, then without a bracket.
 Only unmasked rows take part: masked rows are 0 by definition and every rank agrees
 which rows those are (agreement.py checked the labels). Columns past the vocabulary's end
 (layout.vocab_size: Megatron's padding) take no part at all and get a zero gradient.
