@@ -210,8 +210,8 @@ template <typename C> struct Collect {
     compress_store<C>(cz + m, zv, kept);
     m += compress_store<C>(cr + m, rv, kept);
   }
-  // out[0..9): below, above, Sr and U above, the row's smallest finite zr, the largest |z|,
-  // |zr| over its finite items, the candidates, Sr below (two numbers whose sum is it)
+  // out[0..8): below, above, Sr and U above, the row's smallest finite zr, the largest |z|,
+  // |zr| over its finite items, the candidates, Sr below (cvar)
   void finish(C* out, C zr_min, C big) const {
     constexpr int W = width<C>();
     Bits<C> b[W], h[W];
@@ -230,7 +230,6 @@ template <typename C> struct Collect {
     out[5] = big;
     out[6] = C(m);
     out[7] = hsum<C>(sb);
-    out[8] = C(0);
   }
 };
 
@@ -725,7 +724,7 @@ at::Tensor slice_partials(const at::Tensor& z, const at::Tensor& zr, const at::T
       TORCH_CHECK(t->dim() == 2 && t->size(0) == n && t->size(1) >= v + 8 && t->scalar_type() == z.scalar_type() &&
                       t->is_contiguous(), "rsa_kernels._C: candidates must be contiguous (n, >= w + 8) of z's dtype");
   }
-  at::Tensor out = at::zeros({n, 20}, z.options());
+  at::Tensor out = at::zeros({n, 19}, z.options());
   const int64_t* r = rows.const_data_ptr<int64_t>();
   pybind11::gil_scoped_release nogil;
   auto run = [&](auto zero) {
@@ -734,7 +733,7 @@ at::Tensor slice_partials(const at::Tensor& z, const at::Tensor& zr, const at::T
     at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const bool next = i + 1 < e;
-        partials_row<C>(row_of<C>(z, r[i]), row_of<C>(zr, r[i]), v, lab[i], erm, C(mu), level, weighted, o + 20 * i,
+        partials_row<C>(row_of<C>(z, r[i]), row_of<C>(zr, r[i]), v, lab[i], erm, C(mu), level, weighted, o + 19 * i,
                         next ? row_of<C>(z, r[i + 1]) : nullptr, next ? row_of<C>(zr, r[i + 1]) : nullptr,
                         collect ? cand_z.data_ptr<C>() + i * cand_z.size(1) : nullptr,
                         collect ? cand_zr.data_ptr<C>() + i * cand_zr.size(1) : nullptr);
@@ -1189,11 +1188,11 @@ void register_slices(pybind11::module_& m) {
   m.def("slice_gathered_pick", &slice_gathered_pick,
         "(parts (P, n, 2 + 2 most), below, target, empty_key) -> (n, 4) int64: key, below, at (double bits), next");
   m.def("slice_partials", &slice_partials,
-        "(z, zr, rows, local, erm, mu, level, weighted, cand_z, cand_zr) -> (n, 20): max z, max zr, S, Sr, U, T, "
+        "(z, zr, rows, local, erm, mu, level, weighted, cand_z, cand_zr) -> (n, 19): max z, max zr, S, Sr, U, T, "
         "z_y, zr_y, M per row of the slice, the bracket of u = zr - z around the fraction level (of the items, or "
         "of the weights exp(zr - max zr); < 0: -inf, inf), and with candidate buffers (else empty tensors) what "
-        "was collected: below, above, Sr and U above, min zr above, max |z|, |zr|, candidates, Sr below (weighted; "
-        "as two numbers whose sum in double is it)");
+        "was collected: below, above, Sr and U above, the row's min finite zr, max |z|, |zr|, candidates, Sr "
+        "below (weighted)");
   m.def("slice_bracket", &slice_bracket,
         "(z, zr, rows, A, Ar, lo, hi, target, weighted, cand_d, cand_q, state, stored) -> (n, 258): level 0 "
         "within key brackets (counts, or q-masses where weighted), over the rows or (stored: their counts) over "

@@ -25,12 +25,13 @@ rsa_kernels/vocab_parallel/rows.py combines with all-reduces. On a rank's column
           items with z = -inf (they make kl and erm +inf where exp(zr - Ar) != 0)
       .bracket() -> (n, 2): after partials, the slice's bounds of u = zr - z that bracket
           ra_dpo_cvar's quantile (its sample's; (-inf, inf) where the kernels draw none)
-      .collected() -> (n, 8), only in kernels with COLLECTS = True (cpu): ra_dpo_cvar's
-          candidates kept in partials' read, the items with u = zr - z in the slice's bracket
-          [lo, hi] (or NaN u); columns lo, hi, the counts of the items below and above it,
-          Sr and U over those above, their smallest zr, and the largest |z|, |zr| over items
-          with a finite u (vocab_parallel/rows.py proves from these whether the group's
-          quantile lies among the candidates; its Search.bracket then reads them, not the rows)
+      .collected() -> (n, 9) float64, only in kernels with COLLECTS = True (cpu): cvar's and
+          ra_dpo_cvar's candidates kept in partials' read, the items with u = zr - z in the
+          slice's bracket [lo, hi] (or NaN u); columns lo, hi, the counts of the items below
+          and above it, Sr and U over those above, the row's smallest finite zr, the largest
+          finite |z|, |zr|, the candidates, Sr over those below (vocab_parallel/rows.py proves
+          from these whether the group's quantile lies among the candidates; its
+          Search.bracket then reads them, not the rows)
       .subset(idx) -> the Chunk of the rows idx (needed only by kernels whose brackets bound)
       .search(A, Ar, risk, target) -> Search over the keys of D = (zr - Ar) - (z - A)
           (slice_keys), weighing cvar's support (q > 0) by q and counting every item for

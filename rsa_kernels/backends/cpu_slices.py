@@ -3,11 +3,11 @@
 
 The kernels read a chunk's rows where they lie (row indices, any row stride) and keep
 nothing of (rows x width) size but the search's candidates, typically a fraction of the row,
-in buffers that are only touched as far as they fill: for ra_dpo_cvar the items inside the
-slice's sample bracket of its quantile, kept by partials in its one read of the row (so the
-search reads the row no second time where the group's quantile lies among them: COLLECTS);
-for cvar the items under the first chosen digit. 16-bit input is converted to float32 first
-(a copy of the chunk's rows).
+in buffers that are only touched as far as they fill: for cvar and ra_dpo_cvar the items
+inside the slice's sample bracket of the quantile, kept by partials in its one read of the
+row (so the search reads the row no second time where the group's quantile lies among them:
+COLLECTS); in a search again without a bracket, the items under the first chosen digit.
+16-bit input is converted to float32 first (a copy of the chunk's rows).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from ..risk import Risk
 from .cpu_rows import _C, fresh_like, unsupported  # noqa: F401  (ImportError: the extension is not built)
 from .slice_keys import NO_KEY, RADIX_BITS, key_bits, key_order
 
-COLLECTS = True  # Chunk.collected(): ra_dpo_cvar's candidates from partials' read
+COLLECTS = True  # Chunk.collected(): cvar's and ra_dpo_cvar's candidates from partials' read
 _SLACK = 8  # a vector store may write this many values past the last candidate
 _kept = threading.local()  # per thread: dtype -> the candidates' storage (see _candidates)
 
@@ -59,11 +59,11 @@ class Chunk:
         if z.dtype != acc or zr.dtype != acc:  # 16-bit rows: convert only the chunk's
             z, zr, rows = z.index_select(0, rows), zr.index_select(0, rows), torch.arange(len(rows))
         self.z, self.zr, self.rows = _rows(z, acc), _rows(zr, acc), rows.contiguous()
-        self.kept = None  # ra_dpo_cvar: (z, zr) candidate buffers from partials, their counts
+        self.kept = None  # cvar, ra_dpo_cvar: (z, zr) candidate buffers from partials, their counts
 
     def partials(self, local: torch.Tensor, risk: Risk) -> torch.Tensor:
-        # ra_dpo_cvar: the sample bracket of its quantile at 1 - C rides along (bracket()), and
-        # the items in it are kept (collected())
+        # cvar, ra_dpo_cvar: the sample bracket of the quantile rides along (bracket()), and the
+        # items in it are kept (collected())
         level = {"ra_dpo_cvar": 1.0 - float(risk.param), "cvar": float(risk.param)}.get(risk.kind, -1.0)
         none = torch.empty(0, dtype=self.z.dtype)
         keep = level >= 0 and COLLECTS
@@ -71,9 +71,7 @@ class Chunk:
         out = _C.slice_partials(self.z, self.zr, self.rows, local.contiguous(), risk.kind == "erm",
                                 float(risk.param), level if keep or risk.kind == "ra_dpo_cvar" else -1.0,
                                 risk.kind == "cvar", *cand)
-        self._bracket = out[:, 9:11]
-        below = out[:, 18].double() + out[:, 19].double()  # cvar's Sr below, a double in two halves
-        self._collected = torch.cat([out[:, 9:17].double(), below[:, None]], 1)
+        self._bracket, self._collected = out[:, 9:11], torch.cat([out[:, 9:17], out[:, 18:19]], 1).double()
         self.kept = (*cand, out[:, 17].long()) if keep else None
         return out[:, :9]
 
@@ -104,7 +102,7 @@ class Search:
         self.weighted = risk.kind == "cvar"
         self.levels = key_bits(chunk.z.dtype) // RADIX_BITS
         # the candidates partials kept (read once by bracket, which writes their D and q over them)
-        kept = chunk.kept if risk.kind in ("cvar", "ra_dpo_cvar") else None
+        kept = chunk.kept  # set by partials for cvar and ra_dpo_cvar only
         self.cand_d, self.cand_q = kept[:2] if kept else _candidates(n, width, chunk.z.dtype)
         self.stored = kept[2] if kept else torch.empty(0, dtype=torch.int64)
         self._kept_keys = self._pending = None  # candidates(): the keys close() compares whole

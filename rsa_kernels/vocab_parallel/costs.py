@@ -40,7 +40,6 @@ class Cost(NamedTuple):
     collectives: tuple      # ((op, values per row), ...) in order
     rounds: int
     bytes_per_row: int
-    widths: tuple = ()      # bytes per value of each round
 
 
 def forward_communication(risk, dtype: torch.dtype, vocab: int, collects: bool = False) -> Cost:
@@ -69,5 +68,4 @@ def forward_communication(risk, dtype: torch.dtype, vocab: int, collects: bool =
         elif risk.kind == "ra_dpo_cvar" and interpolation_ranks(vocab, 1.0 - risk.param)[2] != 0.0:
             steps += [("min", 1, 8)]                     # the next larger value (HI)
         steps += [("sum", 2, 8)]                         # the sums above (and at) the threshold
-    return Cost(tuple((op, n) for op, n, _ in steps), len(steps), sum(n * w for _, n, w in steps),
-                tuple(w for _, _, w in steps))
+    return Cost(tuple((op, n) for op, n, _ in steps), len(steps), sum(n * w for _, n, w in steps))

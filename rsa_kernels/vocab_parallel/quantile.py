@@ -7,7 +7,9 @@ chosen prefix by their next digit (the slice kernels' Search.histogram), all-red
 (rows x 2**RADIX_BITS) histogram, and every rank picks the same digit from the same sums.
 After KEY_BITS / RADIX_BITS rounds the prefix is the whole key of the selected value: the
 same value a sort of the concatenated row would select, whatever the values, ties or
-widths; the number of rounds never depends on the data.
+widths. The rounds are decided from numbers every rank shares, so every rank runs the same
+ones: fewer where a bracket's ends share the top digit or the candidates left after
+GATHER_LEVEL rounds are few enough to gather whole (_gathered).
 
 With a bracket (ra_dpo_cvar: keys [lo, hi] per row that every rank derived alike from the
 slices' samples), the first round histograms only the items inside it and carries the
@@ -52,12 +54,12 @@ def collected_bracket(col: torch.Tensor, group: torch.Tensor, a, ar, bits: int, 
     """select's bracket for the candidates a rank's partials kept (the slice
     kernels' Chunk.collected(), ``col``): the keys [lo, hi] of D that every item a rank left out
     lies outside, from the group's ``group`` (rows, 3): the intersection [L, H] of the slices'
-    brackets of u = zr - z and the largest |z|, |zr| of their items with a finite u.
+    brackets of u = zr - z and the largest finite |z|, |zr| of their rows.
 
     An item left out below has u < L, so D < L + (A - Ar) + err (D = -inf where q = 0), err
     bounding the rounding of D = (zr - Ar) - (z - A) and of u against their exact values; one
     left out above has D > H + (A - Ar) - err if its q != 0, which its rank proves from its
-    smallest zr. Returns the bracket (the same keys on every rank) and where this rank proved
+    row's smallest finite zr. Returns the bracket (the same keys on every rank) and where this rank proved
     that (not where L > H): rows.py makes the others miss on every rank."""
     lo_u, hi_u, big = group[:, 0].double(), group[:, 1].double(), group[:, 2].double()
     shift, unit = a.double() - ar.double(), 16 * torch.finfo(acc).eps  # generous: 32 roundings' worth

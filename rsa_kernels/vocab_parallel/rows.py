@@ -39,8 +39,10 @@ which rows those are (agreement.py checked the labels). Columns past the vocabul
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from ..backends.slice_keys import BINS, NO_KEY, key_bits, key_order, key_values, radix_pick
 from ..backends.torch_rows import CHUNK_BYTES
@@ -50,6 +52,14 @@ from ..risk import SAVED_WIDTH, Risk
 from .agreement import VocabLayout
 from .comm import Comm
 from .quantile import bracket_of, collected_bracket, select
+
+
+class Kept(NamedTuple):
+    """The candidates a rank's slice kernels kept in their first read (COLLECTS)."""
+    collected: torch.Tensor  # (n, 9) Chunk.collected()
+    group: torch.Tensor      # (n, 3) the intersection [L, H] of the slices' brackets, the largest |z|, |zr|
+    above: torch.Tensor      # (n, 2) sum q D, sum q over what the rank left out above
+    outside: torch.Tensor    # (n, 2) float64 weights it left out below and above
 
 
 class VocabParallelRows:
@@ -120,7 +130,7 @@ class VocabParallelRows:
             bounds = torch.stack([-maxed[:, 2], maxed[:, 3]], 1)
         if kept is not None:
             k = maxed.shape[1] - 3
-            kept = (kept, torch.stack([maxed[:, k], -maxed[:, k + 1], maxed[:, k + 2]], 1))
+            group_kept = torch.stack([maxed[:, k], -maxed[:, k + 1], maxed[:, k + 2]], 1)
         exp_sums = part[:, 2:4]
         # a slice without mass adds 0 (never 0 * inf); a NaN sum stays NaN
         rescaled = torch.where(exp_sums != 0, exp_sums * (mine - group).exp(), 0.0)
@@ -135,13 +145,8 @@ class VocabParallelRows:
         kl_part = torch.where(ruled_out, float("inf"), kl_part)
         saved = torch.zeros(n, SAVED_WIDTH, dtype=acc, device=part.device)
         saved[:, 0], saved[:, 1] = a, ar
-        if kept is not None:  # what the rank left out of its candidates, as kl_part: above, sum q D and
-            col, scale = kept[0].to(acc), (mine[:, 1] - ar).exp()[:, None]  # sum q; the q-masses below, above
-            above = torch.where(col[:, 4:5] != 0, torch.stack([col[:, 5] + c * col[:, 4], col[:, 4]], 1) * scale, 0.0)
-            # the masses in float64 (F at the quantile decides the atom's weight): exp(shift - Ar) too
-            exact = kept[0][:, [8, 4]] * (mine[:, 1].double() - ar.double()).exp()[:, None]
-            masses = torch.where(kept[0][:, [8, 4]] != 0, exact, 0.0)
-            kept = (*kept, above, masses if risk.kind == "cvar" else col[:, 2:4])
+        if kept is not None:
+            kept = self._kept(kept, group_kept, mine, ar, c, risk, acc)
         if risk.kind == "kl":
             kl = value = comm.sum(kl_part[:, None])[:, 0]
         elif risk.kind == "erm":
@@ -165,27 +170,36 @@ class VocabParallelRows:
         stats = torch.stack([sums[:, 2] - a, sums[:, 3] - ar, kl, value], 1)
         return stats, saved
 
+    @staticmethod
+    def _kept(collected, group, mine, ar, c, risk, acc) -> "Kept":
+        """What the rank left out of the candidates it kept, as kl_part is computed: above them
+        sum q D and sum q; the weights below and above (counts, or cvar's q-masses in float64:
+        F at the quantile decides the atom's weight, so exp(shift - Ar) in float64 too)."""
+        col, scale = collected.to(acc), (mine[:, 1] - ar).exp()[:, None]
+        above = torch.where(col[:, 4:5] != 0, torch.stack([col[:, 5] + c * col[:, 4], col[:, 4]], 1) * scale, 0.0)
+        if risk.kind == "cvar":
+            exact = collected[:, [8, 4]] * (mine[:, 1].double() - ar.double()).exp()[:, None]
+            outside = torch.where(collected[:, [8, 4]] != 0, exact, 0.0)
+        else:
+            outside = collected[:, 2:4].double()
+        return Kept(collected, group, above, outside)
+
     def _select(self, chunk, a, ar, risk, target, hint, bounds, kl_part, acc, kept=None):
         """The search (quantile.select; kl rides in its first round): among the candidates the
-        slices kept (``kept``: collected(), the group's intersection and largest |z|, |zr|, what
-        the rank left out above adds to the sums, and its weights below and above: counts or
-        cvar's q-masses), else within the group's bracket
-        ``bounds`` where given; the rows whose selection lies outside go on to the next of
-        these, the last without a bracket. Returns (selection, the search, its sums above and
-        its next larger keys (close))."""
+        slices kept (``kept``), else within the group's bracket ``bounds`` where given; the rows
+        whose selection lies outside go on to the next of these, the last without a bracket.
+        Returns (selection, the search, its sums above and its next larger keys (close))."""
         bits, wire = key_bits(acc), _wire(risk, acc)
         search = chunk.search(a, ar, risk, hint)
         union = None if bounds is None else bracket_of(bounds, a, ar, bits)
         if kept is not None:
-            bracket, ok = collected_bracket(kept[0], kept[1], a, ar, bits, acc)
+            bracket, ok = collected_bracket(kept.collected, kept.group, a, ar, bits, acc)
             # a row the rank cannot prove it left nothing out of misses, on every rank (2**30 below)
-            outside = (kept[3][:, 0].double() + torch.where(ok, 0.0, 2.0**30), kept[3][:, 1].double())
+            outside = (kept.outside[:, 0] + torch.where(ok, 0.0, 2.0**30), kept.outside[:, 1])
             sel = select(self.comm, search, self.kernels.pick, target, bits, kl_part[:, None], bracket=bracket,
                          wire=wire, outside=outside, need_next=risk.kind == "ra_dpo_cvar")
-            sums, min_above = search.close(sel.key)
-            sums = sums.clone()
-            sums[:, :2] += kept[2].to(sums.dtype)
-            sums, later = (sums, min_above), [union, None]
+            above, min_above = search.close(sel.key)
+            sums, later = (above + F.pad(kept.above.to(above.dtype), (0, 1)), min_above), [union, None]
         else:
             sel = select(self.comm, search, self.kernels.pick, target, bits, kl_part[:, None], bracket=union,
                          wire=wire)
