@@ -83,13 +83,13 @@ template <typename C> inline int digit(uint64_t key, int level) {
 
 template <typename C> const C* row_of(const at::Tensor& t, int64_t i) { return t.const_data_ptr<C>() + i * t.stride(0); }
 
-// s, r, q and D of W items, with exactly the operations of forward_row / backward_row.
+// q and D of W items, with exactly the operations of forward_row / backward_row: D in SPEC
+// section 1's one form, (zr - z) + (A - Ar), so that equal zr - z tie on every rank.
 template <typename C> struct Deviation {
   Vec<C> q, d;
   Deviation(Vec<C> z, Vec<C> zr, Vec<C> va, Vec<C> var) {
-    Vec<C> s = z - va, r = zr - var;
-    q = fexp<C>(r);
-    d = q != splat<C>(0) ? r - s : splat(NEG_INF<C>);
+    q = fexp<C>(zr - var);
+    d = q != splat<C>(0) ? (zr - z) + (va - var) : splat(NEG_INF<C>);
   }
 };
 

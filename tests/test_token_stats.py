@@ -293,8 +293,8 @@ def test_ra_dpo_quantile_from_minus_inf_is_minus_inf(c, v):
     >= 0.5; its lerp gives NaN below 0.5, which would select nothing), so D > Q selects the
     whole support and the risk is kl, with kl's gradient. Weights here: 0.45, 0.5, 0.7."""
     z, zr, y = ra_dpo_rows_from_minus_inf(c, v)
-    s, r = torch.log_softmax(z, -1), torch.log_softmax(zr, -1)
-    d = reference.deviation(s, r)
+    r = torch.log_softmax(zr, -1)
+    d = reference.deviation(z, zr, z.logsumexp(-1), zr.logsumexp(-1))
     level = 1 - c
     torch_q = torch.quantile(d, level, dim=-1)
     frac = level * (v - 1) - int(level * (v - 1))
