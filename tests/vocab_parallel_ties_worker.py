@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import rsa_kernels as rk  # noqa: E402
+from tie_rows import tie_rows  # noqa: E402
 from vocab_parallel_worker import KINDS, Ctx, close, gather, linear_inputs, same_on_every_rank, weighted  # noqa: E402
 
 # float64 to 1e-12 (issue 30); float32 and bf16 as the other vocabulary-parallel tests
@@ -34,29 +35,6 @@ TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=2e-
 # wide slices (>= 2048 columns each): the cpu kernels' sample brackets and kept candidates run
 WIDTHS = {2: {100: [37, 63], 4490: [2200, 2290]}, 3: {100: [41, 17, 42], 6650: [2100, 2300, 2250]}}
 TIE_RISKS = ("cvar:0.5", "cvar:0.9", "ra_dpo_cvar:0.5", "ra_dpo_cvar:0.95")
-
-
-def tie_rows(kind: str, n: int, v: int, seed: int):
-    """(z, zr, labels) in float64, the same on every rank, with many exact ties of zr - z."""
-    g = torch.Generator().manual_seed(seed)
-    if kind == "integer":  # few distinct logits: equal zr - z from many different (z, zr) pairs
-        z = torch.randint(-3, 4, (n, v), generator=g).double()
-        zr = torch.randint(-3, 4, (n, v), generator=g).double()
-    elif kind == "bf16":  # logits quantised to bf16's 8 bits, held in float64
-        z = (torch.randn(n, v, generator=g, dtype=torch.float64) * 3).bfloat16().double()
-        zr = (z + torch.randn(n, v, generator=g, dtype=torch.float64)).bfloat16().double()
-    else:  # "straddle": u = zr - z in {-1, 0, 0.5} with 0 on 40 to 60% of the items, z varied
-        z = torch.randint(-40, 41, (n, v), generator=g).double() / 8
-        pick = torch.rand(n, v, generator=g)
-        frac = torch.linspace(0.4, 0.6, n, dtype=torch.float64)[:, None]
-        u = torch.where(pick < frac, 0.0, torch.where(pick < frac + (1 - frac) / 2, -1.0, 0.5))
-        zr = z + u
-    # spread the ties over every slice: a random permutation of the columns of each row
-    order = torch.argsort(torch.rand(n, v, generator=g), dim=1)
-    z, zr = z.gather(1, order), zr.gather(1, order)
-    y = torch.randint(0, v, (n,), generator=g)
-    y[0] = -100
-    return z, zr, y
 
 
 def check_ties(ctx: Ctx, risk: str, kind: str, dtype, v: int, seed: int, n: int = 10):
