@@ -28,8 +28,9 @@ def _deviation(z, zr, a, ar):
     """s, r, q, D = r - s (-inf off the reference's support): same bits in both passes.
 
     D is formed as SPEC section 1 fixes it, (zr - z) + (A - Ar), as every backend and slice
-    kernel does: equal logit differences give equal D, the same ties everywhere. The support is q != 0 (reference.in_support): a NaN q is kept, so that NaN reference
-    logits make D, kl and the risk NaN instead of vanishing from every sum.
+    kernel does: equal logit differences give equal D, the same ties everywhere. The
+    support is q != 0 (reference.in_support): a NaN q is kept, so that NaN reference logits
+    make D, kl and the risk NaN instead of vanishing from every sum.
     """
     s = z - a[:, None]
     r = zr - ar[:, None]
