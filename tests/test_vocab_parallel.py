@@ -226,7 +226,8 @@ def _search(kernels, z, zr, risk, target_hint):
     rows = torch.arange(z.shape[0])
     target = r.param if r.kind == "cvar" else interpolation_ranks(z.shape[1], 1 - r.param)[0] + 1
     search = kernels.Chunk(z, zr, rows).search(a, ar, r, target_hint)
-    sel = select(_OneRank(), search, kernels.pick, target, key_bits(acc), torch.zeros(len(rows), 1, dtype=acc))
+    sel = select(_OneRank(), search, kernels.pick, target, key_bits(acc), torch.zeros(len(rows), 1, dtype=acc),
+                 finish=getattr(kernels.Search, "finish", None))
     sums, min_above = search.close(sel.key)
     guessed = getattr(search, "state", [None] * 4)[3]  # the cpu kernels' guesses of the top digit
     top = (sel.key >> (key_bits(acc) - 8)) & 255
@@ -301,7 +302,8 @@ def test_cpu_bracketed_search_equals_torch_search_where_it_hits(risk, dtype):
     chunk.kept = None  # over the rows, not partials' candidates: the union's path (rows.py's first fallback)
     keys = bracket_of(chunk.bracket(), a, ar, bits)
     search = chunk.search(a, ar, r, target / w)
-    got = select(_OneRank(), search, cpu_slices.pick, target, bits, torch.zeros(n, 1, dtype=dt), bracket=keys)
+    got = select(_OneRank(), search, cpu_slices.pick, target, bits, torch.zeros(n, 1, dtype=dt), bracket=keys,
+                 finish=cpu_slices.Search.finish)
     sums, min_above = search.close(got.key)
     ref = torch_slices.Chunk(z, zr, rows).search(a, ar, r, 0.5)
     want = select(_OneRank(), ref, torch_slices.pick, target, bits, torch.zeros(n, 1, dtype=dt))
