@@ -443,3 +443,43 @@ def test_cpu_pick_equals_radix_pick_bit_for_bit():
             got = cpu_slices.pick(hist, below, target, shift, prefix)
             for a, b in zip(got, want):
                 assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["integer", "bf16", "straddle"])
+@pytest.mark.parametrize("risk", ["cvar:0.5", "cvar:0.9", "ra_dpo_cvar:0.5", "ra_dpo_cvar:0.95"])
+def test_cpu_kept_candidates_at_ties_equal_the_torch_backend(kind, risk, monkeypatch):
+    """Tie-heavy rows (tests/tie_rows.py) through the cpu slice kernels' kept candidates (one
+    rank): D = u + (A - Ar) is monotone in u, so the bracket of keys is exact with no
+    rounding bound. Rows whose selection falls on one of its ends (a tie there) miss and
+    are searched again; the others hit; either way the statistics are the torch backend's
+    on the whole rows, to 1e-12 (float64)."""
+    import torch
+
+    from rsa_kernels.backends import available_backends, get_backend
+    from rsa_kernels.risk import parse_risk
+    from rsa_kernels.vocab_parallel import rows as vp_rows
+    from rsa_kernels.vocab_parallel.agreement import VocabLayout
+    from tie_rows import tie_rows
+    if "cpu" not in available_backends():
+        pytest.skip("the C++ extension is not built")
+    from rsa_kernels.backends import cpu_slices
+    hits, plain = [], vp_rows.select
+
+    def recorded(*args, **kw):
+        sel = plain(*args, **kw)
+        if kw.get("outside") is not None:
+            hits.append(sel.hit.clone())
+        return sel
+    monkeypatch.setattr(vp_rows, "select", recorded)
+    z, zr, y = tie_rows(kind, 8, 5000, seed=3)
+    r = parse_risk(risk)
+    one = object.__new__(vp_rows.VocabParallelRows)
+    one.layout, one.agreed, one.kernels, one.comm = VocabLayout(None, 0, (5000,)), cpu_slices, cpu_slices, _OneRank()
+    stats, saved = one.forward(z, zr, y, r, -100)
+    want_stats, want_saved = get_backend("torch", z).forward(z, zr, y, r, -100)
+    torch.testing.assert_close(stats, want_stats, rtol=1e-12, atol=1e-12)
+    active = y != -100  # (the torch backend keeps the saved scalars of masked rows; they are unused)
+    torch.testing.assert_close(saved[active], want_saved[active], rtol=1e-12, atol=1e-12)
+    assert len(hits) == 1
+    if kind == "bf16":  # no tie at the bracket's ends: every row hits
+        assert bool(hits[0].all()), hits[0]
