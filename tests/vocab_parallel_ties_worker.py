@@ -27,7 +27,8 @@ import torch.distributed as dist  # noqa: E402
 
 import rsa_kernels as rk  # noqa: E402
 from tie_rows import tie_rows  # noqa: E402
-from vocab_parallel_worker import KINDS, Ctx, close, gather, linear_inputs, same_on_every_rank, weighted  # noqa: E402
+from vocab_parallel_worker import (KINDS, Ctx, close, expect_value_error, gather, linear_inputs,  # noqa: E402
+                                   same_on_every_rank, weighted)
 
 # float64 to 1e-12 (issue 30); float32 and bf16 as the other vocabulary-parallel tests
 TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=2e-4, atol=2e-5),
@@ -149,6 +150,10 @@ def run_group(ctx: Ctx, full: bool) -> None:
         for risk in ("cvar:0.9", "ra_dpo_cvar:0.5"):
             ctx.record("padding", f"fused {risk} torch.float32 empty",
                        lambda: check_fused_empty(ctx, risk, torch.float32))
+        empty = torch.zeros(4, 0)  # every slice of width 0: refused on every rank, no hang
+        ctx.record("padding", "no column on any rank", lambda: expect_value_error(
+            ctx, lambda: rk.token_stats(empty, empty, torch.full((4,), -100), process_group=ctx.group,
+                                        backend=ctx.kind), "hold no column"))
 
 
 def main():
