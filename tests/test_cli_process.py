@@ -45,6 +45,15 @@ def test_a_missing_config_is_one_line_and_status_2(tmp_path):
     assert proc.stderr.splitlines() == ["rsa train: error: config: no such file 'missing.yaml'"], proc.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["merge", "a", "b", "--weight", "0.5", "--out", "o"], "rsa merge: error: a: no such model folder 'a'"),
+    (["eval", "--model", "m", "--prompts", "p.jsonl", "--cost", "c"], "rsa eval: error: --prompts: no such file 'p.jsonl'"),
+], ids=["merge", "eval"])
+def test_other_mistakes_are_one_line(tmp_path, args, message):
+    proc = rsa(args, tmp_path)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [message], proc.stderr
+
+
 def test_malformed_yaml_is_one_line(tmp_path):
     (tmp_path / "c.yaml").write_text("model: [unclosed\n")
     proc = rsa(["train", "c.yaml"], tmp_path)
