@@ -214,7 +214,7 @@ def _load_base(base, dtype: str, quantization, device):
 def keep_4bit_layout(model):
     """Keep every bitsandbytes 4-bit layer of ``model`` in the layout training uses.
 
-    On a CPU with AVX512-BF16, bitsandbytes (>= 0.49) repacks a Linear4bit's weight into a CPU
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit's weight into a CPU
     inference layout the first time the layer runs in eval mode on an input that needs no
     gradient: our reference pass, an evaluation. The repack asserts that the output size is a
     multiple of 32; where it is, the layer then runs gemv_4bit, which has no backward (no
