@@ -72,11 +72,18 @@ class EvalSettings:
                        for name, d in self.models.items()}
         if self.reference is not None:
             self.reference = str(check_model_folder(self._local(self.reference, "--reference"), "--reference").resolve())
+        from rsa.hub import commit_of, is_hub_id
+
         from .scorers import resolve_spec   # a hub scorer is fetched (or found in the cache) up front too
         for role in ("cost", "reward"):
             spec = getattr(self, role)
-            if spec is not None:
-                setattr(self, role, resolve_spec(spec, f"--{role}"))
+            if spec is None:
+                continue
+            resolved = resolve_spec(spec, f"--{role}")
+            folder = spec.rpartition("#")[0] if "#" in spec else spec
+            if is_hub_id(folder):
+                self.sources[folder] = commit_of(Path(resolved.rpartition("#")[0] if "#" in spec else resolved))
+            setattr(self, role, resolved)
 
     def _local(self, value: str, what: str) -> Path:
         """A model folder: the path, or the cache snapshot of a hub id (recorded in ``sources``)."""
@@ -99,7 +106,7 @@ class EvalSettings:
             return
         from rsa.hub import commit_of, dataset_folder, is_hub_id
         if not (prompts.is_dir() or is_hub_id(self.prompts)):
-            raise UserError(f"--prompts: no such file or folder {self.prompts!r} (nor a hub id ORG/NAME)")
+            raise UserError(f"--prompts: no such file {self.prompts!r} (nor a data set folder, nor a hub id ORG/NAME)")
         if self.prompts_split is None:
             raise UserError(f"--prompts {self.prompts!r} is a data set: give its split with --prompts-split "
                             "(e.g. test)")
