@@ -235,6 +235,17 @@ def test_train_with_hub_ids_gives_the_weights_of_the_local_run(trained, hub):
     assert "snapshots" in record["reference"]   # the cache snapshot of Org/sft
 
 
+def test_eval_warns_when_a_stage_was_trained_with_another_template(trained, hub, capsys):
+    from rsa.eval import EvalSettings
+    stage = trained[0] / "helpful"
+    common = {"models": {"h": str(stage)}, "prompts": str(hub["tmp"] / "local" / "alpaca-7b" / "test.parquet"),
+              "cost": str(hub["local"]["cost"])}
+    EvalSettings(**common)
+    assert "warning: model h was trained with prompt template" in capsys.readouterr().err
+    EvalSettings(**common, prompt_template="safe-rlhf")
+    assert capsys.readouterr().err == ""
+
+
 def test_hub_config_picks_its_config_and_split(hub):
     """load_dataset on the snapshot honours the README's configs: alpaca2-7b's test rows, not alpaca-7b's."""
     code = ("from rsa.data import load_pairs; import json; "
@@ -425,3 +436,19 @@ def test_bad_input_one_line_each(hub, tmp_path, capsys, monkeypatch):
     headless = save_score_model(tmp_path / "headless", seed=1, head=False)
     line = one_line(capsys, base + ["--cost", str(headless)])
     assert line.startswith("rsa eval: error: --cost scorer") and "hold no score_head.weight" in line
+
+
+def test_7b_examples_read_the_hub_with_the_template():
+    from rsa.config import load_config
+    for name in ("pku_saferlhf_7b.yaml", "pku_saferlhf_7b_lora.yaml", "sacpo_pku_7b.yaml"):
+        cfg = load_config(ROOT / "examples" / name)
+        assert cfg["model"] == "PKU-Alignment/alpaca-7b-reproduced" and cfg["defaults"]["prompt_template"] == "safe-rlhf"
+        for st in cfg["stages"]:
+            d = st["data"]
+            assert (d["path"], d["name"], d["split"], d["eval_split"]) == \
+                ("PKU-Alignment/PKU-SafeRLHF", "alpaca-7b", "train", "test")
+    sacpo = load_config(ROOT / "examples" / "sacpo_pku_7b.yaml")
+    assert {st["overrides"].get("objective", sacpo["defaults"]["objective"]) for st in sacpo["stages"]} == {"dpo"}
+    assert [sacpo["defaults"]["beta"] / (st["lambda"] or 1) for st in sacpo["stages"]] == \
+        pytest.approx([0.1, 0.1, 0.05, 0.025, 0.01])
+    assert sacpo["defaults"]["learning_rate"] == 2e-5

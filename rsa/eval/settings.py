@@ -72,6 +72,7 @@ class EvalSettings:
                        for name, d in self.models.items()}
         if self.reference is not None:
             self.reference = str(check_model_folder(self._local(self.reference, "--reference"), "--reference").resolve())
+        self._check_trained_templates()
         from rsa.hub import commit_of, is_hub_id
 
         from .scorers import resolve_spec   # a hub scorer is fetched (or found in the cache) up front too
@@ -84,6 +85,20 @@ class EvalSettings:
             if is_hub_id(folder):
                 self.sources[folder] = commit_of(Path(resolved.rpartition("#")[0] if "#" in spec else resolved))
             setattr(self, role, resolved)
+
+    def _check_trained_templates(self):
+        """Warn when a model is an `rsa train` stage trained with another prompt template than the one
+        its prompts are sampled with here (stage.json records it)."""
+        import json
+        import sys
+        for name, folder in self.models.items():
+            record = Path(folder) / "stage.json"
+            if not record.is_file():
+                continue
+            theirs = json.loads(record.read_text(encoding="utf-8")).get("prompt_template")
+            if theirs != self.prompt_template:
+                print(f"rsa eval: warning: model {name} was trained with prompt template {theirs!r} but is sampled "
+                      f"with {self.prompt_template!r} (--prompt-template)", file=sys.stderr)
 
     def _local(self, value: str, what: str) -> Path:
         """A model folder: the path, or the cache snapshot of a hub id (recorded in ``sources``)."""
