@@ -186,9 +186,12 @@ def run_rsa(args, env, cwd) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-def train_config(model, data_path, name=None, split=None, out="runs", template="safe-rlhf") -> dict:
+def train_config(model, data_path, name=None, split=None, out="runs", template="safe-rlhf", held=None) -> dict:
+    """``held``: eval_split (a data set's) or eval_path (a file) of the held-out pairs."""
     def data(pref):
         d = {"path": str(data_path), "preference": pref}
+        if held:
+            d["eval_split" if name else "eval_path"] = str(held)
         return {**d, "name": name, "split": split} if name else d
     return {"model": str(model), "output_dir": out,
             "defaults": {"objective": "rsa2", "risk": "cvar:0.8", "beta": 0.5, "per_device_train_batch_size": 2,
@@ -210,12 +213,13 @@ def write_yaml(cfg: dict, path: Path) -> Path:
 @pytest.fixture(scope="module")
 def trained(hub):
     tmp = hub["tmp"]
-    hub_cfg = write_yaml(train_config("Org/sft", "PKU/SafeRLHF", "alpaca-7b", "train", out="hub_runs"),
-                         tmp / "hub.yaml")
+    hub_cfg = write_yaml(train_config("Org/sft", "PKU/SafeRLHF", "alpaca-7b", "train", out="hub_runs",
+                                      held="test"), tmp / "hub.yaml")
     done = run_rsa(["train", str(hub_cfg), "--no-progress"], hub["env"], tmp)
     assert done.returncode == 0, done.stderr[-3000:]
     local_cfg = write_yaml(train_config(hub["local"]["sft"], tmp / "local" / "alpaca-7b" / "train.parquet",
-                                        out="local_runs"), tmp / "local.yaml")
+                                        out="local_runs", held=tmp / "local" / "alpaca-7b" / "test.parquet"),
+                           tmp / "local.yaml")
     assert rsa_main(["train", str(local_cfg), "--no-progress"]) == 0
     return tmp / "hub_runs", tmp / "local_runs"
 
@@ -233,6 +237,9 @@ def test_train_with_hub_ids_gives_the_weights_of_the_local_run(trained, hub):
     assert (record["data"]["path"], record["data"]["name"], record["data"]["split"]) == \
         ("PKU/SafeRLHF", "alpaca-7b", "train")
     assert "snapshots" in record["reference"]   # the cache snapshot of Org/sft
+    theirs = json.loads((local_runs / "helpful" / "stage.json").read_text())
+    assert record["eval_pairs"] == theirs["eval_pairs"] == 3
+    assert record["final_metrics"]["eval_loss"] == pytest.approx(theirs["final_metrics"]["eval_loss"], abs=1e-6)
 
 
 def test_eval_warns_when_a_stage_was_trained_with_another_template(trained, hub, capsys):
