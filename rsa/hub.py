@@ -1,6 +1,7 @@
 """Hugging Face hub ids wherever a model or a data set goes, resolved through the local cache.
 
-A value names a local path when that path exists; otherwise ``ORG/NAME`` (optionally
+A value names a local path when that path exists, starts with ``.``, ``/`` or ``~``, or ends
+like a data file (``.jsonl``, ``.parquet``, ...); otherwise ``ORG/NAME`` (optionally
 ``ORG/NAME@REVISION``: a branch, a tag or a commit) names a hub repository. Models are
 fetched with ``huggingface_hub.snapshot_download`` into the Hugging Face cache (``HF_HOME`` /
 ``HF_HUB_CACHE``) and then loaded from that snapshot folder with ``from_pretrained``, so
@@ -26,6 +27,8 @@ from .errors import UserError
 
 # ORG/NAME[@REVISION]; a revision may hold slashes (refs/pr/1).
 HUB_ID_RE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^@\s]+))?$")
+# A value ending like a data file is a path, never a hub id (data/train.jsonl before it is written).
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".yaml", ".yml", ".txt", ".safetensors")
 # What a model folder needs: config, tokenizer, safetensors weights, PEFT adapters. Never *.bin / *.pt.
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
@@ -38,7 +41,7 @@ def parse_hub_id(value) -> tuple[str, str | None] | None:
     """(repo id, revision or None) if ``value`` is not an existing local path and reads as
     ORG/NAME[@REVISION]; None otherwise (a local path, existing or not)."""
     text = str(value)
-    if Path(text).expanduser().exists() or text.startswith((".", "/", "~")):
+    if Path(text).expanduser().exists() or text.startswith((".", "/", "~")) or text.lower().endswith(FILE_SUFFIXES):
         return None
     m = HUB_ID_RE.match(text)
     return (m["repo"], m["revision"]) if m else None
