@@ -9,6 +9,7 @@ object per logged step).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -92,7 +93,7 @@ def _check_reference_template(stage: dict, reference: Path, template: str | None
     """Warn when the reference stage was trained with another prompt template: the policy then
     starts from a model that saw its prompts in another form."""
     record = reference / STAGE_FILE
-    if not record.is_file():
+    if not record.is_file() or os.environ.get("RANK", "0") != "0":   # said once, by the first process
         return
     theirs = json.loads(record.read_text(encoding="utf-8")).get("prompt_template")
     if theirs != template:
