@@ -459,3 +459,23 @@ def test_7b_examples_read_the_hub_with_the_template():
     assert [sacpo["defaults"]["beta"] / (st["lambda"] or 1) for st in sacpo["stages"]] == \
         pytest.approx([0.1, 0.1, 0.05, 0.025, 0.01])
     assert sacpo["defaults"]["learning_rate"] == 2e-5
+
+
+def test_pinned_revisions_resolve_from_the_cache(hub, monkeypatch):
+    from huggingface_hub import constants
+
+    from rsa.hub import HubError, dataset_folder, model_folder, parse_hub_id
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub["tmp"] / "hf" / "hub"))
+    commit = hub["commits"]["Org/sft"]
+    assert parse_hub_id(f"Org/sft@{commit}") == ("Org/sft", commit)
+    assert parse_hub_id("data/train.jsonl") is None and parse_hub_id("./Org/sft") is None
+    folder = model_folder(f"Org/sft@{commit}", "model")
+    assert folder.name == commit and (folder / "model.safetensors").is_file()
+    assert model_folder("Org/sft@main", "model") == folder
+    data = hub["commits"]["PKU/SafeRLHF"]
+    assert dataset_folder("PKU/SafeRLHF", "data", revision=data).name == data
+    with pytest.raises(HubError, match="model: 'Org/sft@v9' is not a local path"):
+        model_folder("Org/sft@v9", "model")
+    with pytest.raises(HubError, match="revision given twice"):
+        dataset_folder("PKU/SafeRLHF@main", "data", revision="v1")
