@@ -165,7 +165,8 @@ def load_config(path_or_dict) -> dict:
             raise ValueError(f"{at}.data.preference must be helpful, safe or absent, got {data['preference']!r}")
         data = _check_data(data, at, resolve(data["path"], f"stages[{i}].data.path", hub=True))
         if data["eval_path"]:
-            data["eval_path"] = resolve(data["eval_path"], f"stages[{i}].data.eval_path")   # a file (eval_split: a data set's)
+            # A file; a data set's held-out split is eval_split.
+            data["eval_path"] = resolve(data["eval_path"], f"stages[{i}].data.eval_path")
         lam = st.get("lambda")
         if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float))
                                 or not math.isfinite(lam) or lam <= 0):

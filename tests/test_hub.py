@@ -449,7 +449,8 @@ def test_7b_examples_read_the_hub_with_the_template():
     from rsa.config import load_config
     for name in ("pku_saferlhf_7b.yaml", "pku_saferlhf_7b_lora.yaml", "sacpo_pku_7b.yaml"):
         cfg = load_config(ROOT / "examples" / name)
-        assert cfg["model"] == "PKU-Alignment/alpaca-7b-reproduced" and cfg["defaults"]["prompt_template"] == "safe-rlhf"
+        assert cfg["model"] == "PKU-Alignment/alpaca-7b-reproduced"
+        assert cfg["defaults"]["prompt_template"] == "safe-rlhf"
         for st in cfg["stages"]:
             d = st["data"]
             assert (d["path"], d["name"], d["split"], d["eval_split"]) == \

@@ -1,4 +1,4 @@
-"""`rsa eval`: sample models (local folders or hub ids) on prompts and measure the cost tail (rsa.eval, docs/eval.md)."""
+"""`rsa eval`: sample models (folders or hub ids) on prompts and measure the cost tail (rsa.eval, docs/eval.md)."""
 from __future__ import annotations
 
 import argparse

@@ -71,7 +71,8 @@ class EvalSettings:
         self.models = {name: str(check_model_folder(self._local(d, f"--model {name}"), f"--model {name}").resolve())
                        for name, d in self.models.items()}
         if self.reference is not None:
-            self.reference = str(check_model_folder(self._local(self.reference, "--reference"), "--reference").resolve())
+            ref = self._local(self.reference, "--reference")
+            self.reference = str(check_model_folder(ref, "--reference").resolve())
         self._check_trained_templates()
         from rsa.hub import commit_of, is_hub_id
 
