@@ -88,6 +88,15 @@ def model_folder(value, what: str) -> Path:
     return snapshot(hub[0], hub[1], what, "model", MODEL_FILES)
 
 
+def resolve_scorer_spec(spec: str, role: str) -> str:
+    """A --cost/--reward value with a hub id (ORG/NAME[@REV][#INDEX]) replaced by its cache
+    snapshot folder (#INDEX kept); any other value unchanged."""
+    folder, sep, index = spec.rpartition("#") if "#" in spec else (spec, "", "")
+    if is_hub_id(folder):
+        return str(model_folder(folder, f"{role} scorer {spec!r}")) + sep + index
+    return spec
+
+
 def dataset_folder(value, what: str, name: str | None = None, revision: str | None = None) -> Path:
     """The snapshot folder of a hub data set (only the README and, where it lists them, the
     files of config ``name`` are fetched)."""

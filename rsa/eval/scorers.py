@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from rsa.errors import UserError
+from rsa.hub import resolve_scorer_spec
 
 FUNCTION_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -117,7 +118,7 @@ class ModelScorer(Scorer):
 
 def load_scorer(spec: str, role: str, device: str = "cpu", batch_size: int = 16, dtype: str = "auto") -> Scorer:
     """The scorer a --reward/--cost value names; ScorerError if it names nothing usable."""
-    spec = resolve_spec(spec, role)
+    spec = resolve_scorer_spec(spec, role)
     folder = spec.rsplit("#", 1)[0] if "#" in spec else spec
     if Path(folder).is_dir():
         return ModelScorer(spec, role, device, batch_size, dtype)
@@ -127,16 +128,6 @@ def load_scorer(spec: str, role: str, device: str = "cpu", batch_size: int = 16,
         raise ScorerError(f"{role} scorer {spec!r}: no such model folder {folder!r}")
     raise ScorerError(f"{role} scorer {spec!r}: neither a model folder (DIR or DIR#INDEX) nor "
                       "package.module:function")
-
-
-def resolve_spec(spec: str, role: str) -> str:
-    """The spec with a hub id (ORG/NAME[@REV][#INDEX]) replaced by its cache snapshot folder."""
-    from rsa.hub import is_hub_id, model_folder
-
-    folder, sep, index = spec.rpartition("#") if "#" in spec else (spec, "", "")
-    if is_hub_id(folder):
-        return str(model_folder(folder, f"{role} scorer {spec!r}")) + sep + index
-    return spec
 
 
 def split_index(spec: str, name: str) -> tuple[str, int]:

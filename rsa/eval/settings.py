@@ -74,14 +74,12 @@ class EvalSettings:
             ref = self._local(self.reference, "--reference")
             self.reference = str(check_model_folder(ref, "--reference").resolve())
         self._check_trained_templates()
-        from rsa.hub import commit_of, is_hub_id
-
-        from .scorers import resolve_spec   # a hub scorer is fetched (or found in the cache) up front too
-        for role in ("cost", "reward"):
+        from rsa.hub import commit_of, is_hub_id, resolve_scorer_spec
+        for role in ("cost", "reward"):   # a hub scorer is fetched (or found in the cache) up front too
             spec = getattr(self, role)
             if spec is None:
                 continue
-            resolved = resolve_spec(spec, f"--{role}")
+            resolved = resolve_scorer_spec(spec, f"--{role}")
             folder = spec.rpartition("#")[0] if "#" in spec else spec
             if is_hub_id(folder):
                 self.sources[folder] = commit_of(Path(resolved.rpartition("#")[0] if "#" in spec else resolved))
