@@ -480,3 +480,18 @@ def test_pinned_revisions_resolve_from_the_cache(hub, monkeypatch):
         model_folder("Org/sft@v9", "model")
     with pytest.raises(HubError, match="revision given twice"):
         dataset_folder("PKU/SafeRLHF@main", "data", revision="v1")
+
+
+def test_merge_takes_hub_ids(hub, tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub["tmp"] / "hf" / "hub"))
+    sft = hub["local"]["sft"]
+    assert rsa_main(["merge", "Org/sft", str(sft), "--weight", "0.5", "--out", str(tmp_path / "m")]) == 0
+    merged, original = read_weights(tmp_path / "m"), read_weights(sft)
+    assert all(torch.equal(merged[k], original[k]) for k in original)   # A with itself: A, bit for bit
+    record = json.loads((tmp_path / "m" / "merge.json").read_text())
+    assert (record["a"], record["a_commit"], record["b"]) == ("Org/sft", hub["commits"]["Org/sft"], str(sft))
+    capsys.readouterr()
+    line = one_line(capsys, ["merge", str(sft), "Org/not-cached", "--weight", "0.5", "--out", str(tmp_path / "n")])
+    assert line.startswith("rsa merge: error: b: 'Org/not-cached' is not a local path")
