@@ -11,6 +11,7 @@ from rsa.hub import is_hub_id
 
 # "auto": as stored in each checkpoint (an FSDP-saved float32 checkpoint stays float32: 4 bytes a parameter).
 DTYPES = ("bfloat16", "float16", "float32", "auto")
+_WARNED: set[str] = set()
 
 
 @dataclass
@@ -95,9 +96,11 @@ class EvalSettings:
             if not record.is_file():
                 continue
             theirs = json.loads(record.read_text(encoding="utf-8")).get("prompt_template")
-            if theirs != self.prompt_template:
-                print(f"rsa eval: warning: model {name} was trained with prompt template {theirs!r} but is sampled "
-                      f"with {self.prompt_template!r} (--prompt-template)", file=sys.stderr)
+            message = (f"rsa eval: warning: model {name} was trained with prompt template {theirs!r} but is sampled "
+                       f"with {self.prompt_template!r} (--prompt-template)")
+            if theirs != self.prompt_template and message not in _WARNED:   # once, if settings are made twice
+                _WARNED.add(message)
+                print(message, file=sys.stderr)
 
     def _local(self, value: str, what: str) -> Path:
         """A model folder: the path, or the cache snapshot of a hub id (recorded in ``sources``)."""
