@@ -121,9 +121,10 @@ class EvalSettings:
             self.prompts = str(prompts.resolve())
             self.prompts_sha256 = hashlib.sha256(prompts.read_bytes()).hexdigest()
             return
-        from rsa.hub import commit_of, dataset_folder, is_hub_id
+        from rsa.hub import FILE_SUFFIXES, commit_of, dataset_folder, is_hub_id
         if not (prompts.is_dir() or is_hub_id(self.prompts)):
-            raise UserError(f"--prompts: no such file {self.prompts!r} (nor a data set folder, nor a hub id ORG/NAME)")
+            hint = "" if self.prompts.lower().endswith(FILE_SUFFIXES) else " (nor a data set folder, nor a hub id ORG/NAME)"
+            raise UserError(f"--prompts: no such file {self.prompts!r}{hint}")
         if self.prompts_split is None:
             raise UserError(f"--prompts {self.prompts!r} is a data set: give its split with --prompts-split "
                             "(e.g. test)")
