@@ -12,8 +12,6 @@ import math
 import shutil
 from pathlib import Path
 
-import torch
-
 from .lora import AdapterDeltas, is_lora_folder
 
 # Written by training runs or pickled: never copied into a merged model.
@@ -37,9 +35,6 @@ def merge_models(a, b, weight: float, out) -> Path:
     folder: its full weights (base + adapter updates, in float64) are used, so `rsa merge A A
     --weight 0` writes a LoRA stage's full weights.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
     a, b, out = Path(a), Path(b), Path(out)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
             or not 0 <= weight <= 1:
@@ -49,6 +44,10 @@ def merge_models(a, b, weight: float, out) -> Path:
             raise ValueError(f"{name}: no such model folder {str(p)!r}")
     if out.resolve() in (a.resolve(), b.resolve()):
         raise ValueError("out must differ from both inputs")
+    # Imported after the checks above (torch takes seconds): a mistake is reported at once.
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
     deltas = {name: AdapterDeltas(p) if is_lora_folder(p) else None for name, p in (("a", a), ("b", b))}
     a_files, b_files = (d.base if d is not None else p for d, p in ((deltas["a"], a), (deltas["b"], b)))
     indexes = {}
@@ -82,7 +81,7 @@ def merge_models(a, b, weight: float, out) -> Path:
                 raise ValueError(f"b: tensor {key!r} has shape {tuple(tb.shape)}, a has {tuple(ta.shape)}")
             if ta.is_floating_point():
                 merged[key] = ((1 - weight) * full("a", key, ta) + weight * full("b", key, tb)).to(ta.dtype)
-            elif torch.equal(ta, tb):
+            elif ta.equal(tb):
                 merged[key] = ta
             else:
                 raise ValueError(f"b: non-floating tensor {key!r} differs from a's and cannot be averaged")

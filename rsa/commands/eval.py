@@ -30,17 +30,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    import torch
+    from rsa.eval.settings import EvalSettings, parse_models
 
-    from rsa.eval import EvalSettings, parse_models, run_eval
+    values = dict(models=parse_models(args.model), prompts=args.prompts, cost=args.cost, reward=args.reward,
+                  reference=args.reference, samples=args.samples, max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
+                  threshold=args.threshold, dtype=args.dtype)
+    # Checked before torch is imported (seconds): a mistake is reported at once. The default
+    # device (CUDA where there is one) is settled after.
+    settings = EvalSettings(**values, device=args.device or "cpu")
+    if args.device is None:
+        import torch
+        if torch.cuda.is_available():
+            settings = EvalSettings(**values, device="cuda")
+
     from rsa.eval.report import table
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    settings = EvalSettings(models=parse_models(args.model), prompts=args.prompts, cost=args.cost,
-                            reward=args.reward, reference=args.reference, samples=args.samples,
-                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            batch_size=args.batch_size, seed=args.seed, threshold=args.threshold, device=device,
-                            dtype=args.dtype)
+    from rsa.eval.runner import run_eval
     report = run_eval(settings, args.out, progress=not args.no_progress)
     print()
     print(table(report))
