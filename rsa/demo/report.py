@@ -165,7 +165,9 @@ def _ablation_sentence(o: str) -> str:
 def kl_verdict(outcomes: dict) -> str:
     """The second axis (issue 32), from its outcomes alone: the cost CVaR95 at matched KL to SFT
     (the paper's first claim: less risk from drifting away from the reference), per family."""
-    by = lambda o: " and ".join(f for f, x in outcomes.items() if x == o)
+    def by(o):
+        names = [f for f, x in outcomes.items() if x == o]
+        return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
     parts = [f"{what} on {by(o)}{why}" for o, what, why in (
         ("rsa lower", "RSA lower", " (the 95% interval lies below 0)"),
         ("sacpo lower", "SACPO lower", " (the 95% interval lies above 0)"),
