@@ -19,6 +19,10 @@ import dataclasses
 
 import torch
 
+import rsa_kernels
+from rsa_kernels.risk import parse_risk
+from rsa_kernels.validation import check_objective_args
+
 from .trl_common import (SUPPORTED_TRL, _is_peft, _lm_head, _matching_dtypes, _reference_adapter,
                          add_hidden_states_forward, check_plain_lm_head, trl)
 
