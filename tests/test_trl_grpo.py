@@ -194,10 +194,11 @@ def exact_oracle(trainer, batch, risk, ref_off=None):
     return loss + beta * term.float(), stats
 
 
-@pytest.mark.parametrize("risk,loss_type", [("kl", "grpo"), ("cvar:0.9", "dapo"), ("erm:0.5", "bnpo")])
-def test_exact_loss_and_gradients_equal_full_logits_oracle(tmp_path, risk, loss_type):
+@pytest.mark.parametrize("risk,loss_type,entropy_coef", [("kl", "grpo", 0.0), ("cvar:0.9", "dapo", 0.0),
+                                                      ("erm:0.5", "bnpo", 0.0), ("kl", "grpo", 0.05)])
+def test_exact_loss_and_gradients_equal_full_logits_oracle(tmp_path, risk, loss_type, entropy_coef):
     trainer = build(RSAGRPOTrainer, config(RSAGRPOConfig, tmp_path, kl_estimator="exact", risk=risk,
-                                           loss_type=loss_type), tmp_path)
+                                           loss_type=loss_type, entropy_coef=entropy_coef), tmp_path)
     batch = grpo_batch(trainer)
     assert "ref_per_token_logps" not in batch  # TRL's reference log-probs are not computed for nothing
     got_loss, got_grads = loss_and_grads(trainer, batch)
@@ -209,6 +210,10 @@ def test_exact_loss_and_gradients_equal_full_logits_oracle(tmp_path, risk, loss_
         torch.testing.assert_close(got_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
     mask = batch["completion_mask"].bool()
     assert trainer._metrics["train"]["kl"][-1] == pytest.approx(stats[2][mask].mean().item(), rel=1e-5)
+    if entropy_coef:  # TRL's policy_loss (logged with an entropy bonus) includes its KL term; ours the penalty
+        ours, oracle_without_penalty = trainer._metrics["train"]["policy_loss"][-2:]
+        _, value = trainer._reduce_like_loss(stats[3], batch["completion_mask"], batch, "train")
+        assert ours == pytest.approx(oracle_without_penalty + trainer.beta * value.item(), rel=1e-5)
     if risk != "kl":
         assert trainer._metrics["train"]["risk"][-1] == pytest.approx(stats[3][mask].mean().item(), rel=1e-5)
         assert trainer._metrics["train"]["risk"][-1] > trainer._metrics["train"]["kl"][-1]
