@@ -12,6 +12,7 @@ import math
 import shutil
 from pathlib import Path
 
+from .hub import commit_of, is_hub_id, model_folder
 from .lora import AdapterDeltas, is_lora_folder
 
 # Written by training runs or pickled: never copied into a merged model.
@@ -28,14 +29,16 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def merge_models(a, b, weight: float, out) -> Path:
-    """Save (1 - weight) * A + weight * B to ``out``; returns ``out``.
+    """Save (1 - weight) * A + weight * B to ``out``; returns ``out``. A and B: folders or hub ids
+    ORG/NAME[@REVISION] (rsa/hub.py).
 
     Floating tensors are combined in float64 and cast back to A's dtype (so merging A with
     itself gives A exactly); other tensors must be equal in A and B. A or B may be a LoRA stage
     folder: its full weights (base + adapter updates, in float64) are used, so `rsa merge A A
     --weight 0` writes a LoRA stage's full weights.
     """
-    a, b, out = Path(a), Path(b), Path(out)
+    given = {name: str(v) if is_hub_id(v) else str(Path(v)) for name, v in (("a", a), ("b", b))}
+    a, b, out = model_folder(a, "a"), model_folder(b, "b"), Path(out)   # a hub id: its cache snapshot
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
             or not 0 <= weight <= 1:
         raise ValueError(f"weight must be a number in [0, 1], got {weight!r}")
@@ -96,7 +99,8 @@ def merge_models(a, b, weight: float, out) -> Path:
         for f in folder.iterdir():
             if f.is_file() and f.name not in skip and not f.name.endswith(SKIP_SUFFIXES):
                 shutil.copy2(f, out / f.name)
-    record = {"a": str(a), "b": str(b), "weight": weight}
+    record = {"a": given["a"], "b": given["b"], "weight": weight}
+    record.update({f"{name}_commit": commit_of(p) for name, p in (("a", a), ("b", b)) if commit_of(p)})
     record.update({f"{name}_base": str(d.base) for name, d in deltas.items() if d is not None})
     (out / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
