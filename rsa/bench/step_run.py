@@ -241,7 +241,12 @@ def main(argv=None) -> int:
     result = run(sizes, a.device, a.threads or torch.get_num_threads(), str(out.parent / "step-work"), names,
                  bf16=a.bf16)
     result["mode"] = a.mode
+    result["command"] = "python -m rsa.bench.step_run " + " ".join(argv)
     out.write_text(json.dumps(result, indent=1))
+    from .collect import machine_info
+    from .step_report import render_section
+
+    print("\n".join(render_section({"train_step": result, "machine": machine_info(a.device)})))
     print(f"{out} written in {result['seconds']} s")
     return 0 if not any("error" in r for r in result["runs"]) else 1
 

@@ -44,7 +44,7 @@ class StepSizes:
 # a step fits a small machine while the lm head is that of Llama-2 (V=32000) or Llama-3 (128256)
 MODES = {
     "tiny": StepSizes(1, 32, 4, 2, 64, (256, 1000), prompt=4, response=12, warmup=1, steps=2),
-    "quick": StepSizes(2, 256, 4, 4, 688, (32000,), prompt=32, response=96, warmup=1, steps=5),
+    "quick": StepSizes(2, 256, 4, 4, 688, (32000,), prompt=32, response=64, warmup=1, steps=5),
     "full": StepSizes(4, 512, 8, 8, 1376, (32000, 128256), prompt=64, response=192, warmup=1, steps=3, rounds=2),
 }
 
