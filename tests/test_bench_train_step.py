@@ -3,10 +3,6 @@ batch where they should (1 = 2 = 3: TRL's sigmoid DPO; 4 = 5 = 6: rsa2 with cvar
 same gradients; the runner measures every contender in its own process and the report shows
 them. Nothing about speed is asserted."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -15,10 +11,9 @@ pytest.importorskip("matplotlib")
 import torch  # noqa: E402
 
 from rsa.bench.step_contenders import build_trainer, rsa_train_config  # noqa: E402
-from rsa.bench.step_report import render_section, summarize, write_plot  # noqa: E402
+from rsa.bench.step_report import render_section, summarize  # noqa: E402
 from rsa.bench.step_workload import make_models, make_pairs, make_tokenizer, sizes_for  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZES = sizes_for("tiny", vocabs=(300,))
 V = 300
 
@@ -93,49 +88,58 @@ def test_pairs_have_the_sizes_asked_for():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """The runner as `rsa bench --train` starts it: a subprocess forking one child per contender."""
-    out = tmp_path_factory.mktemp("step") / "step.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="131072")
-    proc = subprocess.run([sys.executable, "-m", "rsa.bench.step_run", str(out), "--mode", "tiny", "--threads", "1",
-                           "--vocabs", "300"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    return proc, out
+    """`rsa bench --grid tiny --train-only`: the runner subprocess forks one child per contender."""
+    from rsa.cli import main
+
+    out = tmp_path_factory.mktemp("step")
+    rc = main(["bench", "--grid", "tiny", "--train-only", "--device", "cpu", "--threads", "1", "--out", str(out)])
+    return rc, out
+
+
+def _liger_missing(train):
+    errors = [(r["name"], r["error"]) for r in train["runs"] if "error" in r]
+    return errors and all(n == "trl_liger" and "liger" in e for n, e in errors)
 
 
 def test_runner_measures_every_contender_in_its_own_process(tiny_run):
-    proc, out = tiny_run
-    res = json.loads(out.read_text())
-    errors = [(r["name"], r["error"]) for r in res["runs"] if "error" in r]
-    if errors and all(n == "trl_liger" and "liger" in e for n, e in errors):
+    rc, out = tiny_run
+    res = json.loads((out / "results.json").read_text())
+    train = res["train_step"]
+    if _liger_missing(train):
         pytest.skip("liger-kernel is not installed")
-    assert proc.returncode == 0 and not errors, (errors, proc.stdout[-3000:], proc.stderr[-3000:])
-    assert [r["name"] for r in res["runs"]] == res["contenders"] == [
-        "trl_dpo", "trl_liger", "rsa_dpo", "rsa_rsa2", "rsa_train", "plain"]
-    for r in res["runs"]:
+    errors = [(r["name"], r["error"]) for r in train["runs"] if "error" in r]
+    assert rc == 0 and not errors, (errors, (out / "step.log").read_text()[-3000:])
+    tiny = sizes_for("tiny")
+    assert [(r["name"], r["vocab"]) for r in train["runs"]] == [
+        (n, v) for v in tiny.vocabs for n in ("trl_dpo", "trl_liger", "rsa_dpo", "rsa_rsa2", "rsa_train", "plain")]
+    pids = set()
+    for r in train["runs"]:
         timed = [s for s in r["steps"] if not s["warmup"]]
-        assert len(r["steps"]) == SIZES.warmup + SIZES.steps and len(timed) == SIZES.steps, r["name"]
+        assert len(r["steps"]) == tiny.warmup + tiny.steps and len(timed) == tiny.steps, r["name"]
         assert r["grad_bytes"] == 4 * r["param_count"]   # float32, every parameter trained
+        pids.add(r["pid"])
         for s in timed:
             assert s["total_s"] > 0 and s["peak_bytes"] >= 0
             assert s["body_forward_s"] > 0 and s["head_s"] > 0 and s["body_backward_s"] is not None
             parts = sum(s[k] for k in ("body_forward_s", "head_s", "body_backward_s", "optimizer_s"))
             assert parts <= s["total_s"] * 1.001, (r["name"], s)
-    assert res["products"]["300"]["four_products_s"] > 0
+    assert len(pids) == len(train["runs"])   # a fresh process each
+    assert all(train["products"][str(v)]["four_products_s"] > 0 for v in tiny.vocabs)
 
 
-def test_report_section_and_plot_come_from_the_measurements(tiny_run, tmp_path):
-    _, out = tiny_run
-    train = json.loads(out.read_text())
+def test_report_section_and_plot_come_from_the_measurements(tiny_run):
+    rc, out = tiny_run
+    res = json.loads((out / "results.json").read_text())
+    train = res["train_step"]
     if any("error" in r for r in train["runs"]):
         pytest.skip("see test_runner_measures_every_contender_in_its_own_process")
-    train["command"] = "rsa bench --grid tiny --train-only"
-    results = {"train_step": train, "machine": {"device_name": "CPU: test"}}
-    text = "\n".join(render_section(results))
+    text = (out / "report.md").read_text()
     s = summarize(train)
-    one = s[("trl_dpo", 300)]
-    four = s[("rsa_rsa2", 300)]
-    assert "### V = 300" in text and "rsa bench --grid tiny --train-only" in text
+    one, four = s[("trl_dpo", 256)], s[("rsa_rsa2", 256)]
+    assert "### V = 256" in text and "### V = 1000" in text
+    assert "rsa bench --grid tiny --device cpu --threads 1" in text and "--train-only" in text
     ms = four["time_s"] * 1e3
     assert f"| 4. RSADPOTrainer rsa2 cvar:0.9 | {ms:.3g} ms | {four['time_s'] / one['time_s']:.2f}x |" in text
     assert "(4) time <= 1/3 of plain Ra-DPO (6)" in text
-    write_plot(results, tmp_path / "step.png")
-    assert (tmp_path / "step.png").stat().st_size > 0
+    assert (out / "step.png").stat().st_size > 0
+    assert "\n".join(render_section(res)) in text

@@ -66,7 +66,7 @@ def test_gpu_check_script_is_valid_and_names_existing_scripts():
     script = ROOT / "bench" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     import re
-    named = set(re.findall(r"bench/([a-z_0-9]+\.py)", script.read_text()))
+    named = set(re.findall(r"(?<![\w/])bench/([a-z_0-9]+\.py)", script.read_text()))
     assert {"gpu_check_vocab_parallel.py", "gpu_check_lora4bit.py", "gpu_bench.py"} <= named
     assert all((ROOT / "bench" / n).exists() for n in named), named
     assert "rsa.bench.step_run" in script.read_text() and "--bf16" in script.read_text()

@@ -90,7 +90,7 @@ def measure(name: str, sizes: StepSizes, vocab: int, device: str, threads: int, 
                                 callbacks=[meter])
         instrument(type(trainer), meter)
         trainer.train()
-    return meter.summary()
+    return {**meter.summary(), "pid": os.getpid()}
 
 
 def products(sizes: StepSizes, vocab: int, device: str, threads: int, repeats: int = 3) -> dict:
