@@ -17,6 +17,11 @@ The split (seconds per step), from hooks and wrappers that cost microseconds:
   have their gradient;
 - body_backward: the rest of the backward;
 - optimizer: ``optimizer.step()``; other: the rest (clipping, zero_grad, the Trainer's bookkeeping).
+
+Every figure is read on two clocks: wall time (``*_s``) and the process's CPU time
+(``*_cpu_s``, time.process_time: all its threads, page faults included). On a machine shared
+with other work, a one-thread process's CPU time is what the step costs it, whatever share of a
+core it got: the steadier figure there (the report shows both).
 """
 from __future__ import annotations
 
@@ -28,6 +33,29 @@ from transformers import TrainerCallback
 from .measure import MALLOC_ENV, _status
 
 __all__ = ["StepMeter", "MALLOC_ENV", "instrument"]
+
+
+class Clock(tuple):
+    """(wall seconds, CPU seconds), with the arithmetic the split needs."""
+
+    def __new__(cls, wall=0.0, cpu=0.0):
+        return super().__new__(cls, (wall, cpu))
+
+    def __sub__(self, other):
+        other = other if isinstance(other, Clock) else Clock(other, other)
+        return Clock(self[0] - other[0], self[1] - other[1])
+
+    def __rsub__(self, other):
+        return Clock(other, other) - self
+
+    def __add__(self, other):
+        other = other if isinstance(other, Clock) else Clock(other, other)
+        return Clock(self[0] + other[0], self[1] + other[1])
+
+    __radd__ = __add__
+
+    def pos(self):
+        return Clock(max(0.0, self[0]), max(0.0, self[1]))
 
 
 def _unwrap(model):
@@ -48,10 +76,10 @@ class StepMeter(TrainerCallback):
         self.loss_values: list[float] = []
 
     # ---------------------------------------------------------------- clock and memory
-    def _now(self) -> float:
+    def _now(self) -> Clock:
         if self.cuda:
             torch.cuda.synchronize()
-        return time.perf_counter()
+        return Clock(time.perf_counter(), time.process_time())
 
     def _memory_start(self) -> int:
         if self.cuda:
@@ -76,7 +104,7 @@ class StepMeter(TrainerCallback):
         self.optimizer = str(getattr(args.optim, "value", args.optim))
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._cur = {"warmup": len(self.steps) < self.warmup, "body_forward": 0.0, "head": 0.0}
+        self._cur = {"warmup": len(self.steps) < self.warmup, "body_forward": Clock(), "head": Clock()}
         self._cur["base_bytes"] = self._memory_start()
         self._cur["t0"] = self._now()
 
@@ -94,16 +122,17 @@ class StepMeter(TrainerCallback):
             return
         t1 = self._now()
         c["peak_bytes"] = max(0, self._memory_peak() - c["base_bytes"])
-        total = t1 - c.pop("t0")
-        opt = c.pop("t_opt1", 0.0) - c.pop("t_opt0", 0.0)
+        parts = {"total": t1 - c.pop("t0"), "optimizer": c.pop("t_opt1", Clock()) - c.pop("t_opt0", Clock())}
         back_end, hgrad, loss_end = c.pop("t_backward_end", None), c.pop("t_hgrad", None), c.pop("t_loss_end", None)
         if None not in (back_end, hgrad, loss_end):
-            c["head"] += max(0.0, hgrad - loss_end)
-            c["body_backward"] = max(0.0, back_end - hgrad)
-        step = {"total_s": total, "optimizer_s": opt, "body_forward_s": c.pop("body_forward"),
-                "head_s": c.pop("head"), "body_backward_s": c.pop("body_backward", None), **c}
-        known = sum(v for k, v in step.items() if k.endswith("_s") and k != "total_s" and v is not None)
-        step["other_s"] = max(0.0, total - known)
+            c["head"] += (hgrad - loss_end).pos()
+            parts["body_backward"] = (back_end - hgrad).pos()
+        parts.update(body_forward=c.pop("body_forward"), head=c.pop("head"))
+        parts["other"] = (parts["total"] - sum(v for k, v in parts.items() if k != "total")).pos()
+        step = dict(c)
+        step["body_backward_s"] = step["body_backward_cpu_s"] = None
+        for name, v in parts.items():
+            step[f"{name}_s"], step[f"{name}_cpu_s"] = v
         self.steps.append(step)
         self._cur = None
 
@@ -146,12 +175,12 @@ class StepMeter(TrainerCallback):
             if ref is not None:
                 meter.hook_backbone(ref, grad_hook=False)
             c = meter._cur
-            t = meter._now() if c is not None else 0.0
+            t = meter._now() if c is not None else Clock()
             out = fn(trainer, model, inputs, *args, **kwargs)
             if c is not None and model.training:
                 end = meter._now()
                 c["t_loss_end"] = end
-                c["head"] += max(0.0, (end - t) - c["body_forward"])
+                c["head"] += ((end - t) - c["body_forward"]).pos()
                 loss = out[0] if isinstance(out, tuple) else out
                 meter.loss_values.append(float(loss.detach()))
             return out

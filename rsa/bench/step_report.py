@@ -1,7 +1,7 @@
 """The training-step section of report.md (and step.png) from results.json's "train_step".
 
-Per contender and vocabulary: the median step time over every timed step of every round, the
-step's memory (its peak above what was held at its start, less the gradients: so above the
+Per contender and vocabulary: the median step time over every timed step of every round (wall
+and the process's CPU time, the steadier on a shared machine), the step's memory (its peak above what was held at its start, less the gradients: so above the
 model, the reference, the gradients and the optimizer state), and the split of the time.
 Ratios read this / that (0.50x = half the time or memory of contender 1, or of 6).
 """
@@ -12,8 +12,8 @@ import statistics
 from .step_contenders import LABELS
 
 MiB = 2 ** 20
-SPLIT = (("body_forward_s", "body fwd"), ("head_s", "lm head + loss"), ("body_backward_s", "body bwd"),
-         ("optimizer_s", "optimizer"), ("other_s", "other"))
+SPLIT = (("body_forward_cpu_s", "body fwd"), ("head_cpu_s", "lm head + loss"), ("body_backward_cpu_s", "body bwd"),
+         ("optimizer_cpu_s", "optimizer"), ("other_cpu_s", "other"))
 
 
 def summarize(train: dict) -> dict:
@@ -28,7 +28,9 @@ def summarize(train: dict) -> dict:
                 out[(name, vocab)] = {"error": errs[0] if errs else "not measured"}
                 continue
             grad = next((r["grad_bytes"] for r in runs if r.get("grad_bytes")), 0) or 0
+            cpu = [s["total_cpu_s"] for s in steps if s.get("total_cpu_s") is not None]
             row = {"time_s": statistics.median(s["total_s"] for s in steps), "steps": len(steps),
+                   "cpu_s": statistics.median(cpu) if cpu else None,
                    "rounds": sum(1 for r in runs if "steps" in r), "grad_bytes": grad,
                    "peak_bytes": max(s["peak_bytes"] for s in steps),
                    "memory_bytes": max(max(0, s["peak_bytes"] - grad) for s in steps),
@@ -56,9 +58,9 @@ def _fmt_s(s) -> str:
 def table(train: dict, vocab: int, summary: dict | None = None) -> list[str]:
     s = summary or summarize(train)
     ref1, ref6 = s.get(("trl_dpo", vocab), {}), s.get(("plain", vocab), {})
-    lines = ["| contender | step time | / 1 | / 6 | step memory | / 1 | / 6 | "
-             + " | ".join(label for _, label in SPLIT) + " |",
-             "|---|---|---|---|---|---|---|" + "---|" * len(SPLIT)]
+    lines = ["| contender | step time | / 1 | / 6 | CPU time | / 1 | / 6 | step memory | / 1 | / 6 | "
+             + " | ".join(f"{label} (CPU)" for _, label in SPLIT) + " |",
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(SPLIT)]
     for name in train["contenders"]:
         m = s[(name, vocab)]
         if "error" in m:
@@ -66,7 +68,9 @@ def table(train: dict, vocab: int, summary: dict | None = None) -> list[str]:
             continue
         lines.append(
             f"| {LABELS.get(name, name)} | {_fmt_s(m['time_s'])} | {_ratio(m['time_s'], ref1.get('time_s'))} | "
-            f"{_ratio(m['time_s'], ref6.get('time_s'))} | {_fmt_mib(m['memory_bytes'])} | "
+            f"{_ratio(m['time_s'], ref6.get('time_s'))} | {_fmt_s(m['cpu_s'])} | "
+            f"{_ratio(m['cpu_s'], ref1.get('cpu_s'))} | {_ratio(m['cpu_s'], ref6.get('cpu_s'))} | "
+            f"{_fmt_mib(m['memory_bytes'])} | "
             f"{_ratio(m['memory_bytes'], ref1.get('memory_bytes'))} | "
             f"{_ratio(m['memory_bytes'], ref6.get('memory_bytes'))} | "
             + " | ".join(_fmt_s(m[k]) for k, _ in SPLIT) + " |")
@@ -92,11 +96,12 @@ def goals(train: dict, vocab: int, summary: dict | None = None) -> list[str]:
     lines = []
     for text, a, b, key, limit in GOALS:
         ma, mb = s.get((a, vocab), {}), s.get((b, vocab), {})
-        if ma.get(key) is None or not mb.get(key):
-            lines.append(f"- {text}: not measured")
-            continue
-        r = ma[key] / mb[key]
-        lines.append(f"- {text}: {r:.2f}x, {'met' if r <= limit else 'NOT met'}")
+        parts = []
+        for label, k in ((("wall", "time_s"), ("CPU", "cpu_s")) if key == "time_s" else (("", key),)):
+            if ma.get(k) is not None and mb.get(k):
+                r = ma[k] / mb[k]
+                parts.append(f"{label + ' ' if label else ''}{r:.2f}x, {'met' if r <= limit else 'NOT met'}")
+        lines.append(f"- {text}: {'; '.join(parts) if parts else 'not measured'}")
     return lines
 
 
@@ -125,7 +130,9 @@ def render_section(results: dict) -> list[str]:
            "CPU resident set: VmHWM reset by writing 5 to /proc/self/clear_refs at the step's start, glibc returning "
            "large blocks at once (MALLOC_MMAP_THRESHOLD_).")
         + " Ratios: this / that, so 0.50x is half the time or memory of contender 1 (TRL's DPOTrainer) or of 6 "
-        "(the plain formulation). The split's columns are medians over the same steps (rsa/bench/step_meter.py).", ""]
+        "(the plain formulation). CPU time: the process's (one torch thread: what the step costs whatever share of a "
+        "core it got, so the steadier figure on a shared machine). The split's columns are CPU-time medians over the "
+        "same steps (rsa/bench/step_meter.py).", ""]
     for vocab in z["vocabs"]:
         p = train.get("products", {}).get(str(vocab), {})
         prod = (f" The lm head's four products (policy forward and its two backward products, reference forward) "
@@ -135,8 +142,10 @@ def render_section(results: dict) -> list[str]:
                   *goals(train, vocab, s), ""]
     losses = {k: m["last_loss"] for k, m in s.items() if m.get("last_loss") is not None}
     if losses:
-        lines += ["The last step's loss in round 1 (the same data, model and updates: 1, 2 and 3 compute the same "
-                  "dpo loss, 4, 5 and 6 the same rsa2 loss, up to rounding): "
+        lines += ["The last step's loss in round 1. 1, 2 and 3 compute the same dpo loss, 4, 5 and 6 the same rsa2 "
+                  "loss (tests/test_bench_train_step.py); from policy = reference the first gradients are tiny and "
+                  "Adam's normalised steps amplify their rounding, so after a few updates the losses agree only where "
+                  "the implementation is the same (4 and 5): "
                   + ", ".join(f"{n} V={v}: {x:.7g}" for (n, v), x in sorted(losses.items())), ""]
     return lines
 
@@ -163,7 +172,7 @@ def write_plot(results: dict, path) -> None:
             vals = [s[(n, vocab)][key] or 0.0 for n in ok]
             ax_t.barh(labels, vals, left=left, label=label)
             left = [a + b for a, b in zip(left, vals)]
-        ax_t.set_xlabel("seconds per step (median; parts: medians)")
+        ax_t.set_xlabel("CPU seconds per step (medians of the parts)")
         ax_t.set_title(f"step time, V={vocab}", fontsize=10)
         ax_t.invert_yaxis()
         ax_t.legend(fontsize=7)

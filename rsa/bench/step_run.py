@@ -173,8 +173,9 @@ def _child_main(spec_text: str, path: str) -> int:
 
 
 def run(sizes: StepSizes, device: str, threads: int, work: str, names: list[str] | None = None,
-        bf16: bool = False, log=print) -> dict:
-    """Measure every contender at every vocabulary, ``sizes.rounds`` times, interleaved."""
+        bf16: bool = False, log=print, save=None) -> dict:
+    """Measure every contender at every vocabulary, ``sizes.rounds`` times, interleaved;
+    ``save(result)`` after each run, so a stopped run keeps what it measured."""
     from .step_contenders import contenders_for
 
     names = names or contenders_for(device)
@@ -183,6 +184,11 @@ def run(sizes: StepSizes, device: str, threads: int, work: str, names: list[str]
     if not cuda:
         _preload()
     started, runs, prods = time.time(), [], {}
+
+    def result():
+        return {"sizes": sizes.as_dict(), "device": device, "threads": threads,
+                "dtype": "bfloat16 autocast" if bf16 else "float32", "contenders": names, "runs": runs,
+                "products": prods, "seconds": round(time.time() - started, 1)}
     Path(work).mkdir(parents=True, exist_ok=True)
     spec = {"sizes": sizes.as_dict(), "device": device, "threads": threads, "bf16": bf16, "work": work}
     total = sizes.rounds * len(sizes.vocabs) * len(names)
@@ -211,9 +217,9 @@ def run(sizes: StepSizes, device: str, threads: int, work: str, names: list[str]
                         log(res["traceback"])
                 log(f"[{done}/{total}] round {rnd + 1}, V={vocab}, {name}: {msg} ({row['wall_s']} s)")
                 runs.append(row)
-    return {"sizes": sizes.as_dict(), "device": device, "threads": threads,
-            "dtype": "bfloat16 autocast" if bf16 else "float32", "contenders": names, "runs": runs,
-            "products": prods, "seconds": round(time.time() - started, 1)}
+                if save is not None:
+                    save(result())
+    return result()
 
 
 def main(argv=None) -> int:
@@ -238,11 +244,14 @@ def main(argv=None) -> int:
     out = Path(a.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     names = [n.strip() for n in a.contenders.split(",")] if a.contenders else None
+    command = "python -m rsa.bench.step_run " + " ".join(argv)
+
+    def save(res):
+        out.write_text(json.dumps({**res, "mode": a.mode, "command": command}, indent=1))
     result = run(sizes, a.device, a.threads or torch.get_num_threads(), str(out.parent / "step-work"), names,
-                 bf16=a.bf16)
-    result["mode"] = a.mode
-    result["command"] = "python -m rsa.bench.step_run " + " ".join(argv)
-    out.write_text(json.dumps(result, indent=1))
+                 bf16=a.bf16, save=save)
+    save(result)
+    result.update(mode=a.mode, command=command)
     from .collect import machine_info
     from .step_report import render_section
 
