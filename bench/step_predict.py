@@ -37,7 +37,8 @@ def split(train: dict, name: str, vocab: int) -> dict | None:
              for s in r["steps"] if not s["warmup"]]
     if not steps:
         return None
-    med = {k: statistics.median(s[k] for s in steps if s.get(k) is not None)
+    cpu = all(s.get("total_cpu_s") is not None for s in steps)  # CPU time where recorded: steadier when shared
+    med = {k: statistics.median(s[k.replace("_s", "_cpu_s") if cpu else k] for s in steps)
            for k in ("total_s", "body_forward_s", "head_s", "body_backward_s", "optimizer_s", "other_s")}
     return med
 
@@ -54,7 +55,7 @@ def predict(train: dict) -> list[str]:
              "head share | step / TRL's |", "|---|---|---|---|---|---|---|---|---|---|"]
     for vocab in z["vocabs"]:
         prod = train.get("products", {}).get(str(vocab), {})
-        four = prod.get("four_products_s")
+        four = prod.get("four_products_cpu_s") or prod.get("four_products_s")
         if not four:
             continue
         per_prod = four / (prod["n"] * prod["h"] * vocab)           # seconds per (token x H x V), 4 products

@@ -135,8 +135,9 @@ def render_section(results: dict) -> list[str]:
         "same steps (rsa/bench/step_meter.py).", ""]
     for vocab in z["vocabs"]:
         p = train.get("products", {}).get(str(vocab), {})
+        cpu = f" ({_fmt_s(p['four_products_cpu_s'])} CPU)" if p.get("four_products_cpu_s") else ""
         prod = (f" The lm head's four products (policy forward and its two backward products, reference forward) "
-                f"at N={p['n']}, H={p['h']}, V={vocab}, measured apart: {_fmt_s(p['four_products_s'])}."
+                f"at N={p['n']}, H={p['h']}, V={vocab}, measured apart: {_fmt_s(p['four_products_s'])}{cpu}."
                 if p.get("four_products_s") else "")
         lines += [f"### V = {vocab}", "", *table(train, vocab, s), "", f"Goals at V = {vocab}:{prod}", "",
                   *goals(train, vocab, s), ""]
