@@ -5,11 +5,12 @@ They are built against the torch of the build environment, so build without isol
 (`pip install --no-build-isolation .`, `make install`): torch is deliberately not a build
 requirement. Without torch or a compiler, or after a failed build, the package installs
 without them and rsa_kernels.extension compiles them on first use against the torch that
-runs (csrc/ ships inside the package for that); `_built.py` records the torch version the
+runs (csrc/ ships inside the package for that); `_built.json` records the torch version the
 modules here were built for, and they are only ever loaded with that version.
 """
 import glob
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -64,7 +65,7 @@ else:
 
         class OptionalBuildExtension(BuildExtension.with_options(use_ninja=True)):
             """A failed compile installs the package without that level (first-use build instead);
-            _built.py lists the levels built and the torch they were built against."""
+            _built.json lists the levels built and the torch they were built against."""
 
             def build_extensions(self):  # torch checks the compiler (ABI, version) here first
                 self.built = []
@@ -73,18 +74,17 @@ else:
                 except Exception as err:  # noqa: BLE001
                     print(f"rsa-kernels: C++ kernels not built ({err}); they are compiled on first use",
                           file=sys.stderr)
-                text = (f'"""Written by setup.py: the torch the modules beside were built against."""\n'
-                        f"TORCH_VERSION = {version!r}\nLEVELS = {tuple(self.built)!r}\n")
+                text = json.dumps({"torch_version": version, "levels": self.built})
                 self.built_info = os.path.join(os.path.dirname(self.get_ext_fullpath(self.extensions[0].name)),
-                                               "_built.py")
+                                               extension.BUILT_INFO)
                 os.makedirs(os.path.dirname(self.built_info), exist_ok=True)
                 with open(self.built_info, "w") as f:
                     f.write(text)
 
-            def copy_extensions_to_source(self):  # --inplace, editable installs: _built.py goes along
+            def copy_extensions_to_source(self):  # --inplace, editable installs: _built.json goes along
                 super().copy_extensions_to_source()
                 if getattr(self, "built_info", None):
-                    shutil.copy(self.built_info, os.path.join(HERE, "rsa_kernels", "_built.py"))
+                    shutil.copy(self.built_info, os.path.join(HERE, "rsa_kernels", extension.BUILT_INFO))
 
             def build_extension(self, ext):
                 try:

@@ -10,7 +10,7 @@ unknown value or a level the CPU cannot run is refused).
 
 A level's module comes from the package when ``make install`` / ``pip install
 --no-build-isolation`` built it against this very torch (setup.py records the version in
-``_built.py``); otherwise it is compiled on first use with torch.utils.cpp_extension and
+``_built.json``); otherwise it is compiled on first use with torch.utils.cpp_extension and
 ninja into torch's extension cache, in a folder named after the torch version (so a build
 for another torch is never loaded), under torch's file lock (parallel ranks build once).
 This file is also read by setup.py on its own (no package imports here).
@@ -18,6 +18,7 @@ This file is also read by setup.py on its own (no package imports here).
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import platform
 import shutil
@@ -39,6 +40,7 @@ _VEC_BYTES = {"portable": 32, "avx2": 32, "avx512": 64}
 # same roundings; the exp's FMAs are explicit intrinsics. No -std: torch's default applies.
 _COMMON = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wno-psabi"]
 SOURCES = ("token_stats.cpp", "slices.cpp")
+BUILT_INFO = "_built.json"  # setup.py: {"torch_version": ..., "levels": [...]} beside the modules it built
 
 
 def built_levels() -> tuple:
@@ -123,10 +125,11 @@ def sources_dir() -> str | None:
 def _prebuilt(level: str, torch_version: str):
     """The package's module for the level, where it was built against this torch; else None."""
     try:
-        from . import _built  # written by setup.py next to the modules it built
-    except ImportError:
+        with open(os.path.join(_package_dir(), BUILT_INFO)) as f:
+            built = json.load(f)
+    except (OSError, ValueError):
         return None
-    if getattr(_built, "TORCH_VERSION", None) != torch_version or level not in getattr(_built, "LEVELS", ()):
+    if built.get("torch_version") != torch_version or level not in built.get("levels", ()):
         return None
     try:
         return importlib.import_module(f"{__package__}._C_{level}")
