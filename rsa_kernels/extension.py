@@ -17,6 +17,7 @@ This file is also read by setup.py on its own (no package imports here).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -164,20 +165,38 @@ def build(level: str):
     out = build_directory(level, version)
     os.makedirs(out, exist_ok=True)
     name = f"rsa_kernels_{level}"
-    fresh = not os.path.exists(os.path.join(out, f"{name}.so"))
-    t0 = time.perf_counter()
-    if fresh:
-        print(f"rsa-kernels: compiling the C++ kernels ({level}) for torch {version} into {out} "
-              "(once; a minute or two)...", file=sys.stderr, flush=True)
-    try:
-        module = load(name, [os.path.join(src, s) for s in SOURCES], extra_cflags=compile_args(level, version),
-                      extra_ldflags=link_args(), build_directory=out, verbose=False)
-    except Exception as err:  # noqa: BLE001 - a compiler error: the torch backend takes over
-        raise ImportError(f"building the cpu kernels ({level}) for torch {version} failed in {out}: "
-                          f"{str(err).strip().splitlines()[-1] if str(err).strip() else err!r}") from err
-    if fresh:
-        print(f"rsa-kernels: built in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    with _lock(os.path.join(out, "rsa_kernels.lock")):  # parallel ranks: one builds, the others wait
+        fresh = not os.path.exists(os.path.join(out, f"{name}.so"))
+        t0 = time.perf_counter()
+        if fresh:
+            print(f"rsa-kernels: compiling the C++ kernels ({level}) for torch {version} into {out} "
+                  "(once; a minute or two)...", file=sys.stderr, flush=True)
+        try:
+            module = load(name, [os.path.join(src, s) for s in SOURCES], extra_cflags=compile_args(level, version),
+                          extra_ldflags=link_args(), build_directory=out, verbose=False)
+        except Exception as err:  # noqa: BLE001 - a compiler error: the torch backend takes over
+            last = str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
+            raise ImportError(f"building the cpu kernels ({level}) for torch {version} failed in {out}: {last}") from err
+        if fresh:
+            print(f"rsa-kernels: built in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return module
+
+
+@contextlib.contextmanager
+def _lock(path: str):
+    """An exclusive lock on a file (released by the kernel if the holder dies, unlike a lock
+    file's existence); no lock where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def load(level: str | None = None, prebuilt: bool = True):
