@@ -39,7 +39,8 @@ _MARCH = {"portable": [], "avx2": ["-march=x86-64-v3"], "avx512": ["-march=x86-6
 _VEC_BYTES = {"portable": 32, "avx2": 32, "avx512": 64}
 # -ffp-contract=off: forward and backward compute D (and the interpolated quantile) with the
 # same roundings; the exp's FMAs are explicit intrinsics. No -std: torch's default applies.
-_COMMON = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wno-psabi"]
+# -g0: setup.py's compiler line carries Python's -g (11 MB per module, slower builds).
+_COMMON = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off", "-Wno-psabi"]
 SOURCES = ("token_stats.cpp", "slices.cpp")
 BUILT_INFO = "_built.json"  # setup.py: {"torch_version": ..., "levels": [...]} beside the modules it built
 

@@ -54,7 +54,7 @@ print(json.dumps({"file": C.MODULE.__file__, "level": C.LEVEL, "torch": C.TORCH_
 """
 
 
-def run(cmd, env=None, **kw):
+def run(cmd, env=None, **kw):  # noqa: D103
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, **kw)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -93,7 +93,7 @@ def check(py: Path, env: dict, cwd: Path) -> tuple[dict, str]:
 def dists(tmp_path_factory):
     """The sdist, and a wheel built from the unpacked sdist as pip would (no isolation)."""
     tmp = tmp_path_factory.mktemp("dists")
-    run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(tmp), str(ROOT)])
+    run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp)], cwd=ROOT)
     (sdist,) = tmp.glob("rsa_kernels-*.tar.gz")
     with tarfile.open(sdist) as tar:
         tar.extractall(tmp / "src", filter="data")
