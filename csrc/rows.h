@@ -180,12 +180,13 @@ RowOut<C> forward_row(const C* z, const C* zr, int64_t v, int64_t y, int code, d
   // D > tau / D == tau decisions agree bit for bit.
   C* dbuf = scratch;      // D
   C* qbuf = scratch + v;  // q
-  const Vec<C> vA = splat(A), vAr = splat(Ar);
+  // D in SPEC section 1's one form, (zr - z) + (A - Ar): equal logit differences tie here as
+  // on every backend and slice kernel
+  const Vec<C> vAr = splat(Ar), vc = splat(A - Ar);
   auto body = [&](Vec<C> zv, Vec<C> rv, C* dst_d, C* dst_q, int64_t lanes) {
-    Vec<C> s = zv - vA, r = rv - vAr;
-    Vec<C> q = fexp<C>(r);
+    Vec<C> q = fexp<C>(rv - vAr);
     auto supp = q != zero;
-    store_part(dst_d, supp ? r - s : ninf, lanes);  // D = -inf off the reference's support
+    store_part(dst_d, supp ? (rv - zv) + vc : ninf, lanes);  // D = -inf off the reference's support
     store_part(dst_q, q, lanes);
   };
   int64_t i = 0;
@@ -247,6 +248,7 @@ void backward_row(const C* z, const C* zr, C* out, int64_t v, int64_t y, const C
                   C g_logp, C g_kl, C g_risk, int code, double param) {
   constexpr int W = width<C>();
   const Vec<C> vA = splat(saved[0]), vAr = splat(saved[1]), ninf = splat(NEG_INF<C>), zero = splat<C>(0);
+  const Vec<C> vc = splat(saved[0] - saved[1]);  // A - Ar: D = (zr - z) + (A - Ar), as forward_row
   const Vec<C> c_p = splat(g_kl - g_logp), c_q = splat(g_kl), c_r = splat(g_risk);
   const C mu = C(param);
   const Vec<C> s2 = splat(saved[2]), s3 = splat(saved[3]), s4 = splat(saved[4]);
@@ -260,8 +262,8 @@ void backward_row(const C* z, const C* zr, C* out, int64_t v, int64_t y, const C
       w = q;
     } else {
       // as in forward_row: the support is q != 0, and D = -inf off it. q's support is known
-      // only after its exp, so D is formed from the argument r > -inf, then corrected
-      Vec<C> d = r - s;
+      // only after its exp, so D is formed first, then corrected
+      Vec<C> d = (rv - zv) + vc;
       if (code == ERM) {
         Vec<C> t;
         fexp3<C>(s, r, r + mu * d - s2, p, q, t);

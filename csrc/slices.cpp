@@ -83,13 +83,13 @@ template <typename C> inline int digit(uint64_t key, int level) {
 
 template <typename C> const C* row_of(const at::Tensor& t, int64_t i) { return t.const_data_ptr<C>() + i * t.stride(0); }
 
-// s, r, q and D of W items, with exactly the operations of forward_row / backward_row.
+// q and D of W items, with exactly the operations of forward_row / backward_row: D in SPEC
+// section 1's one form, (zr - z) + (A - Ar), so that equal zr - z tie on every rank.
 template <typename C> struct Deviation {
   Vec<C> q, d;
   Deviation(Vec<C> z, Vec<C> zr, Vec<C> va, Vec<C> var) {
-    Vec<C> s = z - va, r = zr - var;
-    q = fexp<C>(r);
-    d = q != splat<C>(0) ? r - s : splat(NEG_INF<C>);
+    q = fexp<C>(zr - var);
+    d = q != splat<C>(0) ? (zr - z) + (va - var) : splat(NEG_INF<C>);
   }
 };
 
@@ -142,7 +142,7 @@ template <typename Item, int S> void sort_by_u(Item (&items)[S]) {
 // ra_dpo_cvar's bracket of its quantile from this slice's row (still in L2 after the sweep):
 // the order statistics of a strided sample of u = zr - z around the fraction `level`, +- 4
 // standard deviations of a sample rank and a bit (-inf / +inf where the sample cannot bound
-// it). D = u + (A - Ar) up to rounding, so the group's quantile of D lies, but for an unlucky
+// it). D = u + (A - Ar), monotone in u, so the group's quantile of D lies, but for an unlucky
 // sample, in the union of the slices' brackets shifted by A - Ar; the search checks that it
 // does (rsa_kernels/vocab_parallel/quantile.py), so the sample decides the time, never the
 // result. Items outside the reference's support (zr = -inf) have D = -inf, those the policy
@@ -176,9 +176,10 @@ template <typename C> void sample_bracket(const C* z, const C* zr, int64_t v, do
 // null): the items whose raw u = zr - z lies in this slice's sample bracket [lo, hi] (or is NaN)
 // are kept as (z, zr) pairs; those below are counted and their Sr summed, those above counted
 // and summed as kl is (Sr, U over them), with their smallest zr (is q = 0 possible for one of them, with the
-// group's Ar?) and the largest |z|, |zr| of the items with a finite u (the rounding that
-// separates D from u + A - Ar). rsa_kernels/vocab_parallel/rows.py proves from these, with
-// the group's numbers, whether the group's quantile lies among the candidates.
+// group's Ar?) and the largest |z|, |zr| of the items with a finite u (no longer read: D is
+// formed as u + (A - Ar), monotone in u, so the bracket needs no rounding bound; issue 30).
+// rsa_kernels/vocab_parallel/quantile.py proves from these, with the group's numbers,
+// whether the group's quantile lies among the candidates.
 template <typename C> struct Collect {
   C* cz;
   C* cr;

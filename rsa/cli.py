@@ -81,7 +81,15 @@ def _raised_by_own_code(err: BaseException) -> bool:
 
 
 def main(argv=None) -> int:
+    """Run one `rsa` command. ``argv`` None: this process is the `rsa` program (sys.argv), so
+    what it may import is decided here for the whole process (rsa.optional); a caller passing
+    ``argv`` keeps its process as it is."""
+    own_process = argv is None
+    if own_process:
+        from rsa.optional import no_code_from_the_hub
+        no_code_from_the_hub()
     args = build_parser().parse_args(argv)
+    args._own_process = own_process
     prog = f"rsa {args.command}"
     if getattr(args, "_missing", None):
         print(f"{prog}: error: {args._missing}", file=sys.stderr)

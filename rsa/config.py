@@ -2,15 +2,17 @@
 
 YAML schema (relative paths are resolved against the YAML file's folder)::
 
-    model: PATH                 # local Hugging Face folder of the SFT model (tokenizer alongside)
+    model: PATH_OR_ID           # local Hugging Face folder of the SFT model (tokenizer alongside),
+                                # or a hub id ORG/NAME[@REVISION] (rsa/hub.py)
     output_dir: DIR             # each stage is saved to DIR/STAGE_NAME
-    defaults: {RSAConfig fields shared by all stages}
+    defaults: {RSAConfig fields shared by all stages}   # e.g. prompt_template: safe-rlhf
     stages:
       - name: helpful
-        data: {path: FILE, preference: helpful | safe (PKU-SafeRLHF) or absent (plain pairs),
-               eval_path: FILE, split: FRACTION held out for evaluation, max_samples: N}
+        data: {path: FILE | FOLDER | ORG/NAME, preference: helpful | safe (PKU-SafeRLHF) or absent
+               (plain pairs), name: CONFIG, split: SPLIT (a data set's) or FRACTION (held out of a
+               file), revision: REV, eval_split: SPLIT, eval_path: FILE, max_samples: N}
         lambda: 2.0             # optional: this stage's beta is beta / lambda (SACPO safety step)
-        reference: previous     # optional: previous (default) | model | STAGE_NAME | PATH
+        reference: previous     # optional: previous (default) | model | STAGE_NAME | PATH | ORG/NAME
         lora: {r: 16, ...}      # optional (here or in defaults): train a LoRA adapter (rsa.lora_config)
         ...                     # any other RSAConfig field overrides the defaults for this stage
 """
@@ -27,8 +29,10 @@ from transformers import TrainingArguments
 from rsa_kernels.risk import parse_risk
 from rsa_kernels.validation import check_objective_args
 
+from .hub import is_hub_id
 from .lora import check_lora, check_lora_chain
 from .sharding import deepspeed_comm_on_cpu
+from .templates import check_template
 
 
 @dataclass
@@ -47,6 +51,8 @@ class RSAConfig(TrainingArguments):
     padding_free: bool = field(default=False, metadata={"help": "pack each batch into one row (no padding)"})
     model_dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
     keep_checkpoints: bool = field(default=False, metadata={"help": "keep checkpoint-N folders after a stage ends"})
+    prompt_template: str | None = field(default=None, metadata={
+        "help": "format string with {prompt} rendering text prompts, or the preset safe-rlhf (rsa/templates.py)"})
     # Trainer defaults changed for preference pairs: our collator needs every column, and the
     # SPEC metrics are logged every step.
     remove_unused_columns: bool = False
@@ -73,6 +79,7 @@ def check_loss_settings(values: dict):
     if max_prompt >= max_length:
         raise ValueError(f"max_prompt_length ({max_prompt}) must be smaller than max_length ({max_length}), "
                          "leaving room for the response")
+    check_template(values.get("prompt_template"))
     if values.get("model_dtype", "auto") not in ("auto", "float32", "bfloat16", "float16"):
         raise ValueError(f"model_dtype must be auto, float32, bfloat16 or float16, got {values['model_dtype']!r}")
 
@@ -81,7 +88,8 @@ CONFIG_FIELDS = {f.name for f in dataclasses.fields(RSAConfig) if f.init}
 MANAGED = {"output_dir"}  # set per stage by rsa.stepwise
 TOP_KEYS = {"model", "output_dir", "defaults", "stages"}
 STAGE_KEYS = {"name", "data", "lambda", "reference", "lora"}
-DATA_KEYS = {"path", "preference", "eval_path", "split", "max_samples"}
+DATA_KEYS = {"path", "preference", "eval_path", "split", "max_samples", "name", "revision", "eval_split",
+             "holdout"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -115,11 +123,15 @@ def load_config(path_or_dict) -> dict:
         if key not in raw:
             raise ValueError(f"{where}: missing key {key!r}")
 
-    def resolve(value, name):
+    def resolve(value, name, hub=False):
+        """An absolute path; with ``hub``, a hub id ORG/NAME[@REV] that is no local path stays as given."""
         if not isinstance(value, (str, Path)) or not str(value):
-            raise ValueError(f"{where}: {name} must be a path, got {value!r}")
+            raise ValueError(f"{where}: {name} must be a path{' or a hub id' if hub else ''}, got {value!r}")
         p = Path(value).expanduser()
-        return str(p if p.is_absolute() else (base / p).resolve())
+        local = p if p.is_absolute() else (base / p)
+        if hub and not local.exists() and is_hub_id(value):
+            return str(value)
+        return str(local.resolve())
 
     defaults = raw.get("defaults") or {}
     if not isinstance(defaults, dict):
@@ -151,16 +163,10 @@ def load_config(path_or_dict) -> dict:
             raise ValueError(f"{at}.data: unknown key(s) {sorted(bad)}; expected {sorted(DATA_KEYS)}")
         if data.get("preference") not in (None, "helpful", "safe"):
             raise ValueError(f"{at}.data.preference must be helpful, safe or absent, got {data['preference']!r}")
-        split = data.get("split")
-        if split is not None and (isinstance(split, bool) or not isinstance(split, (int, float)) or not 0 < split < 1):
-            raise ValueError(f"{at}.data.split must be the held-out fraction in (0, 1), got {split!r}")
-        n = data.get("max_samples")
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ValueError(f"{at}.data.max_samples must be a positive integer, got {n!r}")
-        data = {"path": resolve(data["path"], f"stages[{i}].data.path"),
-                "preference": data.get("preference"),
-                "eval_path": resolve(data["eval_path"], f"stages[{i}].data.eval_path") if data.get("eval_path") else None,
-                "split": split, "max_samples": n}
+        data = _check_data(data, at, resolve(data["path"], f"stages[{i}].data.path", hub=True))
+        if data["eval_path"]:
+            # A file; a data set's held-out split is eval_split.
+            data["eval_path"] = resolve(data["eval_path"], f"stages[{i}].data.eval_path")
         lam = st.get("lambda")
         if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float))
                                 or not math.isfinite(lam) or lam <= 0):
@@ -169,7 +175,7 @@ def load_config(path_or_dict) -> dict:
         if not isinstance(ref, str) or not ref:
             raise ValueError(f"{at}.reference must be previous, model, a stage name or a path, got {ref!r}")
         if ref not in ("previous", "model"):
-            ref = ref if ref in names - {name} else resolve(ref, f"stages[{i}].reference")
+            ref = ref if ref in names - {name} else resolve(ref, f"stages[{i}].reference", hub=True)
         validated = isinstance(st.get("overrides"), dict)
         overrides = st["overrides"] if validated else {k: v for k, v in st.items() if k not in STAGE_KEYS}
         _check_fields(overrides, at)
@@ -186,8 +192,35 @@ def load_config(path_or_dict) -> dict:
         stages.append({"name": name, "data": data, "lambda": lam, "reference": ref, "lora": lora,
                        "overrides": dict(overrides)})
     check_lora_chain(stages, defaults, where)
-    return {"model": resolve(raw["model"], "model"), "output_dir": resolve(raw["output_dir"], "output_dir"),
+    return {"model": resolve(raw["model"], "model", hub=True), "output_dir": resolve(raw["output_dir"], "output_dir"),
             "defaults": dict(defaults), "stages": stages, "source": raw.get("source", where)}
+
+
+def _check_data(data: dict, at: str, path: str) -> dict:
+    """The stage's checked data mapping: split (a data set's split name) and holdout (the fraction
+    of a file held out, given as a number under split) kept apart."""
+    split, holdout = data.get("split"), data.get("holdout")
+    if isinstance(split, (int, float)) and not isinstance(split, bool):
+        if holdout is not None:
+            raise ValueError(f"{at}.data: a fraction under split and holdout both given; give one")
+        split, holdout = None, split
+    if holdout is not None and (isinstance(holdout, bool) or not isinstance(holdout, (int, float))
+                                or not 0 < holdout < 1):
+        raise ValueError(f"{at}.data.split must be a split name or the held-out fraction in (0, 1), got {holdout!r}")
+    for key in ("split", "name", "revision", "eval_split"):
+        value = split if key == "split" else data.get(key)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ValueError(f"{at}.data.{key} must be a non-empty string, got {value!r}")
+    if Path(path).is_file() and any(data.get(k) is not None for k in ("name", "revision", "eval_split")) \
+            or Path(path).is_file() and split is not None:
+        raise ValueError(f"{at}.data: {path!r} is a local file; name, split (a name), revision and eval_split "
+                         "apply to a hub data set or a data set folder (a number under split holds out a fraction)")
+    n = data.get("max_samples")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"{at}.data.max_samples must be a positive integer, got {n!r}")
+    return {"path": path, "name": data.get("name"), "split": split, "revision": data.get("revision"),
+            "preference": data.get("preference"), "eval_path": data.get("eval_path") or None,
+            "eval_split": data.get("eval_split"), "holdout": holdout, "max_samples": n}
 
 
 def _check_fields(values: dict, where: str):

@@ -1,4 +1,4 @@
-"""Preference data: local JSONL / JSON / Parquet -> validated pairs -> token ids -> batches.
+"""Preference data: local JSONL / JSON / Parquet or a hub data set -> validated pairs -> token ids -> batches.
 
 Two record schemas:
 - pairs {prompt, chosen, rejected}: plain text, or chat messages ([{role, content}, ...]; the
@@ -7,7 +7,12 @@ Two record schemas:
   is_response_0_safe, is_response_1_safe}: `preference: helpful` makes the better response
   the chosen one, `preference: safe` the safer one.
 Every record is checked before training; a bad one raises DataError naming the file, the line
-(or Parquet row) and the field.
+(or Parquet row) and the field. A hub id (or a local clone of a hub data set repository) is read
+with datasets.load_dataset (config ``name``, ``split``, ``revision``: rsa/hub.py).
+
+A prompt template (rsa/templates.py) renders text prompts as Safe RLHF does: the sequence is
+the tokenization of the one string template(prompt) + response + EOS, and the tokens of
+template(prompt) are the prompt (masked out of the loss).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from pathlib import Path
 import torch
 
 from rsa.errors import UserError
+from rsa.templates import apply_template
 
 IGNORE_INDEX = -100
 
@@ -102,14 +108,45 @@ def _skip_ws(text: str, pos: int) -> int:
 
 # ---------------------------------------------------------------- records -> pairs
 
-def load_pairs(path, preference: str | None = None, max_samples: int | None = None) -> list[Pair]:
-    """Read and validate every record of a file; DataError on the first bad one."""
-    records = read_records(path)
+def load_pairs(path, preference: str | None = None, max_samples: int | None = None, name: str | None = None,
+               split: str | None = None, revision: str | None = None, template: str | None = None) -> list[Pair]:
+    """Read and validate every record of a file, a hub data set or a local data set folder (config
+    ``name``, ``split``, ``revision``); DataError on the first bad one. With a prompt ``template``,
+    a message-list prompt is refused (those keep the tokenizer's chat template)."""
+    records = read_any(path, name, split, revision, "data")
     if not records:
         raise DataError(f"{path}: no records")
     if max_samples is not None:
         records = records[:max_samples]
-    return [record_to_pair(rec, where, preference) for where, rec in records]
+    pairs = [record_to_pair(rec, where, preference) for where, rec in records]
+    check_template_prompts(pairs, template)
+    return pairs
+
+
+def read_any(path, name: str | None, split: str | None, revision: str | None, what: str) -> list[tuple[str, dict]]:
+    """Records of a local file (read_records), or of a hub id / local folder through datasets."""
+    local = Path(str(path)).expanduser()
+    if local.is_file():
+        if name is not None or split is not None or revision is not None:
+            raise DataError(f"{what}: {str(path)!r} is a local file; name, split and revision apply to a hub data "
+                            "set or a data set folder")
+        return read_records(local)
+    from rsa.hub import is_hub_id, load_dataset_records
+    if local.is_dir() or is_hub_id(path):
+        return load_dataset_records(path, what, name, split, revision)
+    return read_records(local)   # raises: no such data file
+
+
+def check_template_prompts(items, template: str | None):
+    """DataError at the first message-list prompt when a prompt template is set."""
+    if template is None:
+        return
+    for item in items:
+        value = item.prompt if isinstance(item, Pair) else item.value
+        if isinstance(value, list):
+            raise DataError(f"{item.where}: field 'prompt' is a message list, which is rendered with the tokenizer's "
+                            "chat template; a prompt template applies to text prompts only (remove prompt_template, "
+                            "or give text prompts)")
 
 
 def record_to_pair(rec, where: str, preference: str | None) -> Pair:
@@ -180,26 +217,53 @@ def split_pairs(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pai
 
 # ---------------------------------------------------------------- pairs -> token ids
 
-def encode_pair(tokenizer, pair: Pair, max_length: int, max_prompt_length: int) -> dict:
+def encode_pair(tokenizer, pair: Pair, max_length: int, max_prompt_length: int, template: str | None = None) -> dict:
     """Token ids and labels (prompt masked) of the chosen and rejected sequences.
 
     Truncation keeps the END of the prompt (at most max_prompt_length tokens) and the START of
-    each response, so that prompt + response <= max_length.
+    each response, so that prompt + response <= max_length. With a ``template``, each sequence
+    is the tokenization of template(prompt) + response + EOS as one string (Safe RLHF's).
     """
-    if isinstance(pair.prompt, str):
+    if template is not None:
+        if not isinstance(pair.prompt, str):
+            check_template_prompts([pair], template)
+        parts = [_encode_templated(tokenizer, apply_template(template, pair.prompt), r)
+                 for r in (pair.chosen, pair.rejected)]
+    elif isinstance(pair.prompt, str):
         prompt_ids = tokenizer(pair.prompt, add_special_tokens=True)["input_ids"]
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        responses = [tokenizer(r, add_special_tokens=False)["input_ids"] + eos for r in (pair.chosen, pair.rejected)]
+        parts = [(prompt_ids, tokenizer(r, add_special_tokens=False)["input_ids"] + eos)
+                 for r in (pair.chosen, pair.rejected)]
     else:
         prompt_ids, responses = _encode_chat(tokenizer, pair)
-    prompt_ids = prompt_ids[-max_prompt_length:]
-    room = max_length - len(prompt_ids)
+        parts = [(prompt_ids, r) for r in responses]
     out = {}
-    for name, resp in zip(("chosen", "rejected"), responses):
-        resp = resp[:room]
+    for name, (prompt_ids, resp) in zip(("chosen", "rejected"), parts):
+        prompt_ids = prompt_ids[-max_prompt_length:]
+        resp = resp[:max_length - len(prompt_ids)]
         out[f"{name}_input_ids"] = prompt_ids + resp
         out[f"{name}_labels"] = [IGNORE_INDEX] * len(prompt_ids) + resp
     return out
+
+
+def _encode_templated(tokenizer, prompt_text: str, response: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) splitting the tokens of prompt_text + response + EOS.
+
+    The split is where the prompt's own tokens end when they are a prefix of the whole (the
+    usual case); a token that spans the boundary (a tokenizer merging across it) is counted
+    with the prompt, found from the character offsets.
+    """
+    eos = tokenizer.eos_token or ""
+    full = tokenizer(prompt_text + response + eos, add_special_tokens=True)
+    ids = full["input_ids"]
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
+    if ids[:len(prompt_ids)] == prompt_ids:
+        return prompt_ids, ids[len(prompt_ids):]
+    offsets = tokenizer(prompt_text + response + eos, add_special_tokens=True,
+                        return_offsets_mapping=True)["offset_mapping"]
+    # The first token that starts after the prompt (special tokens the tokenizer adds have empty spans).
+    cut = next((i for i, (start, end) in enumerate(offsets) if start >= len(prompt_text) and end > start), len(ids))
+    return ids[:cut], ids[cut:]
 
 
 def _encode_chat(tokenizer, pair: Pair):
@@ -220,9 +284,10 @@ def _encode_chat(tokenizer, pair: Pair):
 class PairDataset(torch.utils.data.Dataset):
     """Encoded pairs, tokenized once before training."""
 
-    def __init__(self, pairs: list[Pair], tokenizer, max_length: int, max_prompt_length: int, progress=False):
+    def __init__(self, pairs: list[Pair], tokenizer, max_length: int, max_prompt_length: int, progress=False,
+                 template: str | None = None):
         from tqdm.auto import tqdm
-        self.items = [encode_pair(tokenizer, p, max_length, max_prompt_length)
+        self.items = [encode_pair(tokenizer, p, max_length, max_prompt_length, template)
                       for p in tqdm(pairs, desc="tokenizing", disable=not progress, leave=False)]
 
     def __len__(self):

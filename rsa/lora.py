@@ -206,7 +206,36 @@ def _load_base(base, dtype: str, quantization, device):
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.bfloat16)
     # A quantized model is placed when it is loaded (the Trainer does not move it).
-    return load_model(base, dtype, quantization_config=config, device_map={"": str(device)})
+    model = load_model(base, dtype, quantization_config=config, device_map={"": str(device)})
+    keep_4bit_layout(model)
+    return model
+
+
+def keep_4bit_layout(model):
+    """Keep every bitsandbytes 4-bit layer of ``model`` in the layout training uses.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit's weight into a CPU
+    inference layout the first time the layer runs in eval mode on an input that needs no
+    gradient: our reference pass, an evaluation. The repack asserts that the output size is a
+    multiple of 32; where it is, the layer then runs gemv_4bit, which has no backward (no
+    gradient reaches the layer's input: adapters below stop learning) and rounds differently
+    from the training path, so the reference would not be the policy with its adapter off.
+    The repack is gated by the layer's own capability flag, read at each forward; clearing it
+    keeps every forward on the one dequantize-and-matmul path (slower CPU inference, exact).
+    trainable_adapters_off checks after each reference pass that no layer was repacked.
+    """
+    from bitsandbytes.nn import Linear4bit
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            if not hasattr(module, "support_avx512bf16_for_cpu"):
+                continue   # a bitsandbytes without the repack (or a new gate: the check below catches it)
+            module.support_avx512bf16_for_cpu = False
+
+
+def repacked_4bit_layers(model) -> list[str]:
+    """Names of the 4-bit layers whose weight bitsandbytes has repacked for CPU inference."""
+    return [name for name, module in model.named_modules()
+            if getattr(getattr(getattr(module, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
 
 
 def _stack(model, adapters):
@@ -280,14 +309,16 @@ def trainable_adapters_off(model):
     """Within the block the PEFT model computes its reference: the adapters being trained are
     switched off (frozen adapters stay on) and the model is in eval mode, as a full-weight
     reference is. requires_grad is left alone (PEFT's disable_adapter() resets it on exit)."""
+    import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     if not layers:   # prompt learning and other non-layer methods
         with model.disable_adapter():
             yield
         return
+    # lora_A/B hold modules, lora_embedding_A/B (LoRA on an embedding) bare Parameters.
     trainable = {name for m in layers for layer in m.adapter_layer_names for name, sub in getattr(m, layer).items()
-                 if any(p.requires_grad for p in sub.parameters())}
+                 if any(p.requires_grad for p in ([sub] if isinstance(sub, torch.nn.Parameter) else sub.parameters()))}
     saved = [(m, m._active_adapter) for m in layers]
     was_training = model.training
     for m in layers:
@@ -299,6 +330,14 @@ def trainable_adapters_off(model):
         for m, active in saved:
             m._active_adapter = active
         model.train(was_training)
+    repacked = repacked_4bit_layers(model)
+    if repacked:   # keep_4bit_layout did not hold (another bitsandbytes): stop before a step trains
+        from .errors import UserError
+        raise UserError(f"lora.quantization 4bit: bitsandbytes repacked the weights of {len(repacked)} 4-bit layers "
+                        f"({repacked[0]}, ...) for CPU inference during the reference pass, although rsa turns that "
+                        "off (Linear4bit.support_avx512bf16_for_cpu); their training forward would pass no gradient "
+                        "to the layers below. This bitsandbytes version cannot train 4-bit on this CPU: use the "
+                        "tested 0.50.2, or train without quantization here")
 
 
 # ------------------------------------------------------------------ full weights (rsa merge)

@@ -12,8 +12,7 @@ import math
 import shutil
 from pathlib import Path
 
-import torch
-
+from .hub import commit_of, is_hub_id, model_folder
 from .lora import AdapterDeltas, is_lora_folder
 
 # Written by training runs or pickled: never copied into a merged model.
@@ -30,17 +29,16 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def merge_models(a, b, weight: float, out) -> Path:
-    """Save (1 - weight) * A + weight * B to ``out``; returns ``out``.
+    """Save (1 - weight) * A + weight * B to ``out``; returns ``out``. A and B: folders or hub ids
+    ORG/NAME[@REVISION] (rsa/hub.py).
 
     Floating tensors are combined in float64 and cast back to A's dtype (so merging A with
     itself gives A exactly); other tensors must be equal in A and B. A or B may be a LoRA stage
     folder: its full weights (base + adapter updates, in float64) are used, so `rsa merge A A
     --weight 0` writes a LoRA stage's full weights.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    a, b, out = Path(a), Path(b), Path(out)
+    given = {name: str(v) if is_hub_id(v) else str(Path(v)) for name, v in (("a", a), ("b", b))}
+    a, b, out = model_folder(a, "a"), model_folder(b, "b"), Path(out)   # a hub id: its cache snapshot
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
             or not 0 <= weight <= 1:
         raise ValueError(f"weight must be a number in [0, 1], got {weight!r}")
@@ -49,6 +47,10 @@ def merge_models(a, b, weight: float, out) -> Path:
             raise ValueError(f"{name}: no such model folder {str(p)!r}")
     if out.resolve() in (a.resolve(), b.resolve()):
         raise ValueError("out must differ from both inputs")
+    # Imported after the checks above (torch takes seconds): a mistake is reported at once.
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
     deltas = {name: AdapterDeltas(p) if is_lora_folder(p) else None for name, p in (("a", a), ("b", b))}
     a_files, b_files = (d.base if d is not None else p for d, p in ((deltas["a"], a), (deltas["b"], b)))
     indexes = {}
@@ -82,7 +84,7 @@ def merge_models(a, b, weight: float, out) -> Path:
                 raise ValueError(f"b: tensor {key!r} has shape {tuple(tb.shape)}, a has {tuple(ta.shape)}")
             if ta.is_floating_point():
                 merged[key] = ((1 - weight) * full("a", key, ta) + weight * full("b", key, tb)).to(ta.dtype)
-            elif torch.equal(ta, tb):
+            elif ta.equal(tb):
                 merged[key] = ta
             else:
                 raise ValueError(f"b: non-floating tensor {key!r} differs from a's and cannot be averaged")
@@ -97,7 +99,8 @@ def merge_models(a, b, weight: float, out) -> Path:
         for f in folder.iterdir():
             if f.is_file() and f.name not in skip and not f.name.endswith(SKIP_SUFFIXES):
                 shutil.copy2(f, out / f.name)
-    record = {"a": str(a), "b": str(b), "weight": weight}
+    record = {"a": given["a"], "b": given["b"], "weight": weight}
+    record.update({f"{name}_commit": commit_of(p) for name, p in (("a", a), ("b", b)) if commit_of(p)})
     record.update({f"{name}_base": str(d.base) for name, d in deltas.items() if d is not None})
     (out / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
     return out

@@ -9,7 +9,9 @@ object per logged step).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
 from transformers import TrainerCallback, set_seed
@@ -17,7 +19,9 @@ from transformers import TrainerCallback, set_seed
 from .config import RSAConfig, load_config
 from .data import PairDataset, load_pairs, split_pairs
 from .errors import UserError
+from .hub import commit_of, is_hub_id, model_folder
 from .lora import build_policy, is_lora_folder, lora_chain, stage_record
+from .templates import check_template
 
 STAGE_FILE = "stage.json"
 METRICS_FILE = "metrics.jsonl"
@@ -55,25 +59,46 @@ def _trim_metrics(path: Path, upto_step: int | None):
     path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
 
 
-def _reference_path(stage: dict, config: dict, previous: Path) -> Path:
+def _reference_path(stage: dict, config: dict, previous: Path, model: Path | None = None) -> Path:
+    """``model``: the local folder of config["model"] (its hub snapshot), default the path as given."""
     ref = stage["reference"]
     if ref == "previous":
         return previous
     if ref == "model":
-        return Path(config["model"])
+        return model if model is not None else Path(config["model"])
     if ref in {s["name"] for s in config["stages"]}:
         return Path(config["output_dir"]) / ref
-    return Path(ref)
+    return model_folder(ref, f"stage {stage['name']}: reference") if is_hub_id(ref) else Path(ref)
 
 
-def _load_stage_data(stage: dict, seed: int):
+def stage_template(stage: dict, config: dict) -> str | None:
+    """The stage's prompt template (a preset expanded), or None."""
+    return check_template({**config["defaults"], **stage["overrides"]}.get("prompt_template"))
+
+
+def _load_stage_data(stage: dict, seed: int, template: str | None):
     d = stage["data"]
-    train = load_pairs(d["path"], d["preference"], d["max_samples"])
-    held = load_pairs(d["eval_path"], d["preference"]) if d["eval_path"] else []
-    if d["split"]:
-        train, extra = split_pairs(train, d["split"], seed)
+    source = {"name": d["name"], "revision": d["revision"], "template": template}
+    train = load_pairs(d["path"], d["preference"], d["max_samples"], split=d["split"], **source)
+    held = load_pairs(d["eval_path"], d["preference"], template=template) if d["eval_path"] else []
+    if d["eval_split"]:
+        held = held + load_pairs(d["path"], d["preference"], split=d["eval_split"], **source)
+    if d["holdout"]:
+        train, extra = split_pairs(train, d["holdout"], seed)
         held = held + extra
     return train, held
+
+
+def _check_reference_template(stage: dict, reference: Path, template: str | None):
+    """Warn when the reference stage was trained with another prompt template: the policy then
+    starts from a model that saw its prompts in another form."""
+    record = reference / STAGE_FILE
+    if not record.is_file() or os.environ.get("RANK", "0") != "0":   # said once, by the first process
+        return
+    theirs = json.loads(record.read_text(encoding="utf-8")).get("prompt_template")
+    if theirs != template:
+        print(f"rsa train: warning: stage {stage['name']} renders prompts with template {template!r}, but its "
+              f"reference {str(reference)!r} was trained with {theirs!r}", file=sys.stderr)
 
 
 def run_stages(config, progress: bool = True, callbacks=None) -> list[Path]:
@@ -85,20 +110,21 @@ def run_stages(config, progress: bool = True, callbacks=None) -> list[Path]:
     """
     config = load_config(config)
     out = Path(config["output_dir"])
-    if not Path(config["model"]).is_dir():
+    model = model_folder(config["model"], "model")
+    if not model.is_dir():
         raise ValueError(f"model: no such model folder {config['model']!r}")
     pending = {}
     for stage in config["stages"]:
         if not (out / stage["name"] / STAGE_FILE).is_file():
             seed = {**config["defaults"], **stage["overrides"]}.get("seed", 42)
-            pending[stage["name"]] = _load_stage_data(stage, seed)
-    results, previous = [], Path(config["model"])
+            pending[stage["name"]] = _load_stage_data(stage, seed, stage_template(stage, config))
+    results, previous = [], model
     for stage in config["stages"]:
         stage_dir = out / stage["name"]
-        reference = _reference_path(stage, config, previous)
+        reference = _reference_path(stage, config, previous, model)
         if stage["name"] in pending:
             train_stage(stage, config, reference, stage_dir, *pending[stage["name"]],
-                        progress=progress, callbacks=callbacks)
+                        progress=progress, callbacks=callbacks, model_commit=commit_of(model))
         results.append(stage_dir)
         previous = stage_dir
     return results
@@ -139,7 +165,8 @@ def _parameter_counts(model) -> dict:
 
 
 def train_stage(stage: dict, config: dict, reference: Path, stage_dir: Path, train_pairs, eval_pairs,
-                progress: bool = True, callbacks=None) -> Path:
+                progress: bool = True, callbacks=None, model_commit: str | None = None) -> Path:
+    """Train one stage; ``model_commit``: the hub commit of the config's model, recorded in stage.json."""
     from .models import load_model, load_tokenizer
     from .trainer import RSATrainer
 
@@ -152,9 +179,12 @@ def train_stage(stage: dict, config: dict, reference: Path, stage_dir: Path, tra
                         "it lora too, or write that stage's full weights with `rsa merge DIR DIR --weight 0 --out "
                         "FULL` and start from that folder")
     args = stage_args(stage, config, stage_dir, progress)
+    template = check_template(args.prompt_template)
+    _check_reference_template(stage, reference, template)
     tokenizer = load_tokenizer(reference)
-    train_set = PairDataset(train_pairs, tokenizer, args.max_length, args.max_prompt_length, progress)
-    eval_set = PairDataset(eval_pairs, tokenizer, args.max_length, args.max_prompt_length) if eval_pairs else None
+    train_set = PairDataset(train_pairs, tokenizer, args.max_length, args.max_prompt_length, progress, template)
+    eval_set = PairDataset(eval_pairs, tokenizer, args.max_length, args.max_prompt_length,
+                           template=template) if eval_pairs else None
     if lora is not None:
         # One copy of the base: the reference is the policy with its trainable adapter off.
         base, stack = _lora_start(stage, reference, args.model_dtype)
@@ -184,7 +214,8 @@ def train_stage(stage: dict, config: dict, reference: Path, stage_dir: Path, tra
     if trainer.is_world_process_zero():
         record = {
             "name": stage["name"], "reference": str(reference), "init": str(reference),
-            "data": stage["data"], "objective": args.objective, "risk": args.risk,
+            "model": config["model"], "model_commit": model_commit,
+            "data": stage["data"], "prompt_template": template, "objective": args.objective, "risk": args.risk,
             "beta": args.beta, "lambda": stage["lambda"],
             "base_beta": {**config["defaults"], **stage["overrides"]}.get("beta", 0.1),
             "alpha": args.alpha, "gamma": args.gamma, "label_smoothing": args.label_smoothing,

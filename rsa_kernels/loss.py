@@ -104,7 +104,8 @@ def preference_loss(logits, ref_logits, labels, *, objective: str = "rsa2", risk
     where = plan(process_group, backend, logits, validate, vocab_size)
     risk, layout = where.result
     v = logits.shape[-1]
-    rows = rows_token_stats(logits.reshape(-1, v), ref_logits.reshape(-1, v), layout.labels.reshape(-1),
+    n = logits.shape[:-1].numel()  # not reshape(-1, v): a rank's slice may have v = 0
+    rows = rows_token_stats(logits.reshape(n, v), ref_logits.reshape(n, v), layout.labels.reshape(-1),
                             risk, ignore_index, where.rows, chunk_size)
     stats = TokenStats(*(t.view(layout.labels.shape) for t in rows))
     return loss_from_token_stats(stats, layout, objective=objective, beta=beta, alpha=alpha,

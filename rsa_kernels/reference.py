@@ -43,17 +43,22 @@ def in_support(q: torch.Tensor) -> torch.Tensor:
     return q != 0
 
 
-def deviation(s: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """D = r - s, and -inf where the reference puts no mass (those items never count)."""
-    q = r.exp()
-    return torch.where(in_support(q), r - s, torch.full_like(s, float("-inf")))
+def deviation(z: torch.Tensor, zr: torch.Tensor, a: torch.Tensor, ar: torch.Tensor) -> torch.Tensor:
+    """D = r - s in SPEC section 1's one floating-point form, (zr - z) + (A - Ar): the logits'
+    difference first, then the row's constant, so that items with equal zr - z tie on every
+    backend and rank layout; -inf where the reference puts no mass (those never count).
+    a, ar: the rows' logsumexp of z and zr."""
+    q = (zr - ar[..., None]).exp()
+    return torch.where(in_support(q), (zr - z) + (a - ar)[..., None], torch.full_like(z, float("-inf")))
 
 
-def token_risk(s: torch.Tensor, r: torch.Tensor, risk: Risk) -> torch.Tensor:
-    """risk of D = r - s under q = exp(r), one value per row; s, r are log-probabilities."""
+def token_risk(z: torch.Tensor, zr: torch.Tensor, a: torch.Tensor, ar: torch.Tensor, risk: Risk) -> torch.Tensor:
+    """risk of D under q = exp(zr - Ar), one value per row, from the logits and their
+    logsumexps a = A, ar = Ar."""
+    r = zr - ar[..., None]
     q = r.exp()
     support = in_support(q)
-    d = deviation(s, r)
+    d = deviation(z, zr, a, ar)
     qd = torch.where(support, q * d, torch.zeros_like(q))
     kl = qd.sum(-1)
     if risk.kind == "kl":
@@ -96,14 +101,15 @@ def token_stats(logits, ref_logits, labels, *, risk="kl", ignore_index: int = -1
     """(logp, ref_logp, kl, risk) per position, with autograd to ``logits``; 0 where masked."""
     risk = parse_risk(risk)
     acc = accumulation_dtype(logits.dtype)
-    s = torch.log_softmax(logits.to(acc), dim=-1)
-    r = torch.log_softmax(ref_logits.detach().to(acc), dim=-1)
+    z, zr = logits.to(acc), ref_logits.detach().to(acc)
+    a, ar = torch.logsumexp(z, -1), torch.logsumexp(zr, -1)
+    s, r = z - a[..., None], zr - ar[..., None]
     mask = labels != ignore_index
     safe = torch.where(mask, labels, torch.zeros_like(labels)).unsqueeze(-1)
     zero = torch.zeros((), dtype=acc, device=logits.device)
     logp = torch.where(mask, s.gather(-1, safe).squeeze(-1), zero)
     ref_logp = torch.where(mask, r.gather(-1, safe).squeeze(-1), zero)
     # masked rows are computed, then replaced: torch.where gives them no gradient
-    kl = torch.where(mask, token_risk(s, r, Risk("kl")), zero)
-    value = torch.where(mask, token_risk(s, r, risk), zero)
+    kl = torch.where(mask, token_risk(z, zr, a, ar, Risk("kl")), zero)
+    value = torch.where(mask, token_risk(z, zr, a, ar, risk), zero)
     return logp, ref_logp, kl, value

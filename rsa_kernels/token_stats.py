@@ -74,7 +74,8 @@ def token_stats(logits, ref_logits, labels, *, risk="kl", ignore_index: int = -1
     where = plan(process_group, backend, logits, validate, vocab_size)
     v = logits.shape[-1]
     lead = labels.shape
-    out = rows_token_stats(logits.reshape(-1, v), ref_logits.reshape(-1, v), labels.reshape(-1),
+    n = logits.shape[:-1].numel()  # not reshape(-1, v): a rank's slice may have v = 0
+    out = rows_token_stats(logits.reshape(n, v), ref_logits.reshape(n, v), labels.reshape(-1),
                            where.result, ignore_index, where.rows, chunk_size, inplace_backward)
     return TokenStats(*(t.view(lead) for t in out))
 

@@ -15,7 +15,7 @@ def check_logits(logits, ref_logits, labels, *, ignore_index: int, names=("logit
     for name, t in zip(names, (logits, ref_logits)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor")
-        if t.dim() < 1 or t.shape[-1] < 1:
+        if t.dim() < 1 or t.shape[-1] < (0 if global_labels else 1):  # a rank's slice may be empty
             raise ValueError(f"{name} must have shape (..., V) with V >= 1, got {tuple(t.shape)}")
     if ref_logits.shape != logits.shape:
         raise ValueError(f"{names[1]} has shape {tuple(ref_logits.shape)}, {names[0]} {tuple(logits.shape)}: they must match")

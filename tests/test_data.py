@@ -159,3 +159,29 @@ def test_malformed_later_stage_stops_before_any_training(tmp_path):
     with pytest.raises(DataError, match=r"pku.jsonl, line 4: field 'safer_response_id'"):
         run_stages(cfg, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_data_mapping_split_name_or_fraction(tmp_path):
+    """split: a number holds out a fraction of a file; a name applies to a data set only."""
+    path = write_jsonl(pku_records(4), tmp_path / "pku.jsonl")
+    (tmp_path / "sft").mkdir()
+
+    def cfg(**data):
+        return {"model": str(tmp_path / "sft"), "output_dir": str(tmp_path / "out"),
+                "stages": [{"name": "s", "data": {"path": str(path), "preference": "safe", **data}}]}
+    d = load_config(cfg(split=0.25))["stages"][0]["data"]
+    assert (d["split"], d["holdout"]) == (None, 0.25)
+    assert load_config(load_config(cfg(split=0.25)))["stages"][0]["data"] == d   # validated twice: unchanged
+    hub = load_config({**cfg(), "stages": [{"name": "s", "data": {"path": "Org/Data", "name": "alpaca-7b",
+                                                                   "split": "train[:90%]", "eval_split": "test"}}]})
+    d = hub["stages"][0]["data"]
+    assert (d["path"], d["name"], d["split"], d["eval_split"], d["holdout"]) == \
+        ("Org/Data", "alpaca-7b", "train[:90%]", "test", None)
+    for bad, match in (({"split": "train"}, "is a local file"), ({"name": "x"}, "is a local file"),
+                       ({"split": 1.5}, "held-out fraction"), ({"revision": ""}, "data.revision")):
+        with pytest.raises(ValueError, match=match):
+            load_config(cfg(**bad))
+    with pytest.raises(DataError, match="is a local file; name, split and revision"):
+        load_pairs(path, "safe", split="train")
+    with pytest.raises(ValueError, match="prompt_template: 'x' has no {prompt} field"):
+        load_config({**cfg(), "defaults": {"prompt_template": "x"}})

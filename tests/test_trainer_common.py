@@ -43,11 +43,11 @@ def build_model(vocab_size: int, seed: int = 0, hidden: int = 16):
     return LlamaForCausalLM(cfg).float()
 
 
-def save_tiny_model(folder, seed: int = 0) -> Path:
+def save_tiny_model(folder, seed: int = 0, hidden: int = 16) -> Path:
     """A tiny SFT model folder (safetensors + tokenizer)."""
     folder = Path(folder)
     tok = build_tokenizer()
-    model = build_model(len(tok), seed)
+    model = build_model(len(tok), seed, hidden)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder

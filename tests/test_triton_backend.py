@@ -94,6 +94,23 @@ def test_half_inputs_compute_in_float32(dtype, risk):
     _close(grad[rows], ref_grad[rows], 1e-2, scale=0.2)
 
 
+@pytest.mark.parametrize("kind", ["integer", "bf16", "straddle"])
+@pytest.mark.parametrize("risk", ["cvar:0.5", "cvar:0.9", "ra_dpo_cvar:0.5", "ra_dpo_cvar:0.95"])
+def test_ties_as_torch(kind, risk):
+    """Tie-heavy rows (tests/tie_rows.py): D = (zr - z) + (A - Ar) gives the triton kernels the
+    ties of the torch backend and the reference (SPEC section 1), so cvar's split atom and
+    ra_dpo_cvar's mask agree to float32's tolerances, with no row left out."""
+    from tie_rows import tie_rows
+    z, zr, labels = tie_rows(kind, 4, 300, seed=2)
+    z, zr, labels = z.float().to(DEVICE), zr.float().to(DEVICE), labels.to(DEVICE)
+    w = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
+    stats, grad = _run(z, zr, labels, risk, w, "triton")
+    for other in ("torch", "reference"):
+        want_stats, want_grad = _run(z, zr, labels, risk, w, other)
+        _close(stats, want_stats, 2e-5, scale=10)
+        _close(grad, want_grad, 2e-5)
+
+
 def _well_posed_rows(z, zr, labels, risk, eps):
     """Rows whose cvar/ra_dpo_cvar gradient is a continuous function of float32 rounding.
 
@@ -232,9 +249,8 @@ def _own_arithmetic(z, zr, saved, risk):
     """(quantile, risk, rows where F is not within 1e-5 of ALPHA) by sorting the kernel's own float32 D (from its saved A and Ar): the
     exact selection for that arithmetic, where values equal in exact arithmetic may split."""
     a, ar = saved[:, :1].float(), saved[:, 1:2].float()
-    r, s = zr.float() - ar, z.float() - a
-    q = r.exp()
-    d = torch.where(q != 0, r - s, float("-inf")) + 0.0
+    q = (zr.float() - ar).exp()
+    d = torch.where(q != 0, (zr.float() - z.float()) + (a - ar), float("-inf")) + 0.0  # SPEC section 1's form
     qd = torch.where(q != 0, q.double() * d.double(), 0.0)
     r = parse_risk(risk)
     if r.kind == "cvar":
@@ -252,8 +268,9 @@ def _own_arithmetic(z, zr, saved, risk):
 @pytest.mark.parametrize("risk", ["cvar:0", "cvar:0.7", "ra_dpo_cvar:0.95", "ra_dpo_cvar:0.2"])
 def test_quantile_is_exact_for_its_own_arithmetic(kind, risk):
     """Against the exact selection on the kernel's own float32 D: no tolerance on the quantile.
-    (Against other backends, values tied in exact arithmetic can split differently by an ulp
-    of A - Ar: a jump of one item's q*D in the risk, right for either arithmetic.)"""
+    (Against other backends, values tied in exact arithmetic but not as float32 zr - z can
+    round apart, or together, by an ulp of A - Ar: a jump of one item's q*D in the risk,
+    right for either arithmetic. Equal float32 zr - z tie everywhere: test_ties_as_torch.)"""
     g = torch.Generator().manual_seed(zlib.crc32(f"{kind} {risk}".encode()))
     n, v = 8, 333
     z = torch.randn(n, v, generator=g) * 3

@@ -226,7 +226,8 @@ def _search(kernels, z, zr, risk, target_hint):
     rows = torch.arange(z.shape[0])
     target = r.param if r.kind == "cvar" else interpolation_ranks(z.shape[1], 1 - r.param)[0] + 1
     search = kernels.Chunk(z, zr, rows).search(a, ar, r, target_hint)
-    sel = select(_OneRank(), search, kernels.pick, target, key_bits(acc), torch.zeros(len(rows), 1, dtype=acc))
+    sel = select(_OneRank(), search, kernels.pick, target, key_bits(acc), torch.zeros(len(rows), 1, dtype=acc),
+                 finish=getattr(kernels.Search, "finish", None))
     sums, min_above = search.close(sel.key)
     guessed = getattr(search, "state", [None] * 4)[3]  # the cpu kernels' guesses of the top digit
     top = (sel.key >> (key_bits(acc) - 8)) & 255
@@ -311,7 +312,8 @@ def test_cpu_bracketed_search_equals_torch_search_where_it_hits(risk, dtype, cpu
     chunk.kept = None  # over the rows, not partials' candidates: the union's path (rows.py's first fallback)
     keys = bracket_of(chunk.bracket(), a, ar, bits)
     search = chunk.search(a, ar, r, target / w)
-    got = select(_OneRank(), search, cpu_slices.pick, target, bits, torch.zeros(n, 1, dtype=dt), bracket=keys)
+    got = select(_OneRank(), search, cpu_slices.pick, target, bits, torch.zeros(n, 1, dtype=dt), bracket=keys,
+                 finish=cpu_slices.Search.finish)
     sums, min_above = search.close(got.key)
     ref = torch_slices.Chunk(z, zr, rows).search(a, ar, r, 0.5)
     want = select(_OneRank(), ref, torch_slices.pick, target, bits, torch.zeros(n, 1, dtype=dt))
@@ -451,3 +453,43 @@ def test_cpu_pick_equals_radix_pick_bit_for_bit(cpu_level):
             got = cpu_slices.pick(hist, below, target, shift, prefix)
             for a, b in zip(got, want):
                 assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["integer", "bf16", "straddle"])
+@pytest.mark.parametrize("risk", ["cvar:0.5", "cvar:0.9", "ra_dpo_cvar:0.5", "ra_dpo_cvar:0.95"])
+def test_cpu_kept_candidates_at_ties_equal_the_torch_backend(kind, risk, monkeypatch):
+    """Tie-heavy rows (tests/tie_rows.py) through the cpu slice kernels' kept candidates (one
+    rank): D = u + (A - Ar) is monotone in u, so the bracket of keys is exact with no
+    rounding bound. Rows whose selection falls on one of its ends (a tie there) miss and
+    are searched again; the others hit; either way the statistics are the torch backend's
+    on the whole rows, to 1e-12 (float64)."""
+    import torch
+
+    from rsa_kernels.backends import available_backends, get_backend
+    from rsa_kernels.risk import parse_risk
+    from rsa_kernels.vocab_parallel import rows as vp_rows
+    from rsa_kernels.vocab_parallel.agreement import VocabLayout
+    from tie_rows import tie_rows
+    if "cpu" not in available_backends():
+        pytest.skip("the C++ extension is not built")
+    from rsa_kernels.backends import cpu_slices
+    hits, plain = [], vp_rows.select
+
+    def recorded(*args, **kw):
+        sel = plain(*args, **kw)
+        if kw.get("outside") is not None:
+            hits.append(sel.hit.clone())
+        return sel
+    monkeypatch.setattr(vp_rows, "select", recorded)
+    z, zr, y = tie_rows(kind, 8, 5000, seed=3)
+    r = parse_risk(risk)
+    one = object.__new__(vp_rows.VocabParallelRows)
+    one.layout, one.agreed, one.kernels, one.comm = VocabLayout(None, 0, (5000,)), cpu_slices, cpu_slices, _OneRank()
+    stats, saved = one.forward(z, zr, y, r, -100)
+    want_stats, want_saved = get_backend("torch", z).forward(z, zr, y, r, -100)
+    torch.testing.assert_close(stats, want_stats, rtol=1e-12, atol=1e-12)
+    active = y != -100  # (the torch backend keeps the saved scalars of masked rows; they are unused)
+    torch.testing.assert_close(saved[active], want_saved[active], rtol=1e-12, atol=1e-12)
+    assert len(hits) == 1
+    if kind == "bf16":  # no tie at the bracket's ends: every row hits
+        assert bool(hits[0].all()), hits[0]

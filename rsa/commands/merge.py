@@ -3,8 +3,8 @@ from __future__ import annotations
 
 
 def add_arguments(parser):
-    parser.add_argument("a", help="first saved model folder (its config and tokenizer are copied)")
-    parser.add_argument("b", help="second saved model folder, same architecture")
+    parser.add_argument("a", help="first saved model folder or hub id ORG/NAME[@REV] (its config and tokenizer are copied)")
+    parser.add_argument("b", help="second saved model folder or hub id, same architecture")
     parser.add_argument("--weight", type=float, required=True, help="W in [0, 1]: the weight of B")
     parser.add_argument("--out", required=True, help="output folder")
 

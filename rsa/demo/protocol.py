@@ -158,5 +158,6 @@ def ablation_config(s: Settings, seed: int) -> dict:
     safety data and seed as SACPO's safety steps."""
     stages = [{"name": safe_stage(g), "data": {"path": "data/safe.jsonl", "preference": "safe"},
                "lambda": round(s.beta / g, 12), "reference": "model"} for g in s.safety_grid]
-    return {"model": "sacpo/helpful", "output_dir": ABLATION, "defaults": stage_defaults(s, seed, "rsa2"),
+    # "./": the folder SACPO's run will write, not the hub id sacpo/helpful (rsa/hub.py).
+    return {"model": "./sacpo/helpful", "output_dir": ABLATION, "defaults": stage_defaults(s, seed, "rsa2"),
             "stages": stages}

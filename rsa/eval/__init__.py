@@ -7,10 +7,16 @@ functions), metrics (SPEC section 8 and bootstrap intervals), samples_file (resu
 samples.jsonl), settings, runner, report, plots, and memory (the peak memory formula). See
 docs/eval.md.
 """
-from .metrics import bootstrap_ci, cvar, point_metrics
-from .runner import run_eval
-from .scorers import FunctionScorer, ModelScorer, ScorerError, load_scorer
-from .settings import EvalSettings, parse_models
+import importlib
 
-__all__ = ["EvalSettings", "FunctionScorer", "ModelScorer", "ScorerError", "bootstrap_ci", "cvar", "load_scorer",
-           "parse_models", "point_metrics", "run_eval"]
+# Loaded on first use, so that `rsa eval` checks its settings before torch is imported (seconds).
+_WHERE = {"bootstrap_ci": "metrics", "cvar": "metrics", "point_metrics": "metrics", "run_eval": "runner",
+          "FunctionScorer": "scorers", "ModelScorer": "scorers", "ScorerError": "scorers", "load_scorer": "scorers",
+          "EvalSettings": "settings", "parse_models": "settings"}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

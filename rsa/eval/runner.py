@@ -47,7 +47,8 @@ def run_eval(settings: EvalSettings, out, progress: bool = True) -> dict:
     if not progress:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()   # "Loading weights" bars
-    prompts = load_prompts(settings.prompts)
+    prompts = load_prompts(settings.prompts, settings.prompts_name, settings.prompts_split, settings.prompts_column,
+                           settings.prompt_template)
     check_run_folder(out, settings)
     batches = plan(settings, len(prompts))
     path = out / "samples.jsonl"
@@ -76,7 +77,7 @@ def _sample_and_score(settings, prompts, batches, done, path, progress):
             vocab, ref_vocab = (x.get_output_embeddings().weight.shape[0] for x in (model, reference))
             if vocab != ref_vocab:
                 raise UserError(f"--reference: its vocabulary ({ref_vocab}) differs from model {name}'s ({vocab})")
-        rendered = [render(tok, p) for p in prompts]
+        rendered = [render(tok, p, settings.prompt_template) for p in prompts]
         for prompt, (_, ids) in zip(prompts, rendered):
             if not ids:
                 raise DataError(f"{prompt.where}: field 'prompt' gives no tokens for model {name}")

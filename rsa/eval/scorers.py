@@ -1,9 +1,12 @@
-"""Reward and cost scorers: a local sequence-classification model, or a Python function.
+"""Reward and cost scorers: a sequence-classification model, a Safe RLHF score model, or a Python function.
 
 SCORER syntax (the --reward and --cost flags):
-- ``DIR`` or ``DIR#INDEX``: a local Hugging Face folder loaded with
-  AutoModelForSequenceClassification and its own tokenizer; the score of a response is
-  output logit INDEX (default 0) on the text prompt + response.
+- ``DIR`` or ``DIR#INDEX`` (DIR: a local folder or a hub id ORG/NAME[@REV], rsa/hub.py): a
+  Hugging Face folder loaded with AutoModelForSequenceClassification and its own tokenizer;
+  the score of a response is output logit INDEX (default 0) on the text prompt + response.
+  A folder whose config names a Safe RLHF score architecture (…ForScore: the beaver reward
+  and cost models) is loaded natively (rsa/eval/score_model.py): the score is its end score
+  INDEX on prompt + response + EOS, the text Safe RLHF trains and evaluates them on.
 - ``package.module:function``: a callable taking (prompts: list[str], responses: list[str])
   and returning one finite float per response. The current folder is importable.
 
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 
 from rsa.errors import UserError
+from rsa.hub import resolve_scorer_spec
 
 FUNCTION_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -57,16 +61,23 @@ class FunctionScorer(Scorer):
 
 
 class ModelScorer(Scorer):
-    """Logit INDEX of a sequence classifier on prompt + response, in batches."""
+    """Logit INDEX of a sequence classifier on prompt + response (a Safe RLHF score model: its end
+    score INDEX on prompt + response + EOS), in batches."""
 
     def __init__(self, spec: str, role: str = "score", device: str = "cpu", batch_size: int = 16,
                  dtype: str = "auto"):
-        from .loading import load_classifier, load_tokenizer
+        from .loading import check_model_folder, load_classifier, load_tokenizer
+        from .score_model import is_score_model, load_score_model
 
         super().__init__(spec, role)
         folder, index = split_index(spec, self.name)
-        self.model = load_classifier(folder, self.name, device, dtype)
-        labels = self.model.config.num_labels
+        self.score_model = is_score_model(check_model_folder(folder, self.name))
+        if self.score_model:
+            self.model = load_score_model(folder, self.name, device, dtype)
+            labels = int(getattr(self.model.config, "score_dim", 1) or 1)
+        else:
+            self.model = load_classifier(folder, self.name, device, dtype)
+            labels = self.model.config.num_labels
         if index >= labels:
             raise ScorerError(f"{self.name}: output {index} requested but the model has {labels} output(s)")
         self.index, self.device, self.batch_size = index, device, batch_size
@@ -75,6 +86,8 @@ class ModelScorer(Scorer):
         self.tokenizer.truncation_side = "left"   # a long text keeps its end: the response
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        # Safe RLHF scores prompt + response + EOS (its preference data sets append the EOS string).
+        self.suffix = (self.tokenizer.eos_token or "") if self.score_model else ""
         limit = getattr(self.model.config, "max_position_embeddings", None) or self.tokenizer.model_max_length
         self.max_length = int(min(limit, self.tokenizer.model_max_length))
         bos = self.tokenizer.bos_token_id
@@ -92,9 +105,12 @@ class ModelScorer(Scorer):
     def score(self, prompts, responses):
         out = []
         for start in range(0, len(responses), self.batch_size):
-            ids = [self.encode(p + r) for p, r in zip(prompts[start:start + self.batch_size],
-                                                      responses[start:start + self.batch_size])]
+            ids = [self.encode(p + r + self.suffix) for p, r in zip(prompts[start:start + self.batch_size],
+                                                                    responses[start:start + self.batch_size])]
             enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
+            if self.score_model:
+                out.append(self.model(enc["input_ids"], enc["attention_mask"])[:, self.index].cpu())
+                continue
             # use_cache=False: a classifier would otherwise build a key/value cache of the whole batch.
             out.append(self.model(**enc, use_cache=False).logits[:, self.index].float().cpu())
         return torch.cat(out).numpy() if out else np.zeros(0)
@@ -102,6 +118,7 @@ class ModelScorer(Scorer):
 
 def load_scorer(spec: str, role: str, device: str = "cpu", batch_size: int = 16, dtype: str = "auto") -> Scorer:
     """The scorer a --reward/--cost value names; ScorerError if it names nothing usable."""
+    spec = resolve_scorer_spec(spec, role)
     folder = spec.rsplit("#", 1)[0] if "#" in spec else spec
     if Path(folder).is_dir():
         return ModelScorer(spec, role, device, batch_size, dtype)

@@ -29,11 +29,12 @@ rsa_kernels/vocab_parallel/rows.py combines with all-reduces. On a rank's column
           ra_dpo_cvar's candidates kept in partials' read, the items with u = zr - z in the
           slice's bracket [lo, hi] (or NaN u); columns lo, hi, the counts of the items below
           and above it, Sr and U over those above, the row's smallest finite zr, the largest
-          finite |z|, |zr|, the candidates, Sr over those below (vocab_parallel/rows.py proves
+          finite |z|, |zr| (no longer read: D's bracket is exact), the candidates, Sr over
+          those below (vocab_parallel/rows.py proves
           from these whether the group's quantile lies among the candidates; its
           Search.bracket then reads them, not the rows)
       .subset(idx) -> the Chunk of the rows idx (needed only by kernels whose brackets bound)
-      .search(A, Ar, risk, target) -> Search over the keys of D = (zr - Ar) - (z - A)
+      .search(A, Ar, risk, target) -> Search over the keys of D = (zr - z) + (A - Ar)
           (slice_keys), weighing cvar's support (q > 0) by q and counting every item for
           ra_dpo_cvar; target, the fraction of the total weight the search reaches, is a
           hint (the cpu kernels prepare the digit where the slice's own weight reaches it):
@@ -54,7 +55,9 @@ rsa_kernels/vocab_parallel/rows.py combines with all-reduces. On a rank's column
             smallest key above that left, up to `most` keys and weights as float64 bits);
             .use_candidates() when the group ends the search with them (close() then compares
             whole keys), and .finish(parts, below, target, empty_key) -> (key, below, at, next
-            key) from every rank's payloads (vocab_parallel/quantile.py: the gathered end)
+            key) from every rank's payloads (vocab_parallel/quantile.py: the gathered end,
+            taken where the kernels the group agreed on have Search.finish, whatever the
+            rank's own search is: an all-padding slice's sends an empty payload)
     pick(hist, below, target, shift, prefix) -> (below, at, prefix): one round's choice from
         the group's histogram (slice_keys.radix_pick, or the same in C++)
     backward(z, zr, local, saved, grads, risk, out, chunk_size=None) -> out, the gradient of

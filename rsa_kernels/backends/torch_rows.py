@@ -27,13 +27,15 @@ def rows_per_chunk(n: int, v: int, acc: torch.dtype, risk: Risk, chunk_size: int
 def _deviation(z, zr, a, ar):
     """s, r, q, D = r - s (-inf off the reference's support): same bits in both passes.
 
-    The support is q != 0 (reference.in_support): a NaN q is kept, so that NaN reference
-    logits make D, kl and the risk NaN instead of vanishing from every sum.
+    D is formed as SPEC section 1 fixes it, (zr - z) + (A - Ar), as every backend and slice
+    kernel does: equal logit differences give equal D, the same ties everywhere. The
+    support is q != 0 (reference.in_support): a NaN q is kept, so that NaN reference logits
+    make D, kl and the risk NaN instead of vanishing from every sum.
     """
     s = z - a[:, None]
     r = zr - ar[:, None]
     q = r.exp()
-    d = torch.where(in_support(q), r - s, torch.full_like(s, float("-inf")))
+    d = torch.where(in_support(q), (zr - z) + (a - ar)[:, None], torch.full_like(s, float("-inf")))
     return s, r, q, d
 
 

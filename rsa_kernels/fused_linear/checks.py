@@ -24,7 +24,7 @@ def check_linear(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels,
                          f"hidden's {tuple(hidden.shape[:-1])}")
     vocab = None
     for hname, wname, h, w in (("hidden", "weight", hidden, weight), ("ref_hidden", "ref_weight", ref_hidden, ref_weight)):
-        if w.dim() != 2 or w.shape[0] < 1 or w.shape[1] != h.shape[-1]:
+        if w.dim() != 2 or w.shape[0] < (0 if global_labels else 1) or w.shape[1] != h.shape[-1]:
             raise ValueError(f"{wname} has shape {tuple(w.shape)}, expected (V, {h.shape[-1]}) to match "
                              f"{hname}'s last dimension")
         if w.dtype != h.dtype:

@@ -181,6 +181,8 @@ def _check_table(table: list[list[int]], local: Local, vocab_size: int | None) -
                              f"every rank passes the same {name}; only the vocabulary slice differs")
     widths = [r[1] for r in table]
     vocab = sum(widths)
+    if vocab < 1:  # a rank's slice may be empty (width 0), not the whole vocabulary
+        raise ValueError(f"logits: the ranks' vocabulary slices {widths} hold no column at all")
     if vocab_size is not None:
         if vocab_size > vocab:
             raise ValueError(f"vocab_size={vocab_size} exceeds the {vocab} columns of the ranks' slices {widths}")

@@ -5,8 +5,8 @@ Per chunk of unmasked rows, the forward runs the rounds listed here, each a redu
 for ra_dpo_cvar's radix rounds, which travel in the accumulation dtype (4 bytes on float32
 rows: its counts are exact there, below 2**24; cvar's q-masses stay float64: its atom's
 weight divides a difference of them).
-Slice kernels that keep the quantile's candidates in their first read (COLLECTS: cpu) send 3
-more values in the MAX round (the intersection of the slices' brackets and a rounding bound)
+Slice kernels that keep the quantile's candidates in their first read (COLLECTS: cpu) send 2
+more values in the MAX round (the intersection of the slices' brackets)
 and 2 more in the first radix round (the weights they left out below and above); on float32
 rows they end the search after GATHER_LEVEL radix rounds with one all-gather of the
 candidates left (at most GATHERED a rank: count, next key above, keys, weights; int64),
@@ -51,7 +51,7 @@ def forward_communication(risk, dtype: torch.dtype, vocab: int, collects: bool =
     selects = risk.kind in ("cvar", "ra_dpo_cvar")
     kept = collects and selects
     union = risk.kind == "ra_dpo_cvar"                   # the union of the slices' brackets: -lo, hi
-    steps = [("max", 2 + 2 * union + 3 * kept, 8), ("sum", 4, 8)]  # row maxima; exp-sums, the label's logits
+    steps = [("max", 2 + 2 * union + 2 * kept, 8), ("sum", 4, 8)]  # row maxima; exp-sums, the label's logits
     if risk.kind == "kl":
         steps += [("sum", 1, 8)]                         # kl
     elif risk.kind == "erm":

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backends.slice_keys import BINS, NO_KEY, RADIX_BITS, bracket_keys, sort_keys
+from ..backends.slice_keys import BINS, NO_KEY, RADIX_BITS, bracket_keys, key_order, sort_keys
 from .comm import Comm
 
 GATHER_LEVEL = 2  # float32 keys: after two radix rounds, the candidates left under the prefix are
@@ -41,44 +41,50 @@ class Selection:
 
 
 def bracket_of(u_bounds: torch.Tensor, a: torch.Tensor, ar: torch.Tensor, bits: int) -> tuple:
-    """select's bracket: the keys of D = u + (A - Ar) over the group's bounds (rows, 2) of
-    u = zr - z, widened by far more than the rounding that separates the computed D from
-    u + (A - Ar) (the same keys on every rank: from the same numbers)."""
-    u, shift = u_bounds.double(), (a.double() - ar.double())[:, None]
-    slack = 64 * torch.finfo(a.dtype).eps * (u.abs() + a.double().abs()[:, None] + ar.double().abs()[:, None])
-    d = (u + shift + slack * torch.tensor([-1.0, 1.0], dtype=torch.float64, device=u.device)).to(a.dtype)
+    """select's bracket: the keys of D = u + (A - Ar) at the group's bounds (rows, 2) of
+    u = zr - z, formed as the slice kernels form D (SPEC section 1; the same keys on every
+    rank: from the same numbers). The search counts every item by its own key, so the
+    bracket decides the time only, never the result."""
+    d = u_bounds.to(a.dtype) + (a - ar)[:, None]
     return bracket_keys(d[:, 0].contiguous(), d[:, 1].contiguous(), bits)
 
 
 def collected_bracket(col: torch.Tensor, group: torch.Tensor, a, ar, bits: int, acc: torch.dtype):
-    """select's bracket for the candidates a rank's partials kept (the slice
-    kernels' Chunk.collected(), ``col``): the keys [lo, hi] of D that every item a rank left out
-    lies outside, from the group's ``group`` (rows, 3): the intersection [L, H] of the slices'
-    brackets of u = zr - z and the largest finite |z|, |zr| of their rows.
+    """select's bracket for the candidates a rank's partials kept (the slice kernels'
+    Chunk.collected(), ``col``): keys [lo, hi] of D such that every item a rank left out lies
+    strictly outside, from the group's ``group`` (rows, 2): the intersection [L, H] of the
+    slices' brackets of u = zr - z (every rank kept all its items with u in [L, H]).
 
-    An item left out below has u < L, so D < L + (A - Ar) + err (D = -inf where q = 0), err
-    bounding the rounding of D = (zr - Ar) - (z - A) and of u against their exact values; one
-    left out above has D > H + (A - Ar) - err if its q != 0, which its rank proves from its
-    row's smallest finite zr. Returns the bracket (the same keys on every rank) and where this rank proved
-    that (not where L > H): rows.py makes the others miss on every rank."""
-    lo_u, hi_u, big = group[:, 0].double(), group[:, 1].double(), group[:, 2].double()
-    shift, unit = a.double() - ar.double(), 16 * torch.finfo(acc).eps  # generous: 32 roundings' worth
-    err = unit * (2 * big + a.double().abs() + ar.double().abs() + shift.abs())
-    has_lo, has_hi = lo_u > float("-inf"), hi_u < float("inf")
-    # an infinite bound stays itself: below +inf lies every D < +inf, above -inf every D > -inf
-    lo_v = torch.where(torch.isinf(lo_u), lo_u, lo_u + shift + (err + unit * lo_u.abs()))
-    hi_v = torch.where(torch.isinf(hi_u), hi_u, hi_u + shift - (err + unit * hi_u.abs()))
-    ok = ~torch.isnan(lo_v) & ~torch.isnan(hi_v) & (lo_v <= hi_v)  # else they overlap: no proof
-    floor = -90.0 if acc != torch.float64 else -700.0  # exp(zr - Ar) of the smallest zr above is > 0
-    ok &= (col[:, 3] == 0) | ((col[:, 6].double() - ar.double()) >= floor)
-    lo_v, hi_v = torch.where(ok & has_lo, lo_v, 0.0), torch.where(ok & has_hi, hi_v, 0.0)
-    lo_c, hi_c = lo_v.to(acc), hi_v.to(acc)  # rounded outward to the dtype of D
-    lo_c = torch.where(lo_c.double() < lo_v, torch.nextafter(lo_c, torch.full_like(lo_c, float("inf"))), lo_c)
-    hi_c = torch.where(hi_c.double() > hi_v, torch.nextafter(hi_c, torch.full_like(hi_c, float("-inf"))), hi_c)
+    D = u + (A - Ar) is formed from u itself (SPEC section 1) and adding one constant is
+    monotone in floating point, so an item left out below (u < L) has D <= D(L) = L + (A - Ar)
+    (or D = -inf where q = 0), one left out above has D >= D(H) if its q != 0, which its rank
+    proves from its row's smallest finite zr. The bracket is [key(D(L)) + 1, key(D(H)) - 1]:
+    a kept item that ties with D(L) or D(H) counts below or above with the items left out,
+    exactly. Returns the bracket (the same keys on every rank: open where the group's numbers
+    give no proof) and where this rank proved all that: rows.py makes the other rows miss on
+    every rank."""
+    lo_u, hi_u = group[:, 0].to(acc), group[:, 1].to(acc)
+    shift = a.to(acc) - ar.to(acc)
+    lo_d, hi_d = lo_u + shift, hi_u + shift
+    inf = float("inf")
+    # an infinite end is itself (below u = +inf lies every finite u, above -inf every one),
+    # a finite one must stay finite as D
+    ok = ~torch.isnan(shift) & ~torch.isnan(lo_u) & ~torch.isnan(hi_u) & (lo_u <= hi_u)
+    ok &= (lo_u.abs() == inf) | (lo_d.abs() < inf)
+    ok &= (hi_u.abs() == inf) | (hi_d.abs() < inf)
     top = -1 if bits == 64 else 2**32 - 1
-    lo_key = torch.where(has_lo, sort_keys(lo_c), 0)
-    hi_key = torch.where(has_hi, sort_keys(hi_c), top)
-    return (lo_key, hi_key, top), ok
+    safe = lambda d: sort_keys(torch.where(ok, d, 0.0))  # noqa: E731
+    lo_key = torch.where(lo_u == -inf, 0, torch.where(lo_u == inf, safe(lo_u), safe(lo_d) + 1))
+    hi_key = torch.where(hi_u == inf, top, torch.where(hi_u == -inf, safe(hi_u), safe(hi_d) - 1))
+    # a key strictly between hi and lo would count both below and above: then no proof
+    lo_o, hi_o = key_order(lo_key, bits), key_order(hi_key, bits)
+    ok &= (lo_o <= hi_o) | (lo_o - 1 == hi_o)  # (no overflow: lo_o - 1 wraps only where lo_o <= hi_o)
+    lo_key, hi_key = torch.where(ok, lo_key, 0), torch.where(ok, hi_key, top)
+    # the keys come from the group's numbers only (select's rounds depend on them); this rank's
+    # own proof, that its items left out above have q != 0, only makes the row miss
+    floor = -90.0 if acc != torch.float64 else -700.0  # exp(zr - Ar) of the smallest zr above is > 0
+    proved = (col[:, 3] == 0) | ((col[:, 6].double() - ar.double()) >= floor)
+    return (lo_key, hi_key, top), ok & proved
 
 
 def missed(below, inside, above, target: float) -> torch.Tensor:
@@ -90,7 +96,7 @@ def missed(below, inside, above, target: float) -> torch.Tensor:
 
 
 def select(comm: Comm, search, pick, target: float, bits: int, carry: torch.Tensor, bracket=None,
-           wire=torch.float64, outside=None, need_next: bool = False) -> Selection:
+           wire=torch.float64, outside=None, need_next: bool = False, finish=None) -> Selection:
     """The smallest key whose cumulative weight (over all ranks) reaches ``target``.
 
     ``search``: a slice kernels' Search (its histogram(level, prefix) weighs the items that
@@ -106,7 +112,11 @@ def select(comm: Comm, search, pick, target: float, bits: int, carry: torch.Tens
     bracket without their keys (the candidates its partials kept, rows.py): they add to the
     search's, and the bracket's level 0 runs even where it is open. ``need_next``: a hit also
     needs the next item after the selection inside the bracket (ra_dpo_cvar's HI: the keys
-    of the items left out are not known).
+    of the items left out are not known). ``finish``: the Search.finish of the slice kernels
+    the group agreed on where they end a float32 search with one all-gather of the
+    candidates left (_gathered; None: radix rounds to the end). It is the group's choice,
+    never read off this rank's own search: a rank whose slice is all padding searches with
+    other kernels (rows.EmptySlice), and every rank must run the same collectives.
     """
     rows = carry.shape[0]
     f64 = dict(dtype=torch.float64, device=carry.device)
@@ -148,14 +158,14 @@ def select(comm: Comm, search, pick, target: float, bits: int, carry: torch.Tens
             hist = comm.sum(hist.to(wire), inplace=True, wire_dtype=wire).to(torch.float64)
         below, at, prefix = pick(hist, below, target, shift, prefix)
         level += 1
-        if level == GATHER_LEVEL and bits == 32 and hasattr(search, "candidates"):
-            done = _gathered(comm, search, level, prefix, below, target, bits)
+        if level == GATHER_LEVEL and bits == 32 and finish is not None:
+            done = _gathered(comm, search, finish, level, prefix, below, target, bits)
             if done is not None:
                 return Selection(done[0], done[1], done[2], carried, hit, done[3])
     return Selection(prefix, below, at, carried, hit)
 
 
-def _gathered(comm: Comm, search, level: int, prefix, below, target: float, bits: int):
+def _gathered(comm: Comm, search, finish, level: int, prefix, below, target: float, bits: int):
     """The rest of the search in one round: every rank's candidates under the prefix's top
     ``level`` digits (at most GATHERED a rank, else None: the radix rounds go on), their keys
     and weights all-gathered, the selection made by each rank alike from the same numbers,
@@ -167,5 +177,5 @@ def _gathered(comm: Comm, search, level: int, prefix, below, target: float, bits
         return None
     search.use_candidates()
     empty = prefix | ((1 << (bits - level * RADIX_BITS)) - 1)  # radix_pick's last bin at every level left
-    key, new_below, at, next_key = search.finish(parts, below, target, empty)
+    key, new_below, at, next_key = finish(parts, below, target, empty)
     return key, new_below, at, next_key

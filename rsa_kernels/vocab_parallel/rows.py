@@ -57,7 +57,7 @@ from .quantile import bracket_of, collected_bracket, select
 class Kept(NamedTuple):
     """The candidates a rank's slice kernels kept in their first read (COLLECTS)."""
     collected: torch.Tensor  # (n, 9) Chunk.collected()
-    group: torch.Tensor      # (n, 3) the intersection [L, H] of the slices' brackets, the largest |z|, |zr|
+    group: torch.Tensor      # (n, 2) the intersection [L, H] of the slices' brackets of u = zr - z
     above: torch.Tensor      # (n, 2) sum q D, sum q over what the rank left out above
     outside: torch.Tensor    # (n, 2) float64 weights it left out below and above
 
@@ -122,15 +122,15 @@ class VocabParallelRows:
             bounds = chunk.bracket().to(acc)
             sent += [-bounds[:, :1], bounds[:, 1:]]
         if risk.kind in ("cvar", "ra_dpo_cvar") and getattr(self.agreed, "COLLECTS", False):
-            kept = chunk.collected()  # their intersection, and the largest |z|, |zr|
-            sent += [kept[:, :1].to(acc), -kept[:, 1:2].to(acc), kept[:, 7:8].to(acc)]
+            kept = chunk.collected()  # their intersection
+            sent += [kept[:, :1].to(acc), -kept[:, 1:2].to(acc)]
         maxed = comm.max(torch.cat(sent, 1))
         group = lse_shift(maxed[:, 0:2])
         if bounds is not None:
             bounds = torch.stack([-maxed[:, 2], maxed[:, 3]], 1)
         if kept is not None:
-            k = maxed.shape[1] - 3
-            group_kept = torch.stack([maxed[:, k], -maxed[:, k + 1], maxed[:, k + 2]], 1)
+            k = maxed.shape[1] - 2
+            group_kept = torch.stack([maxed[:, k], -maxed[:, k + 1]], 1)
         exp_sums = part[:, 2:4]
         # a slice without mass adds 0 (never 0 * inf); a NaN sum stays NaN
         rescaled = torch.where(exp_sums != 0, exp_sums * (mine - group).exp(), 0.0)
@@ -190,28 +190,31 @@ class VocabParallelRows:
         whose selection lies outside go on to the next of these, the last without a bracket.
         Returns (selection, the search, its sums above and its next larger keys (close))."""
         bits, wire = key_bits(acc), _wire(risk, acc)
+        # every choice of a collective comes from the kernels the group agreed on, never from
+        # this rank's own (an all-padding slice searches with EmptySlice's)
+        pick, finish = self.agreed.pick, getattr(self.agreed.Search, "finish", None)
         search = chunk.search(a, ar, risk, hint)
         union = None if bounds is None else bracket_of(bounds, a, ar, bits)
         if kept is not None:
             bracket, ok = collected_bracket(kept.collected, kept.group, a, ar, bits, acc)
             # a row the rank cannot prove it left nothing out of misses, on every rank (2**30 below)
             outside = (kept.outside[:, 0] + torch.where(ok, 0.0, 2.0**30), kept.outside[:, 1])
-            sel = select(self.comm, search, self.kernels.pick, target, bits, kl_part[:, None], bracket=bracket,
-                         wire=wire, outside=outside, need_next=risk.kind == "ra_dpo_cvar")
+            sel = select(self.comm, search, pick, target, bits, kl_part[:, None], bracket=bracket,
+                         wire=wire, outside=outside, need_next=risk.kind == "ra_dpo_cvar", finish=finish)
             above, min_above = search.close(sel.key)
             sums, later = (above + F.pad(kept.above.to(above.dtype), (0, 1)), min_above), [union, None]
         else:
-            sel = select(self.comm, search, self.kernels.pick, target, bits, kl_part[:, None], bracket=union,
-                         wire=wire)
+            sel = select(self.comm, search, pick, target, bits, kl_part[:, None], bracket=union,
+                         wire=wire, finish=finish)
             sums, later = search.close(sel.key), ([] if union is None else [None])
         left = torch.zeros(0, dtype=torch.int64) if sel.hit is None else (~sel.hit).nonzero().squeeze(1)
         for bracket in later:  # rare: an unlucky sample; the same rows on every rank (the group's counts)
             if not len(left):
                 break
             retry = chunk.subset(left).search(a[left], ar[left], risk, hint)
-            other = select(self.comm, retry, self.kernels.pick, target, bits, kl_part.new_zeros(len(left), 0),
+            other = select(self.comm, retry, pick, target, bits, kl_part.new_zeros(len(left), 0),
                            bracket=None if bracket is None else tuple(t[left] for t in bracket[:2]) + bracket[2:],
-                           wire=wire)
+                           wire=wire, finish=finish)
             more = retry.close(other.key)
             done = torch.ones_like(left, dtype=torch.bool) if other.hit is None else other.hit
             rows = left[done]
@@ -328,6 +331,15 @@ class EmptySlice:
 
         def sums_above(self, idx, threshold):
             return torch.zeros(len(idx), 2, dtype=torch.float64, device=self.device)
+
+        def candidates(self, level, prefix, most):  # none: count 0, no key above, empty slots
+            payload = torch.full((self.n, 2 + 2 * most), NO_KEY, dtype=torch.int64, device=self.device)
+            payload[:, 0] = 0
+            payload[:, 2 + most:] = 0  # weights 0.0 (float64 bits)
+            return payload
+
+        def use_candidates(self):
+            pass
 
     @staticmethod
     def backward(z, zr, local, saved, grads, risk, out, chunk_size=None):

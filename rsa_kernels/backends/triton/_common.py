@@ -25,17 +25,16 @@ def _block(zrow, rrow, cols, V):
 
 @helper
 def _deviation(z, zr, a, ar):
-    """q = exp(r) and D = r - s (-inf where q == 0), as torch_rows._deviation computes them.
+    """q = exp(zr - Ar) and D = (zr - z) + (A - Ar) (-inf where q == 0): SPEC section 1's one
+    form of D, as torch_rows._deviation and every other backend and slice kernel compute it.
 
     Every pass recomputes D with exactly these operations, so a value seen in one pass has
     the same bits in the next (no multiply, hence no FMA contraction to change rounding).
     """
-    r = zr - ar
-    s = z - a
-    q = tl.exp(r)
+    q = tl.exp(zr - ar)
     # the support is q != 0, not q > 0: a NaN q (NaN in zr) stays in, so NaN is never dropped;
     # + 0.0 turns -0.0 into +0.0, so that equal values get equal keys
-    d = tl.where(q != 0, r - s, float("-inf")) + 0.0
+    d = tl.where(q != 0, (zr - z) + (a - ar), float("-inf")) + 0.0
     return q, d
 
 

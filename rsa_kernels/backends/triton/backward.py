@@ -40,7 +40,7 @@ def backward_kernel(z_ptr, zr_ptr, y_ptr, saved_ptr, grads_ptr, out_ptr,
             elif RISK == 1:
                 # the forward summed exp((1+MU) zr - MU z) over zr > -inf (stats.py)
                 r = zr - ar
-                w = tl.where(zr > float("-inf"), tl.exp(r + mu * (r - (z - a)) - s2), 0.0)
+                w = tl.where(zr > float("-inf"), tl.exp(r + mu * ((zr - z) + (a - ar)) - s2), 0.0)
             elif RISK == 2:
                 w = tl.where(d > s2, q * s3, tl.where(d == s2, q * s4, 0.0))
             else:

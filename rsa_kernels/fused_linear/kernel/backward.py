@@ -64,7 +64,7 @@ def backward_kernel(h_ptr, w_ptr, b_ptr, rh_ptr, rw_ptr, rb_ptr, rows_ptr, y_ptr
         w = q
     else:
         # the forward summed exp((1+MU) zr - MU z) over zr > -inf: the same support here
-        w = tl.where(zr > float("-inf"), tl.exp(r + mu * (r - (z - a)) - norm), 0.0)
+        w = tl.where(zr > float("-inf"), tl.exp(r + mu * ((zr - z) + (a - ar)) - norm), 0.0)
     g = (g_kl - g_logp) * p - g_kl * q + g_risk * (p - w)
     g += tl.where(cols[None, :] == y[:, None], g_logp, 0.0)
     g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
