@@ -7,7 +7,9 @@ For each risk: one untimed warm-up of everything (torch.compile compiles there),
 ``--rounds`` rounds of plain, compiled and the cpu kernels at every level this CPU runs
 (rsa_kernels/extension.py; portable only with --portable), in turn, the gradient into a
 fresh z.grad each step (on 4 KiB or 2 MiB pages as cpu_rows.HUGE_PAGES decides: printed).
-Prints each median and the ratios baseline / level; --json writes them.
+Prints each median and the ratios baseline / level; --json writes them. --parts: instead,
+each level's exp throughput (_C.exp_throughput of 2 N V cache-resident values) and the
+forward kernel alone per risk, interleaved, medians in ms (what the vector width changes).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ def main(argv=None):
     ap.add_argument("--portable", action="store_true", help="time the portable level too")
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--json")
+    ap.add_argument("--parts", action="store_true")
     args = ap.parse_args(argv)
     levels = [lv for lv in extension.runnable_levels() if lv != "portable" or args.portable]
     modules = {lv: extension.load(lv) for lv in levels}
@@ -42,6 +45,8 @@ def main(argv=None):
     labels = torch.randint(0, args.v, (args.n,), generator=gen)
     g = torch.randn(3, args.n, generator=gen)
     impls = ([] if args.no_baselines else ["plain", "compiled"]) + levels
+    if args.parts:
+        return parts(args, modules, z.detach(), zr, labels)
 
     def step(impl, risk):
         z.grad = None
@@ -70,18 +75,35 @@ def main(argv=None):
                 ms[impl].append((time.perf_counter() - t0) * 1e3)
         med = {impl: statistics.median(v) for impl, v in ms.items()}
         report[risk] = {"median_ms": med, "ms": ms}
-        parts = []
+        cells = []
         for lv in levels:
             ratios = "" if args.no_baselines else (f" ({med['plain'] / med[lv]:.2f}x plain, "
                                                    f"{med['compiled'] / med[lv]:.2f}x compiled)")
-            parts.append(f"{lv} {med[lv]:.1f} ms{ratios}")
+            cells.append(f"{lv} {med[lv]:.1f} ms{ratios}")
         base = "" if args.no_baselines else f"plain {med['plain']:.0f} ms, compiled {med['compiled']:.0f} ms; "
-        print(f"{risk:17s} {base}{'; '.join(parts)}", flush=True)
+        print(f"{risk:17s} {base}{'; '.join(cells)}", flush=True)
         if "avx2" in med and "avx512" in med:
             print(f"{'':17s} avx2 / avx512 = {med['avx2'] / med['avx512']:.2f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
+
+
+def parts(args, modules, z, zr, labels):
+    from rsa_kernels.risk import parse_risk
+    jobs = {"exp": lambda m: m.exp_throughput(2 * args.n * args.v)}
+    for name in args.risks.split(","):
+        r = parse_risk(name)
+        jobs[f"{name} forward"] = lambda m, r=r: m.forward(z, zr, labels, r.code, float(r.param), -100)
+    ms = {}
+    for _ in range(args.rounds):
+        for job, fn in jobs.items():
+            for lv, m in modules.items():
+                t0 = time.perf_counter()
+                fn(m)
+                ms.setdefault((job, lv), []).append((time.perf_counter() - t0) * 1e3)
+    for job in jobs:
+        print(f"{job:26s} " + "  ".join(f"{lv} {statistics.median(ms[(job, lv)]):7.1f}" for lv in modules), flush=True)
 
 
 if __name__ == "__main__":
