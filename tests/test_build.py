@@ -36,3 +36,35 @@ def test_portable_level_compiles_for_aarch64(source, tmp_path):
     header = obj.read_bytes()[:20]
     assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
     assert os.path.getsize(obj) > 10_000
+
+
+def test_level_choice(monkeypatch):
+    """RSA_CPU_ISA forces a level and refuses an unknown one or one the CPU cannot run; by
+    default the highest level both the CPU and torch's kernels use (ATEN_CPU_CAPABILITY caps)."""
+    monkeypatch.setattr(extension, "X86", True)
+    monkeypatch.setattr(extension, "runnable_levels", lambda: ["portable", "avx2"])
+    monkeypatch.setenv(extension.ENV, "avx512")
+    with pytest.raises(ValueError, match="RSA_CPU_ISA=avx512: this CPU cannot run"):
+        extension.chosen_level()
+    monkeypatch.setenv(extension.ENV, "sse9")
+    with pytest.raises(ValueError, match="RSA_CPU_ISA: unknown level 'sse9'"):
+        extension.chosen_level()
+    monkeypatch.setenv(extension.ENV, "Portable")
+    assert extension.chosen_level() == "portable"
+    monkeypatch.delenv(extension.ENV)
+    for cap, want in (("AVX512", "avx2"), ("AVX2", "avx2"), ("DEFAULT", "portable")):
+        monkeypatch.setattr(extension, "_torch_capability", lambda cap=cap: cap)
+        assert extension.chosen_level() == want
+    monkeypatch.setattr(extension, "runnable_levels", lambda: list(extension.LEVELS))
+    monkeypatch.setattr(extension, "_torch_capability", lambda: "AVX512")
+    assert extension.chosen_level() == "avx512"
+
+
+def test_runnable_levels_from_cpu_flags(monkeypatch):
+    monkeypatch.setattr(extension, "X86", True)
+    v3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
+    v4 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+    for flags, want in ((set(), ["portable"]), (v3 - {"fma"}, ["portable"]), (v3, ["portable", "avx2"]),
+                        (v4, ["portable"]), (v3 | v4, ["portable", "avx2", "avx512"])):
+        monkeypatch.setattr(extension, "cpu_flags", lambda flags=flags: set(flags))
+        assert extension.runnable_levels() == want
