@@ -83,6 +83,9 @@ else:
 
             def copy_extensions_to_source(self):  # --inplace, editable installs: _built.json goes along
                 super().copy_extensions_to_source()
+                # the one module of the builds before the levels would shadow rsa_kernels/_C.py
+                for old in glob.glob(os.path.join(HERE, "rsa_kernels", "_C.*.so")):
+                    os.remove(old)
                 if getattr(self, "built_info", None):
                     shutil.copy(self.built_info, os.path.join(HERE, "rsa_kernels", extension.BUILT_INFO))
 
