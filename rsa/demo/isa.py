@@ -19,12 +19,14 @@ import os
 import platform
 
 # The one place to add a library's variable: every kernel the demo's training and evaluation
-# run must be pinned here. The rsa_kernels C++ extension is built for x86-64-v3 (AVX2) and has
-# no run-time choice of level yet; when it gets one, its forcing variable belongs here too.
+# run must be pinned here.
 AVX2_ENVIRONMENT = {
     "ATEN_CPU_CAPABILITY": "avx2",        # PyTorch's own vectorized kernels
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",    # MKL (matrix products)
     "ONEDNN_MAX_CPU_ISA": "AVX2",         # oneDNN (linear layers, convolutions)
+    # the rsa_kernels C++ kernels (rsa2's cpu backend) pick AVX-512 at run time where they can
+    # (docs/cpu_backend.md); ATEN_CPU_CAPABILITY caps them too, pinned here all the same
+    "RSA_CPU_ISA": "avx2",
 }
 
 
