@@ -29,4 +29,4 @@ demo: install
 	$(VENV)/bin/rsa demo --out out/demo
 
 clean:
-	rm -rf build rsa_kernels/*.so $(STAMP)
+	rm -rf build rsa_kernels/*.so rsa_kernels/_built.json $(STAMP)

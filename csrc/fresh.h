@@ -15,12 +15,14 @@
 
 #include <cstdint>
 
+#include "simd.h"  // RSA_ISA: this level's namespace
+
 #if defined(__linux__)
 #include <sys/mman.h>
 #include <unistd.h>
 #endif
 
-namespace rsa {
+namespace rsa::RSA_ISA {  // simd.h: one namespace per instruction-set level
 
 constexpr int64_t HUGE_PAGE = int64_t(2) << 20;
 
@@ -48,4 +50,4 @@ inline at::Tensor fresh_like(const at::Tensor& like) {
   return at::empty(like.sizes(), opts);
 }
 
-}  // namespace rsa
+}  // namespace rsa::RSA_ISA

@@ -18,7 +18,7 @@
 #include "select.h"
 #include "simd.h"
 
-namespace rsa {
+namespace rsa::RSA_ISA {  // simd.h: one namespace per instruction-set level
 
 enum RiskCode : int { KL = 0, ERM = 1, CVAR = 2, RA_DPO_CVAR = 3 };  // rsa_kernels.risk
 
@@ -286,4 +286,4 @@ void backward_row(const C* z, const C* zr, C* out, int64_t v, int64_t y, const C
   out[y] += g_logp;
 }
 
-}  // namespace rsa
+}  // namespace rsa::RSA_ISA

@@ -9,7 +9,7 @@
 
 #include "simd.h"
 
-namespace rsa {
+namespace rsa::RSA_ISA {  // simd.h: one namespace per instruction-set level
 
 // Sort d[lo, hi) ascending, moving q along (small ranges only).
 template <typename C> inline void insertion_sort(C* d, C* q, int64_t lo, int64_t hi) {
@@ -281,4 +281,4 @@ template <typename C> C bracketed_weighted_quantile(const C* d, const C* q, int6
   return m ? weighted_quantile(dc, qc, m, alpha, dmax) : -inf;
 }
 
-}  // namespace rsa
+}  // namespace rsa::RSA_ISA

@@ -1,6 +1,10 @@
-// Portable SIMD on GCC/Clang vector extensions: 256-bit vectors of float (8) or double (4).
-// With -march=x86-64-v3 they compile to AVX2/FMA; on any other target the compiler splits
-// them into what the machine has, so the same source builds everywhere.
+// Portable SIMD on GCC/Clang vector extensions: vectors of RSA_VEC_BYTES bytes (32: 8 floats or
+// 4 doubles; 64: 16 floats or 8 doubles). The kernels are compiled once per instruction-set
+// level (rsa_kernels/extension.py), each build with its own flags, RSA_VEC_BYTES and namespace
+// RSA_ISA: portable (the target's baseline, 32), avx2 (-march=x86-64-v3, 32), avx512
+// (-march=x86-64-v4, 64). With those flags the vectors compile to AVX2/FMA or AVX-512; on any
+// other target the compiler splits them into what the machine has, so the same source builds
+// everywhere and the wide level's logic is the narrow one's at another width.
 #pragma once
 
 #include <cmath>
@@ -12,14 +16,30 @@
 #include <immintrin.h>
 #endif
 
+#ifndef RSA_VEC_BYTES
+#define RSA_VEC_BYTES 32
+#endif
+#ifndef RSA_ISA
+#define RSA_ISA native
+#endif
+static_assert(RSA_VEC_BYTES == 32 || RSA_VEC_BYTES == 64, "RSA_VEC_BYTES: 32 or 64");
+
+// Every level's code has its own namespace (and its own shared library), so no symbol of one
+// level can stand in for another's.
 namespace rsa {
+inline namespace RSA_ISA {
+
+// Values a vector store may write past the last one kept (compress_store): the widest level's
+// float vector, so that buffers sized by the callers (rsa_kernels/backends/cpu_slices.py) fit
+// every level.
+constexpr int64_t SLACK = 16;
 
 template <typename C> struct Simd;
 
 template <> struct Simd<float> {
-  static constexpr int W = 8;
-  typedef float V __attribute__((vector_size(32)));
-  typedef int32_t I __attribute__((vector_size(32)));
+  static constexpr int W = RSA_VEC_BYTES / 4;
+  typedef float V __attribute__((vector_size(RSA_VEC_BYTES)));
+  typedef int32_t I __attribute__((vector_size(RSA_VEC_BYTES)));
   typedef int32_t Bits;
   // exp(x) is 0 below LO (under half the smallest subnormal) and overflows to inf above HI
   static constexpr float LO = -104.0f, HI = 88.8f;
@@ -29,9 +49,9 @@ template <> struct Simd<float> {
 };
 
 template <> struct Simd<double> {
-  static constexpr int W = 4;
-  typedef double V __attribute__((vector_size(32)));
-  typedef int64_t I __attribute__((vector_size(32)));
+  static constexpr int W = RSA_VEC_BYTES / 8;
+  typedef double V __attribute__((vector_size(RSA_VEC_BYTES)));
+  typedef int64_t I __attribute__((vector_size(RSA_VEC_BYTES)));
   typedef int64_t Bits;
   static constexpr double LO = -746.0, HI = 709.8;
   static constexpr double LN2_HI = 0.693147180369123816490, LN2_LO = 1.90821492927058770002e-10;
@@ -84,13 +104,16 @@ template <typename C> inline C hmax(Vec<C> v) {
 
 template <typename C> inline Vec<C> select(IVec<C> mask, Vec<C> a, Vec<C> b) { return mask ? a : b; }
 
-// The vector helpers below map to single AVX2/FMA instructions where the build has them
-// (x86-64-v3) and to plain vector arithmetic elsewhere.
+// The vector helpers below map to single AVX2/FMA (x86-64-v3) or AVX-512 (x86-64-v4)
+// instructions where the build has them and the width matches, and to plain vector
+// arithmetic elsewhere.
 
 // a * b + c. With FMA it is one rounding; the file is built with -ffp-contract=off, so only
 // the places that call this use FMA, and they are the same code in forward and backward.
 inline Vec<float> fmadd(Vec<float> a, Vec<float> b, Vec<float> c) {
-#ifdef __FMA__
+#if RSA_VEC_BYTES == 64 && defined(__AVX512F__)
+  return (Vec<float>)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif RSA_VEC_BYTES == 32 && defined(__FMA__)
   return (Vec<float>)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
 #else
   return a * b + c;
@@ -104,7 +127,9 @@ inline Vec<double> mul_add(Vec<double> a, Vec<double> b, Vec<double> c) { return
 
 // True when any lane of a comparison mask is set.
 template <typename C> inline bool any(IVec<C> mask) {
-#ifdef __AVX__
+#if RSA_VEC_BYTES == 64 && defined(__AVX512F__)
+  return _mm512_test_epi32_mask((__m512i)mask, (__m512i)mask) != 0;
+#elif RSA_VEC_BYTES == 32 && defined(__AVX__)
   return !_mm256_testz_si256((__m256i)mask, (__m256i)mask);
 #else
   Bits<C> lanes[Simd<C>::W];
@@ -244,7 +269,21 @@ template <int W> struct CompressTable {
 
 template <typename C> inline int compress_store(C* dst, Vec<C> x, IVec<C> mask) {
   constexpr int W = Simd<C>::W;
-#ifdef __AVX2__
+#if RSA_VEC_BYTES == 64 && defined(__AVX512F__)
+  // compress in a register, then one whole store (a compress straight to memory is
+  // microcoded and slow on some CPUs, Zen 4 among them)
+  if constexpr (W == 16) {
+    const __mmask16 k = _mm512_test_epi32_mask((__m512i)mask, (__m512i)mask);
+    const __m512 moved = _mm512_maskz_compress_ps(k, (__m512)x);
+    std::memcpy(dst, &moved, sizeof moved);
+    return __builtin_popcount(unsigned(k));
+  } else {
+    const __mmask8 k = _mm512_test_epi64_mask((__m512i)mask, (__m512i)mask);
+    const __m512d moved = _mm512_maskz_compress_pd(k, (__m512d)x);
+    std::memcpy(dst, &moved, sizeof moved);
+    return __builtin_popcount(unsigned(k));
+  }
+#elif RSA_VEC_BYTES == 32 && defined(__AVX2__)
   static constexpr CompressTable<W> table{};
   int bits;
   if constexpr (W == 8) bits = _mm256_movemask_ps((__m256)mask);
@@ -267,4 +306,5 @@ template <typename C> inline int compress_store(C* dst, Vec<C> x, IVec<C> mask) 
 
 template <typename C> inline C fexp1(C x) { return fexp<C>(splat<C>(x))[0]; }
 
+}  // namespace RSA_ISA
 }  // namespace rsa

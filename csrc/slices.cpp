@@ -48,7 +48,7 @@
 
 #include "rows.h"
 
-namespace rsa {
+namespace rsa::RSA_ISA {  // simd.h: one namespace per instruction-set level
 namespace {
 
 constexpr int RADIX = 8;                // key bits per level
@@ -62,7 +62,7 @@ constexpr int64_t BRACKETED = -2;  // the search state's guess after a bracketed
 template <typename C> struct Keys {
   static constexpr int BITS = 8 * sizeof(C);
   using Lane = std::conditional_t<BITS == 32, uint32_t, uint64_t>;
-  typedef Lane U __attribute__((vector_size(32)));
+  typedef Lane U __attribute__((vector_size(RSA_VEC_BYTES)));
   static constexpr Lane TOP = Lane(1) << (BITS - 1);
   static U of(Vec<C> d) {
     d = d + C(0);
@@ -722,8 +722,8 @@ at::Tensor slice_partials(const at::Tensor& z, const at::Tensor& zr, const at::T
   if (collect) {
     TORCH_CHECK(!erm && level >= 0, "rsa_kernels._C: candidates are collected for a quantile's bracket only");
     for (const at::Tensor* t : {&cand_z, &cand_zr})
-      TORCH_CHECK(t->dim() == 2 && t->size(0) == n && t->size(1) >= v + 8 && t->scalar_type() == z.scalar_type() &&
-                      t->is_contiguous(), "rsa_kernels._C: candidates must be contiguous (n, >= w + 8) of z's dtype");
+      TORCH_CHECK(t->dim() == 2 && t->size(0) == n && t->size(1) >= v + SLACK && t->scalar_type() == z.scalar_type() &&
+                      t->is_contiguous(), "rsa_kernels._C: candidates must be contiguous (n, >= w + 16) of z's dtype");
   }
   at::Tensor out = at::zeros({n, 19}, z.options());
   const int64_t* r = rows.const_data_ptr<int64_t>();
@@ -746,7 +746,7 @@ at::Tensor slice_partials(const at::Tensor& z, const at::Tensor& zr, const at::T
 }
 
 // One search level for every row of the chunk; returns the (n, 256) float64 histogram of the
-// next digit (an empty tensor for the close). cand_d, cand_q: (n, >= w + 8) candidates;
+// next digit (an empty tensor for the close). cand_d, cand_q: (n, >= w + 16) candidates;
 // state: count (n,) int64, sums (n, 3) float64, min_above (n,) int64, guess (n,) int64,
 // spec_hist (n, 256) float64, spec_sums (n, 2) float64, spec_min (n,) int64, kept across
 // the levels. target: the weight the search reaches, as a fraction of the total (level 0's
@@ -766,8 +766,8 @@ void check_search(const at::Tensor& z, const at::Tensor& zr, const at::Tensor& r
                 "rsa_kernels._C: search state ", j, " must be a contiguous (n, ", widths[j], ") ", dtype, " tensor");
   }
   for (const at::Tensor* t : {&cand_d, &cand_q})
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == n && t->size(1) >= v + 8 && t->scalar_type() == z.scalar_type() &&
-                    t->is_contiguous(), "rsa_kernels._C: candidates must be contiguous (n, >= w + 8) of z's dtype");
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == n && t->size(1) >= v + SLACK && t->scalar_type() == z.scalar_type() &&
+                    t->is_contiguous(), "rsa_kernels._C: candidates must be contiguous (n, >= w + 16) of z's dtype");
 }
 
 template <typename C> RowSearch<C> row_state(at::Tensor& cand_d, at::Tensor& cand_q, std::vector<at::Tensor>& state,
@@ -1206,4 +1206,4 @@ void register_slices(pybind11::module_& m) {
   m.def("slice_backward", &slice_backward, "(z, zr, local, saved, grads, code, param, out) -> out");
 }
 
-}  // namespace rsa
+}  // namespace rsa::RSA_ISA

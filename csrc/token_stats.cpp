@@ -278,9 +278,15 @@ double exp_throughput(int64_t n) {
 
 }  // namespace
 
-namespace rsa {
+namespace rsa::RSA_ISA {
 void register_slices(pybind11::module_& m);  // slices.cpp: the vocabulary-parallel slice kernels
 }
+
+#define RSA_STR2(x) #x
+#define RSA_STR(x) RSA_STR2(x)
+#ifndef RSA_TORCH_VERSION
+#define RSA_TORCH_VERSION unknown
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused CPU row kernels of rsa_kernels (SPEC section 1)";
@@ -291,9 +297,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("exp_throughput", &exp_throughput, "(n) -> sum of n float32 exps of cache-resident values (timing)");
   m.attr("SIMD_WIDTH_FLOAT") = rsa::width<float>();
   rsa::register_slices(m);
+  // what this build is: rsa_kernels/extension.py checks LEVEL and TORCH_VERSION after loading
+  m.attr("LEVEL") = RSA_STR(RSA_ISA);
+  m.attr("TORCH_VERSION") = RSA_STR(RSA_TORCH_VERSION);
 #ifdef __AVX2__
   m.attr("BUILT_FOR_AVX2") = true;
 #else
   m.attr("BUILT_FOR_AVX2") = false;
+#endif
+#ifdef __AVX512F__
+  m.attr("BUILT_FOR_AVX512") = true;
+#else
+  m.attr("BUILT_FOR_AVX512") = false;
 #endif
 }

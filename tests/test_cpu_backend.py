@@ -18,6 +18,14 @@ try:
 except ImportError as err:  # only when the extension was not built
     pytest.skip(f"rsa_kernels._C is not built: {err}", allow_module_level=True)
 
+from cpu_levels import LEVELS, use_level  # noqa: E402
+
+
+@pytest.fixture(params=LEVELS, autouse=True)
+def level(request, monkeypatch):
+    """Every test runs at each instruction-set level this CPU runs (portable, avx2, avx512)."""
+    return use_level(request.param, monkeypatch)
+
 RISKS = ["kl", "erm:0.5", "erm:2", "cvar:0", "cvar:0.5", "cvar:0.9", "ra_dpo_cvar:0.95"]
 IGNORE = -100
 
@@ -337,6 +345,7 @@ def test_fresh_gradient_on_huge_pages(monkeypatch, dtype):
     risk = parse_risk("erm:0.5")
     stats, saved = cpu_rows.forward(z, zr, labels, risk, IGNORE)
     g = upstream(128).T.contiguous().float()
+    monkeypatch.setattr(cpu_rows, "HUGE_PAGES", True)  # what RSA_CPU_HUGE_PAGES=1 forces
     got = cpu_rows.backward(z, zr, labels, saved, g, risk, IGNORE)
     monkeypatch.setattr(cpu_rows, "HUGE_PAGES", False)
     want = cpu_rows.backward(z, zr, labels, saved, g, risk, IGNORE)
@@ -345,12 +354,49 @@ def test_fresh_gradient_on_huge_pages(monkeypatch, dtype):
     assert got.untyped_storage().data_ptr() != z.untyped_storage().data_ptr()
     if sys.platform.startswith("linux"):
         assert got.data_ptr() % (2 << 20) == 0
-        small = rsa_kernels._C.fresh_like(torch.empty(3, 5, dtype=dtype))  # below 8 MiB: at::empty
+        small = cpu_rows._C.fresh_like(torch.empty(3, 5, dtype=dtype))  # below 8 MiB: at::empty
         assert small.shape == (3, 5) and small.dtype == dtype
         del got, want
         before = _rss_bytes()
         for _ in range(20):  # 20 x 64 MiB written and freed: nothing may stay mapped
-            t = rsa_kernels._C.fresh_like(torch.empty(1024, 16384))
+            t = cpu_rows._C.fresh_like(torch.empty(1024, 16384))
             t.fill_(1.0)
             del t
         assert _rss_bytes() - before < 32 * 2**20
+
+
+@pytest.mark.parametrize("enabled,defrag,features,want", [
+    ("always [madvise] never", "always defer defer+madvise madvise [never]", None, True),
+    ("always [madvise] never", "always [defer] defer+madvise madvise never", "0110000", True),
+    ("always [madvise] never", "always defer defer+madvise [madvise] never", None, False),  # compacts in the fault
+    ("always [madvise] never", "always defer [defer+madvise] madvise never", None, False),
+    ("always [madvise] never", "[always] defer defer+madvise madvise never", None, False),
+    ("always [madvise] never", "always defer defer+madvise madvise [never]", "0110010", False),  # free page reporting
+    ("[always] madvise never", "always defer defer+madvise madvise [never]", None, False),  # torch.empty has them
+    ("always madvise [never]", "always defer defer+madvise madvise [never]", None, False),
+    (None, None, None, False),  # no THP at all
+])
+def test_huge_pages_only_where_they_cannot_stall(tmp_path, enabled, defrag, features, want):
+    """The 2 MiB-page gradient's run-time rule (docs/cpu_backend.md, "The fresh gradient"), on
+    made-up sysfs trees."""
+    thp, balloon = tmp_path / "thp", tmp_path / "balloon"
+    thp.mkdir()
+    if enabled is not None:
+        (thp / "enabled").write_text(enabled + "\n")
+        (thp / "defrag").write_text(defrag + "\n")
+    if features is not None:
+        (balloon / "virtio0").mkdir(parents=True)
+        (balloon / "virtio0" / "features").write_text(features + "0" * 57 + "\n")
+    got, why = cpu_rows.huge_pages_here(str(thp), str(balloon))
+    assert got is want and why
+
+
+def test_huge_pages_setting_from_the_environment(monkeypatch):
+    for value, want in (("0", False), ("1", True)):
+        monkeypatch.setenv("RSA_CPU_HUGE_PAGES", value)
+        assert cpu_rows._huge_pages_setting() == (want, f"RSA_CPU_HUGE_PAGES={value}")
+    monkeypatch.setenv("RSA_CPU_HUGE_PAGES", "auto")
+    assert cpu_rows._huge_pages_setting() == cpu_rows.huge_pages_here()
+    monkeypatch.setenv("RSA_CPU_HUGE_PAGES", "yes")
+    with pytest.raises(ValueError, match="RSA_CPU_HUGE_PAGES"):
+        cpu_rows._huge_pages_setting()

@@ -84,6 +84,36 @@ def test_sampling_stops_at_eos_and_kl_matches_a_direct_sum():
     assert float(kl[0]) == pytest.approx(expect, rel=1e-4)
 
 
+def test_kl_and_scored_text_use_the_same_tokens_when_pad_is_sampled():
+    """An untrained model samples PAD (and tokens after it) before EOS: the scored text stops at
+    the first EOS or PAD, and the KL counts exactly those steps plus the one that ended it."""
+    a, b = sft.build_model(0), sft.build_model(1)
+    p = evaluate.prompt_ids(task.prompts()[:3])
+    seq = evaluate.sample(a, p, 32, torch.Generator().manual_seed(1))
+    gen = seq[:, p.shape[1]:]
+    live = evaluate._live(gen)
+    early_pad = []
+    for i, row in enumerate(gen.tolist()):
+        words = task.decode_response(row)
+        ended = len(words) < len(row)          # an EOS or PAD ends the text before max length
+        assert live[i].sum().item() == len(words) + ended
+        assert live[i, :len(words) + ended].all()
+        if ended and row[len(words)] == task.PAD_ID and any(t != task.PAD_ID for t in row[len(words) + 1:]):
+            early_pad.append(i)
+    assert early_pad, "no row sampled PAD before other tokens: the case is not exercised"
+    kl = evaluate.sequence_kl(a, b, seq, p.shape[1])
+    i = early_pad[0]
+    row, expect = seq[i], 0.0
+    with torch.no_grad():
+        for t in range(p.shape[1], seq.shape[1]):
+            lp = torch.log_softmax(a(input_ids=row[None, :t]).logits[0, -1], -1)
+            lq = torch.log_softmax(b(input_ids=row[None, :t]).logits[0, -1], -1)
+            expect += float((lp.exp() * (lp - lq)).sum())
+            if int(row[t]) in (task.EOS_ID, task.PAD_ID):
+                break
+    assert float(kl[i]) == pytest.approx(expect, rel=1e-4)
+
+
 def test_preference_files_are_read_back_by_the_trainer_data_path(tmp_path):
     rsa_data = pytest.importorskip("rsa.data")
     model = sft.build_model(0)
@@ -176,7 +206,6 @@ def test_t_quantile_and_interval_match_tables():
         assert stats.t_quantile(0.975, df) == pytest.approx(value, abs=1e-6)
     assert stats.t_quantile(0.025, 9) == pytest.approx(-2.262157, abs=1e-6)
     assert stats.t_quantile(0.95, 5) == pytest.approx(2.015048, abs=1e-6)
-    assert stats.t_cdf(0.0, 3) == pytest.approx(0.5)
     lo, hi = stats.t_interval([1.0, 2.0, 3.0, 4.0, 5.0])     # mean 3, sd 1.5811, n 5
     assert (lo + hi) / 2 == pytest.approx(3.0) and (hi - lo) / 2 == pytest.approx(2.776445 * 1.5811388 / 5 ** 0.5)
     assert stats.t_interval([4.0]) is None and stats.t_interval([]) is None
@@ -263,6 +292,31 @@ def test_matched_on_hand_made_frontiers():
     assert last.endswith("DPO->S) against SACPO's (H->S): RSA lower (the 95% interval lies below 0).")
 
 
+def test_matched_kl_curves_run_through_their_ends():
+    """On the KL axis each curve also runs through its ends (protocol.frontier_ends): here the
+    helpfulness models bring H->S's KL ranges 1-2 (rsa) and 4-8 (sacpo) together; the reward axis
+    is unchanged by them."""
+    h = []
+    for seed in range(2):
+        for method, key, kl, cvar in (("dpo", "dpo-H", 3.0, 20.0), ("ra-dpo", "ra-dpo-H", 3.5, 22.0)):
+            h.append({"seed": seed, "key": key, "label": key, "method": method, "family": "H", "setting": None,
+                      "reward_mean": 3.0, "cost_mean": 1.0, "cost_cvar95": cvar, "catastrophic_rate": 0.01,
+                      "kl_to_sft": kl, "probe": {"catastrophic": {"mean_logp": -6.0, "n": 3},
+                                                 "mild": {"mean_logp": -4.0, "n": 3}}})
+    rows = _rows() + h
+    ends = protocol.frontier_ends(protocol.Settings(safety_grid=(0.5, 0.05), sacpo_extra=(), rsa_extra=()))
+    plain, through = frontier.matched(rows, 2), frontier.matched(rows, 2, ends)
+    assert plain["kl"]["H->S"]["cost_cvar95"]["outcome"] == "no overlap"
+    hs = through["kl"]["H->S"]["cost_cvar95"]
+    assert hs["overlapping_seeds"] == 2 and [r["range"] for r in hs["per_seed"]] == [[3.0, 3.5], [3.0, 3.5]]
+    assert through["reward"] == plain["reward"]
+    # DPO->S's curve has no ends: its start dpo (H) is on SACPO's H->S curve, which it is compared with
+    assert {r["family"] for r in frontier.curve_rows(rows, "DPO->S", "rsa", 0, ends)} == {"DPO->S"}
+    assert {r["key"] for r in frontier.curve_rows(rows, "H->S", "sacpo", 0, ends)} >= {"dpo-H"}
+    mk = report.probe_at_matched_kl(rows, 2, ends)
+    assert mk["H->S"]["catastrophic"]["overlapping_seeds"] == 2
+
+
 def _matched_with(outcomes: dict) -> dict:
     def entry(o):
         n = 0 if o == "no overlap" else 3
@@ -300,7 +354,7 @@ def test_verdict_follows_the_outcomes_alone():
 
 def test_mechanism_pairs_rsa_dpo_with_sacpo_by_seed():
     rows = [{**r, "label": f"{r['method']} ({r['family']}) {r['setting']:g}"} for r in _rows()]
-    mech = report.mechanism(rows, [0.5, 0.05])
+    mech = report.mechanism(rows, [0.5, 0.05], 2)
     sacpo = mech["models"]["sacpo (H->S) 0.5"]
     assert sacpo["catastrophic"]["seeds"] == pytest.approx([-6.0, -6.1]) and sacpo["catastrophic"]["positions"] == 14
     assert sacpo["catastrophic"]["ci95"] == pytest.approx([-6.05 - 12.706205 * 0.05, -6.05 + 12.706205 * 0.05])
@@ -312,8 +366,19 @@ def test_mechanism_pairs_rsa_dpo_with_sacpo_by_seed():
     assert cat["outcome"] == "rsa higher"
     mild = paired["0.5"]["mild"]
     assert mild["seeds"] == 1 and mild["ci95"] is None and mild["outcome"] == "inconclusive"
+    # at matched KL (rows: rsa keeps 1 nat more at every KL; H->S's KL ranges 1-2 and 4-8 do not meet)
+    mk = mech["matched_kl"]
+    assert mk["H->S"]["catastrophic"]["outcome"] == "no overlap"
+    p = mk["P"]["catastrophic"]
+    assert [r["range"] for r in p["per_seed"]] == [[5.5, 6.0], [5.5, 6.0]]
+    assert p["diff_mean"] == pytest.approx(1.0) and p["outcome"] == "rsa higher" and p["sacpo_lower_seeds"] == 2
+    ds = mk["DPO->S"]["catastrophic"]
+    assert [r["range"] for r in ds["per_seed"]] == [[4.0, 5.0], [4.0, 5.0]] and ds["outcome"] == "rsa higher"
+    mild = mk["P"]["mild"]                               # seed 1 has no mild positions: left out
+    assert mild["overlapping_seeds"] == 1 and mild["diff_mean"] == 0 and mild["outcome"] == "inconclusive"
     table = report.mechanism_table(mech)
     assert "rsa (DPO->S) - sacpo (H->S)" in table and "rsa higher" in table and "(P)" not in table
+    assert "At matched KL to SFT" in table and "no overlap" in table
 
 
 def test_probe_finds_the_emitted_tokens_and_scores_them():
@@ -376,7 +441,7 @@ def test_report_tables_and_plots(tmp_path):
 def _report_of(rows, seeds=2) -> dict:
     m = frontier.matched(rows, seeds)
     return {"matched": m, "verdict": report.verdict(m), "models": report.models_summary(rows),
-            "mechanism": report.mechanism(rows, [0.5, 0.05]), "settings": {"seeds": seeds}, "workers": 2,
+            "mechanism": report.mechanism(rows, [0.5, 0.05], 2), "settings": {"seeds": seeds}, "workers": 2,
             "cpu_capability": "AVX2", "elapsed_s": 10.0, "cpu_s": 19.0}
 
 
@@ -400,8 +465,17 @@ def test_docs_blocks_compare_runs_and_rewrite_the_marked_blocks(tmp_path):
     probe_flipped["mechanism"]["rsa_dpo_minus_sacpo"]["0.05"]["catastrophic"]["outcome"] = "inconclusive"
     table, agree = docs.compare(a, probe_flipped)
     assert not agree and "verdict: the same" in table and table.count(" NO") == 1
+    kl_flipped = json.loads(json.dumps(a))
+    kl_flipped["mechanism"]["matched_kl"]["P"]["catastrophic"]["outcome"] = "inconclusive"   # was rsa higher
+    table, agree = docs.compare(a, kl_flipped)
+    assert not agree and [line.split()[:2] for line in table.splitlines() if line.rstrip().endswith("NO")] == \
+        [["P", "catastrophic"]]
+    capped = {**a, "isa": {"cpu": "AVX512", "cap": {"ATEN_CPU_CAPABILITY": "avx2"}, "why_not": None}}
+    assert docs.run_line(capped) == ("2 seeds, 2 worker processes, CPU capability AVX2 (capped on an AVX512 CPU): "
+                                     "10 s wall, 19 s of CPU")
     found = docs.blocks(a, b)
-    assert found["summary"] == report.summary_text(a) and found["verdict"] == a["verdict"].splitlines()[-1]
+    assert found["summary"] == report.summary_text(a) and found["verdict"] == "\n".join(a["verdict"].splitlines()[-2:])
+    assert found["verdict"].startswith("Verdict at matched KL to SFT (cost CVaR95, 95% t intervals over seeds): ")
     assert found["run"] == "2 seeds, 2 worker processes, CPU capability AVX2: 10 s wall, 19 s of CPU"
     assert found["cpu-check"].endswith("outcomes and verdict DISAGREE")
 
@@ -453,29 +527,42 @@ def test_protocol_configs_start_every_safety_step_from_the_helpfulness_model(tmp
     s = protocol.Settings()
     assert s.seeds == 10
     cfg = load_config(protocol.run_config(s, 0, "rsa2", "rsa"))
-    assert [st["name"] for st in cfg["stages"]] == ["helpful", "safe-0.5", "safe-0.25", "safe-0.125", "safe-0.05"]
+    # RSA's grid: the common one and a smaller beta / lambda (issue 32); SACPO's: a larger one
+    assert [st["name"] for st in cfg["stages"]] == ["helpful", "safe-0.5", "safe-0.25", "safe-0.125", "safe-0.05",
+                                                    "safe-0.01"]
     assert all(st["reference"] == "helpful" for st in cfg["stages"][1:])
     betas = [stage_args(st, cfg, Path("x"), False).beta for st in cfg["stages"]]
-    assert betas == [0.5, 0.5, 0.25, 0.125, 0.05]
+    assert betas == [0.5, 0.5, 0.25, 0.125, 0.05, 0.01]
     assert max(s.safety_grid) / min(s.safety_grid) >= 10 and len(s.safety_grid) >= 4
+    assert s.grid("sacpo") == (1.0, 0.5, 0.25, 0.125, 0.05) and s.grid("rsa") == (0.5, 0.25, 0.125, 0.05, 0.01)
+    assert (s.merge_from("sacpo"), s.merge_from("rsa")) == (0.05, 0.01)   # each method's strongest safety step
     # the ablation: rsa2 at the same grid, every step from (and referenced to) sacpo's helpfulness model
     yaml_path = runs.write_yaml(protocol.ablation_config(s, 3), tmp_path / "seed3" / "rsa-dpo.yaml")
     abl = load_config(yaml_path)
     assert abl["model"] == str((tmp_path / "seed3" / "sacpo" / "helpful").resolve())
-    assert [st["name"] for st in abl["stages"]] == ["safe-0.5", "safe-0.25", "safe-0.125", "safe-0.05"]
+    assert [st["name"] for st in abl["stages"]] == ["safe-0.5", "safe-0.25", "safe-0.125", "safe-0.05", "safe-0.01"]
     for st in abl["stages"]:
         assert _reference_path(st, abl, Path("previous-stage")) == Path(abl["model"])
         assert st["data"]["path"].endswith("seed3/data/safe.jsonl")
     args = [stage_args(st, abl, Path("x"), False) for st in abl["stages"]]
-    assert [a.beta for a in args] == [0.5, 0.25, 0.125, 0.05]
+    assert [a.beta for a in args] == [0.5, 0.25, 0.125, 0.05, 0.01]
     scfg = load_config(protocol.run_config(s, 3, "dpo", "sacpo"))
+    assert [st["name"] for st in scfg["stages"]] == ["helpful", "safe-1", "safe-0.5", "safe-0.25", "safe-0.125",
+                                                     "safe-0.05"]
     sacpo_safe = [stage_args(st, scfg, Path("x"), False) for st in scfg["stages"][1:]]
+    assert [a.beta for a in sacpo_safe] == [1.0, 0.5, 0.25, 0.125, 0.05]
     for a, b in zip(args, sacpo_safe):
         assert (a.objective, a.risk, a.alpha) == ("rsa2", s.rsa_risk, s.rsa_alpha) and b.objective == "dpo"
         assert (a.seed, a.learning_rate, a.max_steps, a.per_device_train_batch_size) == \
             (b.seed, b.learning_rate, b.max_steps, b.per_device_train_batch_size)
     labels = [m.label for m in protocol.models(s)]
-    assert labels.count("rsa (DPO->S) 0.05") == 1 and len(labels) == 21
+    assert labels.count("rsa (DPO->S) 0.05") == 1 and len(labels) == 24
+    assert "sacpo (H->S) 1" in labels and "rsa (H->S) 0.01" in labels and "sacpo (H->S) 0.01" not in labels
+    ends = protocol.frontier_ends(s)
+    assert ends[("sacpo", "H->S")] == ["dpo-H"] and ends[("rsa", "P")] == ["ra-dpo-H", "rsa-HS-0.01"]
+    assert ("rsa", "DPO->S") not in ends          # its start is dpo (H), on SACPO's curve already
+    with pytest.raises(ValueError, match="rsa_extra"):
+        protocol.Settings(rsa_extra=(0.05,))
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -545,6 +632,9 @@ def test_rsa_demo_quick_killed_then_resumed(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     assert set(rep) >= {"methods", "verdict", "settings", "data", "elapsed_s", "frontier", "matched", "mechanism"}
     assert rep["settings"]["seeds"] == 2 and rep["workers"] == 2
+    from rsa.demo import isa
+    if isa.can_cap()[0]:      # the seeds ran capped at AVX2 (rsa/demo/isa.py), whatever this CPU offers
+        assert rep["isa"]["cap"] == isa.cap_environment() and rep["cpu_capability"] == "AVX2"
     assert set(rep["methods"]) == {"sft", "dpo", "ra-dpo", "sacpo", "rsa"}
     for name, entry in rep["methods"].items():
         for key in report.METRICS:
@@ -553,11 +643,13 @@ def test_rsa_demo_quick_killed_then_resumed(tmp_path):
     assert rep["methods"]["sft"]["kl_to_sft"] == 0
     assert all(rep["methods"][m]["kl_to_sft"] > 0 for m in ("dpo", "ra-dpo", "sacpo", "rsa"))   # training moved them
     assert set(rep["frontier"]) == {"H->S", "DPO->S", "P"}
-    for family, knob, methods, values in (("H->S", "beta_over_lambda", ("sacpo", "rsa"), [0.5, 0.05]),
-                                          ("DPO->S", "beta_over_lambda", ("rsa",), [0.5, 0.05]),
-                                          ("P", "merge_weight", ("sacpo", "rsa"), [0.25, 0.75])):
+    for family, knob, points in (
+            ("H->S", "beta_over_lambda", [("sacpo", 1.0), ("sacpo", 0.5), ("sacpo", 0.05),
+                                          ("rsa", 0.5), ("rsa", 0.05), ("rsa", 0.01)]),
+            ("DPO->S", "beta_over_lambda", [("rsa", 0.5), ("rsa", 0.05), ("rsa", 0.01)]),
+            ("P", "merge_weight", [(m, w) for m in ("sacpo", "rsa") for w in (0.25, 0.75)])):
         entries = rep["frontier"][family]
-        assert [(e["method"], e[knob]) for e in entries] == [(m, v) for m in methods for v in values]
+        assert [(e["method"], e[knob]) for e in entries] == points
         for e in entries:
             assert set(e["std"]) == set(e["ci95"]) == set(frontier.POINT_METRICS)
             assert all(np.isfinite(e[k]) for k in frontier.POINT_METRICS)
@@ -598,12 +690,39 @@ def test_a_seed_gives_the_same_results_in_any_process(tmp_path):
     quiet = runs.Progress(s, enabled=False)
     with workers.one_thread():
         here = runs.run_seed(s, 1, tmp_path / "here", quiet)
-    [(seed, there)] = list(workers.parallel_map(runs._seed_job, [(s, 1, tmp_path / "there")], 2, quiet))
-    assert seed == 1 and here == there
+    [(seed, there, capability)] = list(workers.parallel_map(runs._seed_job, [(s, 1, tmp_path / "there")], 2, quiet))
+    assert seed == 1 and here == there and capability == torch.backends.cpu.get_cpu_capability()
     files = sorted((tmp_path / "here").glob("seed1/eval/*"))
     assert len(files) == 2 * len(protocol.models(s))
     for f in files:
         assert f.read_bytes() == (tmp_path / "there" / f.relative_to(tmp_path / "here")).read_bytes(), f
+
+
+def test_the_avx2_cap_reaches_the_workers_and_gives_the_same_bits_in_any_capped_process(tmp_path):
+    """The cap is set before torch is imported in a spawned worker (even a single one): PyTorch
+    there runs AVX2, and two capped processes give the same bits."""
+    pytest.importorskip("rsa.stepwise")
+    from rsa.demo import isa, workers
+
+    ok, why = isa.can_cap()
+    if not ok:
+        pytest.skip(f"no AVX2 cap on {why}")
+    s = protocol.Settings(seeds=1, sft_steps=4, pairs_per_prompt=4, max_steps=2, eval_per_prompt=6,
+                          safety_grid=(0.5,), sacpo_extra=(), rsa_extra=(), merge_weights=(0.5,))
+    quiet = runs.Progress(s, enabled=False)
+    before = {k: os.environ.get(k) for k in isa.AVX2_ENVIRONMENT}
+    results = []
+    for name in ("a", "b"):
+        [(_, result, capability)] = list(workers.parallel_map(runs._seed_job, [(s, 0, tmp_path / name)], 1, quiet,
+                                                              env=isa.cap_environment()))
+        assert capability == "AVX2"
+        results.append(result)
+    assert results[0] == results[1]
+    for f in sorted((tmp_path / "a").glob("seed0/eval/*")):
+        assert f.read_bytes() == (tmp_path / "b" / f.relative_to(tmp_path / "a")).read_bytes(), f
+    assert {k: os.environ.get(k) for k in isa.AVX2_ENVIRONMENT} == before     # this process's left as it was
+    assert runs.isa_choice(native_isa=True) == {"cpu": isa.cpu_level(), "cap": None, "why_not": "--native-isa"}
+    assert runs.isa_choice(native_isa=False)["cap"] == isa.cap_environment()
 
 
 def test_demo_command_rejects_bad_counts(capsys):

@@ -44,3 +44,29 @@ def test_fused_kernel_check_dry_run():
 def test_quantile_sweep_dry_run():
     lines = [line for line in _dry_run("triton_quantile_sweep.py").splitlines() if " ms for N=" in line]
     assert [line.split()[0] for line in lines] == ["kl", "cvar:0.9", "cvar:0.9", "ra_dpo_cvar:0.95", "ra_dpo_cvar:0.95"]
+
+
+def test_vocab_parallel_check_dry_run():
+    text = _dry_run("gpu_check_vocab_parallel.py")   # two ranks over gloo, the triton slice kernels interpreted
+    assert "vocabulary-parallel triton slice kernels: all passed" in text
+    for rank in (0, 1):
+        for dtype, risk in (("float32", "kl"), ("float32", "cvar:0.9"), ("bfloat16", "ra_dpo_cvar:0.95")):
+            assert f"| {rank} | {dtype} | {risk} | 12 | 300 | True |" in text
+
+
+def test_lora4bit_check_dry_run():
+    pytest.importorskip("bitsandbytes")
+    text = _dry_run("gpu_check_lora4bit.py")   # bitsandbytes' 4-bit layers on the CPU
+    assert "lora 4bit rsa train: all passed" in text
+    assert "stage helpful: quantization 4bit, steps 2" in text and "stage safe: quantization 4bit, steps 2" in text
+    assert "Linear4bit layers, parameters on ['cpu']" in text
+
+
+def test_gpu_check_script_is_valid_and_names_existing_scripts():
+    script = ROOT / "bench" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    import re
+    named = set(re.findall(r"(?<![\w/])bench/([a-z_0-9]+\.py)", script.read_text()))
+    assert {"gpu_check_vocab_parallel.py", "gpu_check_lora4bit.py", "gpu_bench.py"} <= named
+    assert all((ROOT / "bench" / n).exists() for n in named), named
+    assert "rsa.bench.step_run" in script.read_text() and "--bf16" in script.read_text()

@@ -235,9 +235,19 @@ def _search(kernels, z, zr, risk, target_hint):
         None if guessed is None else int((guessed == top).sum())
 
 
+@pytest.fixture(params=["portable", "avx2", "avx512"])
+def cpu_level(request, monkeypatch):
+    """The cpu slice kernels at each instruction-set level this CPU runs (tests/cpu_levels.py)."""
+    pytest.importorskip("rsa_kernels.backends.cpu_slices", exc_type=ImportError)
+    from cpu_levels import LEVELS, use_level
+    if request.param not in LEVELS:
+        pytest.skip(f"this CPU does not run the {request.param} level")
+    return use_level(request.param, monkeypatch)
+
+
 @pytest.mark.parametrize("risk", ["cvar:0.9", "cvar:0.3", "ra_dpo_cvar:0.3", "ra_dpo_cvar:0.95"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_cpu_search_equals_torch_search_whatever_the_guess(risk, dtype):
+def test_cpu_search_equals_torch_search_whatever_the_guess(risk, dtype, cpu_level):
     """The cpu slice kernels guess the first digit from a sample of each row and prepare the
     next level for it: right or wrong guesses (here forced by the hint), the selection,
     the weights below and at it and the sums above it are the torch kernels'."""
@@ -268,7 +278,7 @@ def test_cpu_search_equals_torch_search_whatever_the_guess(risk, dtype):
 
 @pytest.mark.parametrize("risk", ["ra_dpo_cvar:0.95", "ra_dpo_cvar:0.5", "ra_dpo_cvar:0.1"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_cpu_bracketed_search_equals_torch_search_where_it_hits(risk, dtype):
+def test_cpu_bracketed_search_equals_torch_search_where_it_hits(risk, dtype, cpu_level):
     """ra_dpo_cvar's search on the cpu kernels within the bracket their samples give (as
     rows.py derives it): where the group's counts say LO lies in it, the key, the counts
     below and at it, the sums above it and the next larger key are the torch search's;
@@ -321,7 +331,7 @@ def test_cpu_bracketed_search_equals_torch_search_where_it_hits(risk, dtype):
 
 @pytest.mark.parametrize("risk", ["cvar:0.9", "cvar:0.5", "ra_dpo_cvar:0.95", "ra_dpo_cvar:0.5"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_cpu_collected_candidates_hit_and_equal_one_process(risk, dtype, monkeypatch):
+def test_cpu_collected_candidates_hit_and_equal_one_process(risk, dtype, monkeypatch, cpu_level):
     """The cpu slice kernels keep cvar's and ra_dpo_cvar's candidates in their first read (one
     rank here, so the group's numbers are its own): rows with a fair sample hit, so their
     search reads no row a second time; a misleading sample misses and the row is searched
@@ -375,7 +385,7 @@ def test_cpu_collected_candidates_hit_and_equal_one_process(risk, dtype, monkeyp
 
 
 @pytest.mark.parametrize("risk", ["ra_dpo_cvar:0.95", "ra_dpo_cvar:0.2", "cvar:0.9"])
-def test_cpu_kept_candidates_short_search_equals_one_process(risk):
+def test_cpu_kept_candidates_short_search_equals_one_process(risk, cpu_level):
     """Where every row's kept candidates' bracket lies under one top key digit (ra_dpo_cvar), the
     first round carries the second digit's histogram; after it (cvar: after two) the few
     candidates left are gathered whole: no other histogram round, and every statistic is
@@ -422,7 +432,7 @@ def test_cpu_kept_candidates_short_search_equals_one_process(risk):
     assert len(histograms) == (1 if risk == "ra_dpo_cvar:0.95" else 2), one.comm.widths
 
 
-def test_cpu_pick_equals_radix_pick_bit_for_bit():
+def test_cpu_pick_equals_radix_pick_bit_for_bit(cpu_level):
     import torch
 
     from rsa_kernels.backends import available_backends

@@ -67,7 +67,7 @@ def machine_info(device: str) -> dict:
         "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "memory_bytes": _mem_total(), "git_commit": _git_commit(),
         "versions": {d: _version(d) for d in ("torch", "rsa-kernels", "numpy", "triton", "liger-kernel",
-                                              "pytest-benchmark", "matplotlib")},
+                                              "pytest-benchmark", "matplotlib", "trl", "transformers")},
     }
     if device_kind(device) == "cuda":
         props = torch.cuda.get_device_properties(torch.device(device))

@@ -7,6 +7,7 @@ from collections import defaultdict
 from .fit import fit_exponents
 from .grid import BASELINES
 from .readme import readme_tables
+from .step_report import render_section
 from .tables import (MiB, SECTIONS, fmt_ratio, impl_order, memory_floor, peak, ratio_table, summary_sections,
                      total_time)
 
@@ -71,6 +72,12 @@ def render(results: dict) -> str:
     mach = results["machine"]
     rows = results["measurements"]
     v = mach["versions"]
+    if not rows:  # `rsa bench --train-only` with no kernel figures yet
+        return "\n".join([f"# rsa bench: {mach['device_name']}", "",
+                          f"Measured {results['date']}; torch {v.get('torch')}, trl {v.get('trl')}, liger-kernel "
+                          f"{v.get('liger-kernel')}, transformers {v.get('transformers')}; commit "
+                          f"{str(mach.get('git_commit'))[:10]}. No loss-kernel figures in this run.",
+                          *render_section(results)]) + "\n"
     lines = [
         f"# rsa bench: {mach['device_name']}",
         "",
@@ -93,6 +100,7 @@ def render(results: dict) -> str:
         *headline(rows),
         "",
         *readme_tables(results),
+        *render_section(results),
     ]
     for path, obj, title, bases in SECTIONS:
         sec = [m for m in rows if m["path"] == path and m["objective"] == obj]

@@ -1,4 +1,5 @@
-"""`rsa bench`: the loss kernels against the plain-PyTorch and torch.compile baselines; results.json, report.md, time.png, memory.png."""
+"""`rsa bench`: the loss kernels against the plain-PyTorch and torch.compile baselines; results.json, report.md,
+time.png, memory.png. With --train (or --train-only) also one whole training step against TRL's DPOTrainer: step.png."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure nothing: rewrite report.md and the plots from OUT/results.json")
     parser.add_argument("--backends", default=None,
                         help="comma-separated backends to measure (default: all available for the device)")
+    parser.add_argument("--train", action="store_true",
+                        help="also measure one whole training step: TRL's DPOTrainer, TRL with Liger's loss, "
+                             "RSADPOTrainer (dpo, rsa2), `rsa train` and the plain formulation, at V=32000 and "
+                             "128256 (quick: V=32000, a smaller model); see docs/bench.md")
+    parser.add_argument("--train-only", action="store_true",
+                        help="measure only the training step, keeping the loss kernels' figures already in "
+                             "OUT/results.json in the report")
 
 
 def choose_threads(value: str, device: str) -> int:
@@ -50,6 +58,7 @@ def choose_threads(value: str, device: str) -> int:
 
 
 def run(args) -> int:
+    import json
     import time
     from pathlib import Path
 
@@ -58,25 +67,24 @@ def run(args) -> int:
     import rsa_kernels
     from rsa.bench.collect import run_bench
     from rsa.bench.grid import backends_for
-    from rsa.bench.plots import write_plots  # matplotlib itself is imported only when plotting
-    from rsa.bench.report import render
 
     if args.render_only:
-        import json
-
         out = Path(args.out)
         results = json.loads((out / "results.json").read_text())
-        (out / "report.md").write_text(render(results))
-        write_plots(results, out)
-        print(f"{out}/report.md, time.png, memory.png rewritten from {out}/results.json")
+        _write_report(results, out)
+        print(f"{out}/report.md and the plots rewritten from {out}/results.json")
         return 0
     import importlib.util
 
     missing = [m for m in ("pytest", "pytest_benchmark") if importlib.util.find_spec(m) is None]
+    if args.train_only:
+        missing = []  # the training step does not run the pytest-benchmark suite
+    if args.train or args.train_only:
+        missing += [m for m in ("trl",) if importlib.util.find_spec(m) is None]
     if missing:  # the suite under bench/ is the source of the numbers
         from rsa.errors import UserError
-        raise UserError(f"rsa bench needs {' and '.join(missing)} (pip install pytest pytest-benchmark, "
-                         "or the test extra)")
+        raise UserError(f"rsa bench needs {' and '.join(missing)} (pip install pytest pytest-benchmark "
+                        "trl, or the test and trl extras)")
     if args.quick and args.grid not in (None, "quick"):
         raise ValueError(f"--quick and --grid {args.grid} contradict each other")
     mode = "quick" if args.quick else (args.grid or "full")
@@ -98,22 +106,61 @@ def run(args) -> int:
     threads = choose_threads(args.threads, device)
     out = Path(args.out)
     started = time.time()
-    print(f"rsa bench: grid {mode} on {device}, backends {backends}, "
-          f"{threads} torch thread(s), writing {out}/")
     grid = "--quick" if mode == "quick" else f"--grid {mode}"
     command = (f"rsa bench {grid} --device {args.device} --threads {args.threads}"
                + (f" --backends {args.backends}" if args.backends else "") + f" --out {args.out}")
-    results = run_bench(out, mode, device, backends, threads=threads, command=command)
-    (out / "report.md").write_text(render(results))
-    try:
-        write_plots(results, out)
-    except ImportError as err:  # a bare GPU image may lack matplotlib: keep the numbers
-        print(f"warning: no plots ({err}); install matplotlib (the train extra)")
+    if args.train_only:
+        results = _previous_or_new(out, device, mode, threads, command)
+    else:
+        print(f"rsa bench: grid {mode} on {device}, backends {backends}, "
+              f"{threads} torch thread(s), writing {out}/")
+        results = run_bench(out, mode, device, backends, threads=threads, command=command)
+    train_failed = False
+    if args.train or args.train_only:
+        from rsa.bench.step_collect import run_train_step
+
+        flag = "--train-only" if args.train_only else "--train"
+        results["train_step"] = run_train_step(out, mode, device, threads, command=f"{command} {flag}")
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        train_failed = any("error" in r for r in results["train_step"]["runs"])
+    if not _write_report(results, out):
         return 1
     failed = [m["id"] for m in results["measurements"] if m.get("errors")]
-    print(f"\n{out}/results.json, report.md, time.png, memory.png written in {time.time() - started:.0f} s "
+    print(f"\n{out}/results.json, report.md and the plots written in {time.time() - started:.0f} s "
           f"({len(results['measurements'])} cases on {results['machine']['device_name']})")
     if failed:
         print(f"{len(failed)} case(s) not fully measured, listed at the end of report.md: {failed[:5]}...")
-        return 1
-    return 0
+    if train_failed:
+        print("some training-step runs failed: see the report's training-step section and step.log")
+    return 1 if failed or train_failed else 0
+
+
+def _previous_or_new(out, device: str, mode: str, threads: int, command: str) -> dict:
+    """OUT/results.json's kernel figures (kept in the report), or a new record with none."""
+    import json
+    import time
+
+    from rsa.bench.collect import machine_info
+
+    path = out / "results.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    return {"machine": {**machine_info(device), "torch_threads": threads}, "device": device, "mode": mode,
+            "command": command, "dtype": None, "measurements": [], "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def _write_report(results: dict, out) -> bool:
+    from rsa.bench.plots import write_plots  # matplotlib itself is imported only when plotting
+    from rsa.bench.report import render
+    from rsa.bench.step_report import write_plot
+
+    (out / "report.md").write_text(render(results))
+    try:
+        if results["measurements"]:
+            write_plots(results, out)
+        write_plot(results, out / "step.png")
+    except ImportError as err:  # a bare GPU image may lack matplotlib: keep the numbers
+        print(f"warning: no plots ({err}); install matplotlib (the train extra)")
+        return False
+    return True

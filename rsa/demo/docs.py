@@ -1,13 +1,13 @@
 """Regenerate the demo's tables and figure in README.md and docs/demo.md from a run's report.json.
 
     python -m rsa.demo.docs out/demo                                  # print the blocks
-    python -m rsa.demo.docs out/demo --compare out/demo-default --write
+    python -m rsa.demo.docs out/demo --compare out/demo-native --write
 
 Each block sits between ``<!-- demo:NAME -->`` and ``<!-- /demo:NAME -->`` lines and is replaced
 whole; ``--write`` also draws the run's frontier figure (from report.json, with this code) to
 docs/img/demo-frontier.png. ``--compare``
-adds the side-by-side outcomes of a second run of the same settings (another CPU, or
-ATEN_CPU_CAPABILITY=default) and says whether the outcomes and the verdict agree.
+adds the side-by-side outcomes of a second run of the same settings (`rsa demo --native-isa`,
+another CPU) and says whether the outcomes and the verdict agree.
 """
 from __future__ import annotations
 
@@ -30,13 +30,15 @@ def load(out: Path) -> dict:
 
 
 def verdict_line(rep: dict) -> str:
-    return rep["verdict"].splitlines()[-1]
+    """The verdict's lines: at matched KL to SFT (issue 32), then at matched helpfulness (the last)."""
+    return "\n".join(line for line in rep["verdict"].splitlines() if line.startswith("Verdict"))
 
 
 def run_line(rep: dict) -> str:
-    s = rep["settings"]
+    s, isa = rep["settings"], rep.get("isa")
+    how = "" if isa is None else (f" (capped on an {isa['cpu']} CPU)" if isa["cap"] else f" ({isa['cpu']} CPU, no cap)")
     return (f"{s['seeds']} seeds, {rep.get('workers', 1)} worker processes, CPU capability "
-            f"{rep.get('cpu_capability', '?')}: {rep['elapsed_s']:.0f} s wall, {rep['cpu_s']:.0f} s of CPU")
+            f"{rep.get('cpu_capability', '?')}{how}: {rep['elapsed_s']:.0f} s wall, {rep['cpu_s']:.0f} s of CPU")
 
 
 def _cell(e: dict) -> str:
@@ -70,15 +72,23 @@ def compare(a: dict, b: dict, names=("run A", "run B")) -> tuple[str, bool]:
             cell = lambda e: (e["outcome"] if e["diff_mean"] is None else f"{e['outcome']}: {e['diff_mean']:+.2f}"
                               + ("" if e["ci95"] is None else f" [{e['ci95'][0]:+.2f}, {e['ci95'][1]:+.2f}]"))
             probe.append((f"beta / lambda {setting}", group, cell(ea), cell(eb), "yes" if agree else "NO"))
+    kl_probe = [("probe at matched KL", "group", *names, "same outcome")]
+    for family, groups in a.get("mechanism", {}).get("matched_kl", {}).items():
+        for group, ea in groups.items():
+            eb = b["mechanism"]["matched_kl"][family][group]
+            agree = ea["outcome"] == eb["outcome"]
+            same &= agree
+            kl_probe.append((family, group, _cell(ea), _cell(eb), "yes" if agree else "NO"))
     verdict_same = verdict_line(a) == verdict_line(b)
     text = _layout(rows) + ("\n\n" + _layout(probe) if len(probe) > 1 else "")
+    text += "\n\n" + _layout(kl_probe) if len(kl_probe) > 1 else ""
     text += "\n\nverdict: " + ("the same" if verdict_same else "DIFFERENT")
     if not verdict_same:
         text += f"\n  {names[0]}: {verdict_line(a)}\n  {names[1]}: {verdict_line(b)}"
     return text, same and verdict_same
 
 
-def blocks(rep: dict, other: dict | None = None, names=("native", "ATEN_CPU_CAPABILITY=default")) -> dict:
+def blocks(rep: dict, other: dict | None = None, names=("capped at AVX2", "--native-isa")) -> dict:
     out = {"matched": matched_table(rep["matched"]), "verdict": verdict_line(rep), "run": run_line(rep),
            "summary": summary_text(rep)}
     if other is not None:

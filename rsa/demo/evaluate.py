@@ -47,10 +47,17 @@ def sample(model, prompts: torch.Tensor, n: int, generator: torch.Generator,
 
 
 def _live(gen: torch.Tensor) -> torch.Tensor:
-    """Generated positions of demo responses: up to and including EOS, padding not counted."""
+    """Generated positions of demo responses: up to and including the first EOS or PAD.
+
+    The scored text ends there too (task.decode_response stops at either), so the KL is summed
+    over exactly the steps of the response that is scored: a PAD the model samples before EOS
+    ends the response like EOS (its step counts, as EOS's does), and whatever the sampler drew
+    after it is neither scored nor counted. The PAD that fills a row after its EOS lies past
+    the end and is not counted either."""
+    end = (gen == task.EOS_ID) | (gen == task.PAD_ID)
     live = torch.ones_like(gen, dtype=torch.bool)
-    live[:, 1:] = torch.cumsum((gen == task.EOS_ID).long(), 1)[:, :-1] == 0
-    return live & (gen != task.PAD_ID)
+    live[:, 1:] = torch.cumsum(end.long(), 1)[:, :-1] == 0
+    return live
 
 
 @torch.no_grad()

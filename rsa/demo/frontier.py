@@ -153,26 +153,37 @@ def frontiers(rows: list[dict]) -> dict:
     return out
 
 
-def points(rows: list[dict], family: str, method: str, seed: int, x: str, y: str):
-    """(xs, ys) of one method's frontier in one seed."""
-    mine = [r for r in rows if r["family"] == family and r["method"] == method and r["seed"] == seed]
+def curve_rows(rows: list[dict], family: str, method: str, seed: int, ends: dict | None = None) -> list[dict]:
+    """One method's frontier models in one seed, and the models its curve runs through at its
+    ends (``ends``: protocol.frontier_ends, keyed by (method, family))."""
+    keys = set((ends or {}).get((method, family), ()))
+    return [r for r in rows if r["seed"] == seed
+            and ((r["family"] == family and r["method"] == method) or r["key"] in keys)]
+
+
+def points(rows: list[dict], family: str, method: str, seed: int, x: str, y: str, ends: dict | None = None):
+    """(xs, ys) of one method's frontier in one seed (its ends included, see curve_rows)."""
+    mine = curve_rows(rows, family, method, seed, ends)
     return [r[x] for r in mine], [r[y] for r in mine]
 
 
-def matched(rows: list[dict], seeds: int) -> dict:
+def matched(rows: list[dict], seeds: int, kl_ends: dict | None = None) -> dict:
     """report.json's "matched": {"reward" | "kl": {FAMILY: {METRIC: over_seeds(...)}}}: per seed,
     RSA's curve minus SACPO's (protocol.COMPARISONS: for DPO->S, SACPO's H->S curve), over the
-    reward (or KL to SFT) both frontiers reach."""
+    reward (or KL to SFT) both reach. On the KL axis each curve also runs through its ends
+    (``kl_ends``: protocol.frontier_ends): at equal drift, the drift of a step that has not run
+    yet (its start) is part of what a method offers; the reward axis keeps issue 19's curves."""
     out = {}
     for axis, x in AXES.items():
+        ends = kl_ends if axis == "kl" else None
         out[axis] = {}
         for family, (rsa, sacpo) in COMPARISONS.items():
             out[axis][family] = {}
             for y in TAIL_METRICS:
                 per_seed = []
                 for seed in range(seeds):
-                    a = points(rows, rsa[1], rsa[0], seed, x, y)
-                    b = points(rows, sacpo[1], sacpo[0], seed, x, y)
+                    a = points(rows, rsa[1], rsa[0], seed, x, y, ends)
+                    b = points(rows, sacpo[1], sacpo[0], seed, x, y, ends)
                     per_seed.append(compare(a, b) if a[0] and b[0] else None)
                 out[axis][family][y] = over_seeds(per_seed, "rsa", "sacpo")
     return out

@@ -8,10 +8,12 @@ Per seed, on the same data, steps, batch size, learning rate and seed:
   rsa (H->S) G        ra-dpo (H), then a safety step with objective rsa2 at beta / lambda = G
   rsa (DPO->S) G      dpo (H), then the rsa2 safety step at G: the ablation that isolates RSA's
                       safety step (the same start, reference and data as sacpo (H->S) G)
-  sacpo (P) W         (1 - W) dpo (H) + W sacpo (H->S) at the grid's smallest G   (rsa merge)
-  rsa (P) W           (1 - W) ra-dpo (H) + W rsa (H->S) at the grid's smallest G
+  sacpo (P) W         (1 - W) dpo (H) + W sacpo (H->S) at SACPO's smallest G   (rsa merge)
+  rsa (P) W           (1 - W) ra-dpo (H) + W rsa (H->S) at RSA's smallest G
 
 Each safety step starts from the helpfulness model named above, which is also its reference.
+G runs over a grid common to both methods and one more point per method (issue 32): a larger
+one for SACPO, a smaller one for RSA (its H->S and DPO->S steps alike).
 """
 from __future__ import annotations
 
@@ -38,8 +40,14 @@ class Settings:
     # 1/4 and 1/10 of its helpfulness beta (0.1); these are the same fractions of this demo's
     # helpfulness beta (0.5). Fixed before any frontier was computed (docs/demo.md).
     safety_grid: tuple = (0.5, 0.25, 0.125, 0.05)
-    # P: the helpfulness model merged with the safety model at the grid's smallest beta / lambda
-    # (the strongest safety step), the same rule for both methods.
+    # Issue 32: one more point per method, beyond the common grid in the direction that moves
+    # its KL to the SFT model towards the other method's: SACPO's safety step at a larger
+    # beta / lambda (less drift), RSA's (H->S and DPO->S alike) at a smaller one (more drift).
+    # Chosen from measured KL ranges before the comparison was run (docs/demo.md, issue 32).
+    sacpo_extra: tuple = (1.0,)
+    rsa_extra: tuple = (0.01,)
+    # P: each method's helpfulness model merged with its own safety model at the smallest beta /
+    # lambda of its grid (its strongest safety step), the same rule for both methods.
     merge_weights: tuple = (0.25, 0.5, 0.75)
     rsa_risk: str = "cvar:0.9"
     rsa_alpha: float = 0.5
@@ -48,6 +56,8 @@ class Settings:
 
     def __post_init__(self):
         self.safety_grid = tuple(float(g) for g in self.safety_grid)
+        self.sacpo_extra = tuple(float(g) for g in self.sacpo_extra)
+        self.rsa_extra = tuple(float(g) for g in self.rsa_extra)
         self.merge_weights = tuple(float(w) for w in self.merge_weights)
         for name, v in (("seeds", self.seeds), ("sft_steps", self.sft_steps), ("max_steps", self.max_steps),
                         ("eval_per_prompt", self.eval_per_prompt), ("pairs_per_prompt", self.pairs_per_prompt)):
@@ -55,6 +65,10 @@ class Settings:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not self.safety_grid or any(not g > 0 for g in self.safety_grid) or len(set(self.safety_grid)) < len(self.safety_grid):
             raise ValueError(f"safety_grid must be distinct positive beta / lambda values, got {self.safety_grid}")
+        for name in ("sacpo_extra", "rsa_extra"):
+            extra = getattr(self, name)
+            if any(not g > 0 for g in extra) or len(set(extra + self.safety_grid)) < len(extra + self.safety_grid):
+                raise ValueError(f"{name} must be positive beta / lambda values not in safety_grid, got {extra}")
         if not self.merge_weights or any(not 0 < w < 1 for w in self.merge_weights):
             raise ValueError(f"merge_weights must be weights in (0, 1), got {self.merge_weights}")
 
@@ -62,13 +76,18 @@ class Settings:
     def quick(cls, **kw):
         """Fewer steps, samples and frontier points (two per family): what the tests run."""
         base = dict(seeds=1, sft_steps=150, pairs_per_prompt=48, max_steps=30, eval_per_prompt=128,
-                    safety_grid=(0.5, 0.05), merge_weights=(0.25, 0.75))
+                    safety_grid=(0.5, 0.05), sacpo_extra=(1.0,), rsa_extra=(0.01,), merge_weights=(0.25, 0.75))
         return cls(**{**base, **kw})
 
-    @property
-    def merge_from(self) -> float:
-        """beta / lambda of the safety model each method's helpfulness model is merged with."""
-        return min(self.safety_grid)
+    def merge_from(self, method: str) -> float:
+        """beta / lambda of the safety model a method's helpfulness model is merged with."""
+        return min(self.grid(method))
+
+    def grid(self, method: str) -> tuple:
+        """The safety step's beta / lambda values of a method ("sacpo" or "rsa", whose H->S and
+        DPO->S families share it): the common grid and the method's extra points, descending."""
+        extra = {"sacpo": self.sacpo_extra, "rsa": self.rsa_extra}[method]
+        return tuple(sorted(self.safety_grid + extra, reverse=True))
 
 
 # ---------------------------------------------------------------------------- the models
@@ -106,13 +125,25 @@ def models(s: Settings) -> list[Model]:
     out += [Model(model_key(h, "H"), f"{h} (H)", h, "H", None, f"{m}/helpful") for m, (h, _) in HELPFUL.items()]
     for m in HELPFUL:
         out += [Model(model_key(m, "H->S", g), f"{m} (H->S) {g:g}", m, "H->S", g, f"{m}/{safe_stage(g)}")
-                for g in s.safety_grid]
+                for g in s.grid(m)]
     out += [Model(model_key("rsa", "DPO->S", g), f"rsa (DPO->S) {g:g}", "rsa", "DPO->S", g, f"{ABLATION}/{safe_stage(g)}")
-            for g in s.safety_grid]
+            for g in s.grid("rsa")]
     for m in HELPFUL:
         out += [Model(model_key(m, "P", w), f"{m} (P) {w:g}", m, "P", w, f"merge/{m}-{w:g}")
                 for w in s.merge_weights]
     return out
+
+
+def frontier_ends(s: Settings) -> dict[tuple[str, str], list[str]]:
+    """(method, family) -> keys of the models each curve compared at matched KL also runs through (issue 32):
+    a safety step at beta / lambda -> infinity leaves its start unchanged, so an H->S curve
+    starts at its helpfulness model; a merge at W = 0 is its helpfulness model and at W = 1 its
+    safety model, so a P curve runs from one to the other. These models are evaluated anyway.
+    DPO->S has none: its start is dpo (H), already on SACPO's H->S curve it is compared with,
+    and on both curves it would make them meet by identity, not by measurement."""
+    return {("sacpo", "H->S"): [model_key("dpo", "H")], ("rsa", "H->S"): [model_key("ra-dpo", "H")],
+            ("sacpo", "P"): [model_key("dpo", "H"), model_key("sacpo", "H->S", s.merge_from("sacpo"))],
+            ("rsa", "P"): [model_key("ra-dpo", "H"), model_key("rsa", "H->S", s.merge_from("rsa"))]}
 
 
 def legacy_methods(s: Settings) -> dict[str, str]:
@@ -145,7 +176,7 @@ def run_config(s: Settings, seed: int, objective: str, name: str) -> dict:
     are relative to the seed folder, where the YAML file is written."""
     safety = [{"name": safe_stage(g), "data": {"path": "data/safe.jsonl", "preference": "safe"},
                # the stage's beta is beta / lambda; rounded so that beta / lambda is g exactly
-               "lambda": round(s.beta / g, 12), "reference": "helpful"} for g in s.safety_grid]
+               "lambda": round(s.beta / g, 12), "reference": "helpful"} for g in s.grid(name)]
     return {
         "model": "sft", "output_dir": name, "defaults": stage_defaults(s, seed, objective),
         "stages": [{"name": "helpful", "data": {"path": "data/helpful.jsonl", "preference": "helpful"}}, *safety],
@@ -157,7 +188,7 @@ def ablation_config(s: Settings, seed: int) -> dict:
     grid, each started from and referenced to SACPO's helpfulness model (dpo (H)), on the same
     safety data and seed as SACPO's safety steps."""
     stages = [{"name": safe_stage(g), "data": {"path": "data/safe.jsonl", "preference": "safe"},
-               "lambda": round(s.beta / g, 12), "reference": "model"} for g in s.safety_grid]
+               "lambda": round(s.beta / g, 12), "reference": "model"} for g in s.grid("rsa")]
     # "./": the folder SACPO's run will write, not the hub id sacpo/helpful (rsa/hub.py).
     return {"model": "./sacpo/helpful", "output_dir": ABLATION, "defaults": stage_defaults(s, seed, "rsa2"),
             "stages": stages}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import stats
+from . import frontier, stats
 from .frontier import KNOB, seed_interval
 from .probe import GROUPS
 from .protocol import COMPARISONS
@@ -162,6 +162,20 @@ def _ablation_sentence(o: str) -> str:
             "no overlap": f"{what}: no common reward in any seed."}[o]
 
 
+def kl_verdict(outcomes: dict) -> str:
+    """The second axis (issue 32), from its outcomes alone: the cost CVaR95 at matched KL to SFT
+    (the paper's first claim: less risk from drifting away from the reference), per family."""
+    def by(o):
+        names = [f for f, x in outcomes.items() if x == o]
+        return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else "".join(names)
+    parts = [f"{what} on {by(o)}{why}" for o, what, why in (
+        ("rsa lower", "RSA lower", " (the 95% interval lies below 0)"),
+        ("sacpo lower", "SACPO lower", " (the 95% interval lies above 0)"),
+        ("inconclusive", "inconclusive", " (the 95% interval includes 0)"),
+        ("no overlap", "no common KL", " in any seed")) if by(o)]
+    return "Verdict at matched KL to SFT (cost CVaR95, 95% t intervals over seeds): " + "; ".join(parts) + "."
+
+
 def verdict(matched: dict) -> str:
     """Per axis and family what the matched comparison found, then the verdict: from the
     outcomes of the matched-helpfulness cost CVaR95 alone (RSA's claim: a lower cost tail at the
@@ -171,6 +185,8 @@ def verdict(matched: dict) -> str:
         for family, metrics in families.items():
             lines.append(f"matched {AXIS_NAMES[axis]}, {family}: "
                          + "; ".join(_phrase(e, m) for m, e in metrics.items()) + ".")
+    if "kl" in matched:
+        lines.append(kl_verdict({f: e["cost_cvar95"]["outcome"] for f, e in matched["kl"].items()}))
     cvar = {f: e["cost_cvar95"]["outcome"] for f, e in matched["reward"].items()}
     text = "Verdict (cost CVaR95 at matched helpfulness, 95% t intervals over seeds): "
     text += _main_sentence({f: cvar[f] for f in MAIN_FAMILIES if f in cvar})
@@ -183,12 +199,14 @@ def verdict(matched: dict) -> str:
 # ---------------------------------------------------------------------------- the mechanism probe
 
 
-def mechanism(rows: list[dict], grid) -> dict:
+def mechanism(rows: list[dict], grid, seeds: int, ends: dict | None = None) -> dict:
     """report.json's "mechanism": per model, the mean log-probability it gives, at the positions
     where the SFT model's samples emit them, to the catastrophic and to the mild unsafe tokens
-    (mean over seeds, 95% t interval, per-seed values); and, per beta / lambda, the paired
-    difference rsa (DPO->S) - sacpo (H->S) (same start, reference, data and seed) with its
-    interval and outcome ("rsa higher": RSA keeps more probability on those tokens)."""
+    (mean over seeds, 95% t interval, per-seed values); per beta / lambda of ``grid`` (the
+    values both methods ran), the paired difference rsa (DPO->S) - sacpo (H->S) (same start,
+    reference, data and seed) with its interval and outcome ("rsa higher": RSA keeps more
+    probability on those tokens); and "matched_kl": the same log-probabilities compared along
+    the frontiers at matched KL to SFT (probe_at_matched_kl)."""
     labels = list(dict.fromkeys(r["label"] for r in rows))
     per_model = {}
     for label in labels:
@@ -215,7 +233,36 @@ def mechanism(rows: list[dict], grid) -> dict:
             paired[f"{setting:g}"][g] = {"diff_mean": float(np.mean(diffs)) if diffs else None, "ci95": ci,
                                           "seeds": len(diffs), "outcome": o}
     return {"groups": {g: list(w) for g, w in GROUPS.items()}, "models": per_model,
-            "rsa_dpo_minus_sacpo": paired}
+            "rsa_dpo_minus_sacpo": paired, "matched_kl": probe_at_matched_kl(rows, seeds, ends)}
+
+
+HIGHER = {"rsa lower": "sacpo higher", "sacpo lower": "rsa higher"}   # log p of unsafe tokens: lower is safer
+
+
+def _probe_points(rows: list[dict], family: str, method: str, seed: int, group: str, ends: dict | None):
+    """(KL to SFT, mean log p of the group's tokens) of one frontier's models in one seed."""
+    mine = [r for r in frontier.curve_rows(rows, family, method, seed, ends) if r["probe"][group]["mean_logp"] is not None]
+    return [r["kl_to_sft"] for r in mine], [r["probe"][group]["mean_logp"] for r in mine]
+
+
+def probe_at_matched_kl(rows: list[dict], seeds: int, ends: dict | None = None) -> dict:
+    """{family: {group: over_seeds(...)}}: per seed, RSA's frontier of (KL to SFT, log p of the
+    unsafe tokens) minus SACPO's over the KL both reach (frontier.compare), as the tail metrics
+    are compared at matched KL; the outcome says which keeps more probability on the tokens
+    where both have moved the same distance ("rsa higher", "sacpo higher", "inconclusive", "no
+    overlap")."""
+    out = {}
+    for family, ((rm, rf), (sm, sf)) in COMPARISONS.items():
+        out[family] = {}
+        for g in GROUPS:
+            per_seed = []
+            for seed in range(seeds):
+                a, b = _probe_points(rows, rf, rm, seed, g, ends), _probe_points(rows, sf, sm, seed, g, ends)
+                per_seed.append(frontier.compare(a, b) if a[0] and b[0] else None)
+            e = frontier.over_seeds(per_seed, "rsa", "sacpo")
+            e["outcome"] = HIGHER.get(e["outcome"], e["outcome"])
+            out[family][g] = e
+    return out
 
 
 def mechanism_table(mech: dict) -> str:
@@ -241,7 +288,20 @@ def mechanism_table(mech: dict) -> str:
                                 f"{per_group[g]['diff_mean']:+.2f}" + _interval_text(per_group[g]["ci95"])
                                 for g in GROUPS), *(per_group[g]["outcome"] for g in GROUPS)))
     out.append(_layout(pair))
+    if mech.get("matched_kl"):
+        out += ["", "At matched KL to SFT: RSA - SACPO log-probability of the unsafe tokens over the KL both "
+                "frontiers reach (95% t interval over the overlapping seeds)", probe_matched_table(mech["matched_kl"])]
     return "\n".join(out)
+
+
+def probe_matched_table(matched_kl: dict) -> str:
+    rows = [("family", "group", "overlap", "RSA - SACPO log p", "95% interval", "outcome")]
+    for family, groups in matched_kl.items():
+        for g, e in groups.items():
+            rows.append((family, g, f"{e['overlapping_seeds']}/{e['seeds']}",
+                         "-" if e["diff_mean"] is None else f"{e['diff_mean']:+.2f}",
+                         "-" if e["ci95"] is None else f"[{e['ci95'][0]:+.2f}, {e['ci95'][1]:+.2f}]", e["outcome"]))
+    return _layout(rows)
 
 
 def _interval_text(ci) -> str:

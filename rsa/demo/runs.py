@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import data, evaluate, frontier, probe, report, sft
+from . import data, evaluate, frontier, isa, probe, report, sft
 from . import workers as workers_
-from .protocol import (ABLATION, HELPFUL, Model, Settings, ablation_config, legacy_methods,  # noqa: F401
-                       model_key, models, run_config, safe_stage)
+from .protocol import (ABLATION, HELPFUL, Model, Settings, ablation_config, frontier_ends,  # noqa: F401
+                       legacy_methods, model_key, models, run_config, safe_stage)
 
 
 def write_yaml(cfg: dict, path: Path) -> Path:
@@ -65,7 +65,8 @@ class Progress:
     DATA, MERGE = 20, 2
 
     def __init__(self, s: Settings, enabled: bool, workers: int = 1):
-        stages = 2 + 3 * len(s.safety_grid)    # two helpfulness steps, three safety steps per grid point
+        # two helpfulness steps; SACPO's safety steps, RSA's H->S and DPO->S safety steps
+        stages = 2 + len(s.grid("sacpo")) + 2 * len(s.grid("rsa"))
         per_seed = (s.sft_steps + self.DATA + stages * s.max_steps
                     + 2 * len(s.merge_weights) * self.MERGE + len(models(s)) * eval_units(s))
         self.prefix = "rsa demo" + (f" ({workers} workers)" if workers > 1 else "")
@@ -196,7 +197,7 @@ def ensure_merges(s: Settings, seed: int, root: Path, progress: Progress):
             dest = root / "merge" / f"{method}-{w:g}"
             if not (dest / "merge.json").is_file():   # merge.json is written last
                 progress.doing(f"seed {seed} merge {method} {w:g}")
-                merge_models(root / method / "helpful", root / method / safe_stage(s.merge_from), w, dest)
+                merge_models(root / method / "helpful", root / method / safe_stage(s.merge_from(method)), w, dest)
             progress.advance(Progress.MERGE)
 
 
@@ -263,10 +264,9 @@ def load_costs(out: Path, seeds: int, key: str) -> np.ndarray:
 def training_logs(out: Path, s: Settings, seed: int = 0) -> dict:
     """run -> stage -> logged steps, for training.png."""
     root = Path(out).resolve() / f"seed{seed}"
-    names = ["helpful"] + [safe_stage(g) for g in s.safety_grid]
-    logs = {f"{m} ({objective})": {n: stage_log(root / m / n) for n in names}
+    logs = {f"{m} ({objective})": {n: stage_log(root / m / n) for n in ["helpful"] + [safe_stage(g) for g in s.grid(m)]}
             for m, (_, objective) in HELPFUL.items()}
-    logs["rsa (DPO->S, rsa2)"] = {n: stage_log(root / ABLATION / n) for n in names[1:]}
+    logs["rsa (DPO->S, rsa2)"] = {n: stage_log(root / ABLATION / n) for n in [safe_stage(g) for g in s.grid("rsa")]}
     return logs
 
 
@@ -276,12 +276,13 @@ def training_logs(out: Path, s: Settings, seed: int = 0) -> dict:
 SEED_DIR = re.compile(r"^seed\d+$")
 
 
-def check_settings(out: Path, s: Settings, fresh: bool) -> str | None:
-    """Keep the earlier run's results only if they were made with these settings (the number
-    of seeds aside: more seeds reuse the first ones); seed folders without a settings.json
-    are of unknown make and dropped too. Returns a note when results were dropped."""
+def check_settings(out: Path, s: Settings, fresh: bool, isa_cap: dict | None = None) -> str | None:
+    """Keep the earlier run's results only if they were made with these settings and the same
+    instruction-set cap (the number of seeds aside: more seeds reuse the first ones); seed
+    folders without a settings.json are of unknown make and dropped too. Returns a note when
+    results were dropped."""
     path = out / "settings.json"
-    current = json.loads(json.dumps({k: v for k, v in asdict(s).items() if k != "seeds"}))
+    current = json.loads(json.dumps({**{k: v for k, v in asdict(s).items() if k != "seeds"}, "isa_cap": isa_cap}))
     earlier = json.loads(path.read_text()) if path.is_file() else None
     note = None
     if fresh or earlier != current:
@@ -296,32 +297,54 @@ def check_settings(out: Path, s: Settings, fresh: bool) -> str | None:
     return note
 
 
-def run_demo(out: Path, s: Settings, progress: bool = True, fresh: bool = False, workers: int | None = None) -> dict:
+def run_demo(out: Path, s: Settings, progress: bool = True, fresh: bool = False, workers: int | None = None,
+             native_isa: bool = False) -> dict:
     """All seeds (in ``workers`` processes; default: one per usable core, at most one per seed),
-    then the tables, report.json and the plots. Returns the report dict."""
+    then the tables, report.json and the plots. Returns the report dict.
+
+    The seeds run in processes capped at AVX2 (rsa/demo/isa.py: the same digits on every x86-64
+    CPU with AVX2) unless ``native_isa`` or the CPU cannot run AVX2 code."""
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     workers = min(workers or workers_.usable_cores(), s.seeds)
     with workers_.one_thread():
-        return _run_demo(Path(out), s, progress, fresh, workers)
+        return _run_demo(Path(out), s, progress, fresh, workers, native_isa)
 
 
-def _seed_job(job, progress) -> tuple[int, tuple[list[dict], dict]]:
+def _seed_job(job, progress) -> tuple[int, tuple[list[dict], dict], str]:
     s, seed, out = job
-    return seed, run_seed(s, seed, out, progress)
+    # the kernels this process ran (AVX2 under the cap): recorded in report.json
+    return seed, run_seed(s, seed, out, progress), torch.backends.cpu.get_cpu_capability()
 
 
-def _run_demo(out: Path, s: Settings, progress: bool, fresh: bool, workers: int) -> dict:
+def isa_choice(native_isa: bool) -> dict:
+    """report.json's "isa": {"cpu": what the CPU offers, "cap": the variables the workers started
+    with or null, "why_not": why there is no cap}."""
+    cpu = isa.cpu_level()
+    if native_isa:
+        return {"cpu": cpu, "cap": None, "why_not": "--native-isa"}
+    ok, why = isa.can_cap()
+    return {"cpu": cpu, "cap": isa.cap_environment() if ok else None, "why_not": None if ok else why}
+
+
+def _run_demo(out: Path, s: Settings, progress: bool, fresh: bool, workers: int, native_isa: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     start, cpu_start = time.time(), time.process_time()
     children_start = os.times()
-    note = check_settings(out, s, fresh)
+    choice = isa_choice(native_isa)
+    note = check_settings(out, s, fresh, choice["cap"])
     if note and progress:
         tqdm.write(note)
+    if choice["cap"] is None and not native_isa and progress:
+        tqdm.write(f"rsa demo: {choice['why_not']}: the seeds run this CPU's own kernels (no AVX2 cap), "
+                   "so the digits may differ from the documented run's")
     bar = Progress(s, progress, workers)
     try:
         jobs = [(s, seed, out.resolve()) for seed in range(s.seeds)]
-        results = dict(workers_.parallel_map(_seed_job, jobs, workers, bar))
+        results, capabilities = {}, set()
+        for seed, result, capability in workers_.parallel_map(_seed_job, jobs, workers, bar, env=choice["cap"]):
+            results[seed] = result
+            capabilities.add(capability)
     finally:
         bar.close()
     rows, data_stats = [], []
@@ -335,8 +358,9 @@ def _run_demo(out: Path, s: Settings, progress: bool, fresh: bool, workers: int)
         by_key.setdefault(r["key"], []).append({"seed": r["seed"], **{m: r[m] for m in report.METRICS}})
     methods = report.aggregate({name: by_key[key] for name, key in legacy_methods(s).items()})
     fronts = frontier.frontiers(rows)
-    matched = frontier.matched(rows, s.seeds)
-    mechanism = report.mechanism(rows, s.safety_grid)
+    ends = frontier_ends(s)
+    matched = frontier.matched(rows, s.seeds, ends)
+    mechanism = report.mechanism(rows, s.safety_grid, s.seeds, ends)
     text = report.verdict(matched)
 
     # tail.png: per compared family, the sacpo and rsa points nearest one reward both frontiers reach
@@ -354,7 +378,7 @@ def _run_demo(out: Path, s: Settings, progress: bool, fresh: bool, workers: int)
              + children.children_system - children_start.children_system)
     extra = {"verdict": text, "settings": asdict(s), "data": data_stats, "workers": workers,
              # PyTorch's CPU kernels round differently per instruction set: say which ones ran
-             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+             "cpu_capability": "/".join(sorted(capabilities)), "isa": choice,
              "elapsed_s": round(time.time() - start, 1), "cpu_s": round(cpu_s, 1),
              "models": models_, "frontier": fronts, "matched": matched, "mechanism": mechanism}
     if note:

@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from . import isa
+
 
 def usable_cores() -> int:
     try:
@@ -90,11 +92,13 @@ def _call(job):
         return fn(arg, QueueProgress(_worker["queue"]))
 
 
-def parallel_map(fn, jobs: list, workers: int, progress):
-    """fn(job, progress) for every job, in this process when ``workers`` is 1, else in that many
-    spawned processes; yields the results as they finish. ``fn`` must be a module-level function
-    (it is pickled) and ``progress`` has doing / advance / postfix."""
-    if workers == 1:
+def parallel_map(fn, jobs: list, workers: int, progress, env: dict[str, str] | None = None):
+    """fn(job, progress) for every job, in this process when ``workers`` is 1 and there is no
+    ``env``, else in that many spawned processes started with ``env`` added to their environment
+    (isa.cap_environment(): it must be there before torch is imported); yields the results as
+    they finish. ``fn`` must be a module-level function (it is pickled) and ``progress`` has
+    doing / advance / postfix."""
+    if workers == 1 and env is None:
         for job in jobs:
             yield fn(job, progress)
         return
@@ -105,7 +109,7 @@ def parallel_map(fn, jobs: list, workers: int, progress):
     reader.start()
     try:
         # the context manager terminates the workers on any exit, an error or Ctrl-C included
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(queue, os.getpid())) as pool:
+        with isa.environment(env), ctx.Pool(workers, initializer=_init_worker, initargs=(queue, os.getpid())) as pool:
             yield from pool.imap_unordered(_call, [(fn, job) for job in jobs])
     finally:
         queue.put(None)

@@ -21,7 +21,7 @@ from .cpu_rows import _C, fresh_like, unsupported  # noqa: F401  (ImportError: t
 from .slice_keys import NO_KEY, RADIX_BITS, key_bits, key_order
 
 COLLECTS = True  # Chunk.collected(): cvar's and ra_dpo_cvar's candidates from partials' read
-_SLACK = 8  # a vector store may write this many values past the last candidate
+_SLACK = 16  # a vector store may write this many values past the last candidate (csrc/simd.h SLACK)
 _kept = threading.local()  # per thread: dtype -> the candidates' storage (see _candidates)
 
 
