@@ -48,7 +48,10 @@ def test_a_missing_config_is_one_line_and_status_2(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["merge", "a", "b", "--weight", "0.5", "--out", "o"], "rsa merge: error: a: no such model folder 'a'"),
     (["eval", "--model", "m", "--prompts", "p.jsonl", "--cost", "c"], "rsa eval: error: --prompts: no such file 'p.jsonl'"),
-], ids=["merge", "eval"])
+    (["demo", "--seeds", "0"], "rsa demo: error: --seeds must be at least 1, got 0"),
+    (["bench", "--threads", "x"], "rsa bench: error: --threads must be 'auto' or a positive integer, got 'x'"),
+    (["bench", "--device", "tpu"], "rsa bench: error: --device must be 'auto', 'cpu' or 'cuda[:K]', got 'tpu'"),
+], ids=["merge", "eval", "demo", "bench-threads", "bench-device"])
 def test_other_mistakes_are_one_line(tmp_path, args, message):
     proc = rsa(args, tmp_path)
     assert proc.returncode == 2 and proc.stderr.splitlines() == [message], proc.stderr

@@ -481,8 +481,7 @@ def test_docs_blocks_compare_runs_and_rewrite_the_marked_blocks(tmp_path):
 
     root = tmp_path / "repo"
     (root / "docs" / "img").mkdir(parents=True)
-    (root / "README.md").write_text("intro\n<!-- demo:matched -->\nold\n<!-- /demo:matched -->\n"
-                                    "<!-- demo:run -->\n<!-- /demo:run -->\n"
+    (root / "README.md").write_text("intro\n<!-- demo:run -->\nold\n<!-- /demo:run -->\n"
                                     "<!-- demo:verdict -->\n<!-- /demo:verdict -->\nend\n")
     (root / "docs" / "demo.md").write_text("<!-- demo:run -->\n<!-- /demo:run -->\n"
                                            "<!-- demo:summary -->\nstale\ntext\n<!-- /demo:summary -->\n")
@@ -491,7 +490,8 @@ def test_docs_blocks_compare_runs_and_rewrite_the_marked_blocks(tmp_path):
     (run / "report.json").write_text(json.dumps({**a, "frontier": frontier.frontiers(rows)}))
     assert docs.main([str(run), "--write", "--root", str(root)]) == 0
     readme = (root / "README.md").read_text()
-    assert readme.startswith("intro\n<!-- demo:matched -->\n```\nmatched at") and readme.endswith("```\n<!-- /demo:verdict -->\nend\n")
+    assert readme.startswith("intro\n<!-- demo:run -->\n```\n2 seeds, 2 worker processes")
+    assert readme.endswith("```\n<!-- /demo:verdict -->\nend\n") and "matched at" not in readme
     assert "old" not in readme and a["verdict"].splitlines()[-1] in readme
     assert "stale" not in (root / "docs" / "demo.md").read_text()
     assert (root / "docs" / "img" / "demo-frontier.png").read_bytes()[:4] == b"\x89PNG"
@@ -733,3 +733,19 @@ def test_demo_command_rejects_bad_counts(capsys):
         assert capsys.readouterr().err.strip() == f"rsa demo: error: {flag} must be at least 1, got 0"
     with pytest.raises(ValueError, match="workers"):
         runs.run_demo("unused", protocol.Settings.quick(), workers=0)
+
+
+def _kernels_importable(job, progress):
+    import importlib.util
+    return importlib.util.find_spec("kernels") is not None if "kernels" not in sys.modules else \
+        sys.modules["kernels"] is not None
+
+
+def test_the_rsa_programs_workers_fetch_no_hub_code(monkeypatch):
+    """Spawned workers start without the `rsa` process's module table: the rule of rsa.optional
+    (no `kernels`, hence no bitsandbytes kernel from the hub) is applied in them again."""
+    from rsa.demo import workers
+
+    quiet = runs.Progress(protocol.Settings.quick(), enabled=False)
+    monkeypatch.setenv("USE_HUB_KERNELS", "NO")
+    assert list(workers.parallel_map(_kernels_importable, [0], 2, quiet)) == [False]

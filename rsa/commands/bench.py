@@ -35,8 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def choose_threads(value: str, device: str) -> int:
     import os
 
-    import torch
-
     if value != "auto":
         try:
             threads = int(value)
@@ -45,6 +43,8 @@ def choose_threads(value: str, device: str) -> int:
         if threads < 1:
             raise ValueError(f"--threads must be 'auto' or a positive integer, got {value!r}")
         return threads
+    import torch
+
     cores = torch.get_num_threads()
     try:
         busy = os.getloadavg()[0] >= (os.cpu_count() or 1)
@@ -57,11 +57,22 @@ def choose_threads(value: str, device: str) -> int:
     return cores
 
 
+def _check_plain_arguments(args) -> None:
+    """The checks that need no torch, before it is imported: a mistake answers at once."""
+    if args.quick and args.grid not in (None, "quick"):
+        raise ValueError(f"--quick and --grid {args.grid} contradict each other")
+    if args.device != "auto" and args.device != "cpu" and not args.device.startswith("cuda"):
+        raise ValueError(f"--device must be 'auto', 'cpu' or 'cuda[:K]', got {args.device!r}")
+    if args.threads != "auto":
+        choose_threads(args.threads, "cpu")
+
+
 def run(args) -> int:
     import json
     import time
     from pathlib import Path
 
+    _check_plain_arguments(args)
     import torch
 
     import rsa_kernels

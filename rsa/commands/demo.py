@@ -24,13 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from rsa.demo.report import summary_text
-    from rsa.demo.runs import Settings, run_demo
-
+    # the plain checks before the imports of torch and the demo (a mistake answers at once)
     if args.seeds is not None and args.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    from rsa.demo.report import summary_text
+    from rsa.demo.runs import Settings, run_demo
+
     kw = {}
     if args.seeds is not None:
         kw["seeds"] = args.seeds

@@ -19,7 +19,8 @@ from pathlib import Path
 from .report import AXIS_NAMES, METRIC_NAMES, _layout, anchors, matched_table, plot_frontier, summary_text
 
 FIGURE = Path("docs/img/demo-frontier.png")
-TARGETS = {"README.md": ("matched", "verdict", "run"), "docs/demo.md": ("run", "summary", "cpu-check")}
+# the README shows the verdict and the run; the tables live in docs/demo.md (its summary block)
+TARGETS = {"README.md": ("verdict", "run"), "docs/demo.md": ("run", "summary", "cpu-check")}
 
 
 def load(out: Path) -> dict:

@@ -81,6 +81,12 @@ def _watch_parent(parent: int):
 
 
 def _init_worker(queue, parent: int):
+    if os.environ.get("USE_HUB_KERNELS") == "NO":
+        # the `rsa` program's rule (rsa.optional) holds in its spawned workers too: only the
+        # environment variable is inherited, `kernels` must be kept out here again before a
+        # job's imports reach bitsandbytes
+        from rsa.optional import no_code_from_the_hub
+        no_code_from_the_hub()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     _worker["queue"] = queue
