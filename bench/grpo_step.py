@@ -32,18 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
+from rsa.bench.measure import MALLOC_ENV, memory_status  # the step benchmark's own definitions
+
 CONTENDERS = {"trl": {}, "exact": {"kl_estimator": "exact"}, "cvar": {"kl_estimator": "exact", "risk": "cvar:0.9"}}
-
-
-def _status() -> dict:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmHWM", "VmRSS"):
-                out[key] = int(rest.split()[0]) * 1024
-    return out
 
 
 def run_one(name: str, args) -> dict:
@@ -96,7 +87,7 @@ def run_one(name: str, args) -> dict:
                 torch.cuda.reset_peak_memory_stats()
                 self.base = torch.cuda.memory_allocated()
             else:
-                self.base = _status()["VmRSS"]
+                self.base = memory_status()["VmRSS"]
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
             self.t0 = time.perf_counter()
@@ -105,7 +96,7 @@ def run_one(name: str, args) -> dict:
             if cuda:
                 torch.cuda.synchronize()
             t = time.perf_counter() - self.t0
-            peak = torch.cuda.max_memory_allocated() if cuda else _status()["VmHWM"]
+            peak = torch.cuda.max_memory_allocated() if cuda else memory_status()["VmHWM"]
             steps.append({"seconds": t, "peak_bytes": max(0, peak - self.base)})
 
     reward = lambda completions, **k: [float(c.count("t5")) for c in completions]  # noqa: E731

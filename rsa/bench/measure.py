@@ -52,7 +52,7 @@ def timed_step(work, forward_s: list):
     return setup, target
 
 
-def _status() -> dict:
+def memory_status() -> dict:
     out = {}
     with open("/proc/self/status") as f:
         for line in f:
@@ -66,7 +66,7 @@ def can_reset_rss_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return "VmHWM" in _status()
+        return "VmHWM" in memory_status()
     except OSError:
         return False
 
@@ -89,11 +89,11 @@ def peak_step_bytes(work, resettable: bool = True) -> int:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     if resettable:
-        base = _status()["VmRSS"]
+        base = memory_status()["VmRSS"]
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         work.forward().backward()
-        return max(0, _status()["VmHWM"] - base)  # the step may free a little of what was there
+        return max(0, memory_status()["VmHWM"] - base)  # the step may free a little of what was there
     base = ru_maxrss_bytes()  # a fresh process: the peak so far is the baseline
     work.forward().backward()
     return max(0, ru_maxrss_bytes() - base)

@@ -30,7 +30,7 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from .measure import MALLOC_ENV, _status
+from .measure import MALLOC_ENV, memory_status
 
 __all__ = ["StepMeter", "MALLOC_ENV", "instrument"]
 
@@ -86,7 +86,7 @@ class StepMeter(TrainerCallback):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             return torch.cuda.memory_allocated()
-        base = _status()["VmRSS"]
+        base = memory_status()["VmRSS"]
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         return base
@@ -94,7 +94,7 @@ class StepMeter(TrainerCallback):
     def _memory_peak(self) -> int:
         if self.cuda:
             return torch.cuda.max_memory_allocated()
-        return _status()["VmHWM"]
+        return memory_status()["VmHWM"]
 
     # ---------------------------------------------------------------- Trainer callbacks
     def on_train_begin(self, args, state, control, model=None, **kwargs):
