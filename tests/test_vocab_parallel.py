@@ -33,12 +33,14 @@ KINDS = ["torch"] + [k for k in ("cpu",) if k in available_backends()] + \
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 
-def start(world: int, tmp: Path) -> list[subprocess.Popen]:
-    """Start ``world`` ranks (torchrun's environment variables, a file rendezvous)."""
+def start(world: int, tmp: Path, worker: Path = WORKER, code: str | None = None) -> list[subprocess.Popen]:
+    """Start ``world`` ranks of ``worker`` (torchrun's environment variables, a file rendezvous)
+    on the package in ``code`` (default: this checkout)."""
+    code = code or str(WORKER.parent.parent)
     env = dict(os.environ, WORLD_SIZE=str(world), INIT_FILE=str(tmp / "rendezvous"), OUT=str(tmp),
                GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1", COLLECTIVE_TIMEOUT="60",
-               PYTHONPATH=os.pathsep.join([str(WORKER.parent.parent), os.environ.get("PYTHONPATH", "")]))
-    return [subprocess.Popen([sys.executable, str(WORKER)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+               PYTHONPATH=os.pathsep.join([code, str(worker.parent), os.environ.get("PYTHONPATH", "")]))
+    return [subprocess.Popen([sys.executable, str(worker)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
 
 
@@ -52,7 +54,7 @@ def finish(procs: list[subprocess.Popen], tmp: Path, deadline: float) -> list[di
         for p in procs:
             p.kill()
         tails = [p.communicate()[0][-1500:] for p in procs]
-        pytest.fail(f"a rank hung: killed after {LAUNCH_TIMEOUT} s; the ranks' last lines:\n" + "\n".join(
+        pytest.fail("a rank hung: killed at the launch's deadline; the ranks' last lines:\n" + "\n".join(
             f"--- rank {r}\n{t}" for r, t in enumerate(tails)))
     for r, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"rank {r} of {len(procs)} exited with {p.returncode}:\n{log[-4000:]}"

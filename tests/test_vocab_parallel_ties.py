@@ -11,15 +11,14 @@ ranks 1 and 2, then the 3-rank world), for the slice kernels of every backend us
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+
+from test_vocab_parallel import failures, finish, start
 
 WORKER = Path(__file__).with_name("vocab_parallel_ties_worker.py")
 LAUNCH_TIMEOUT = 600
@@ -31,38 +30,14 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 def launches(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vocab_parallel_ties")
     # the code under test: this checkout (VP_CODE overrides: to run these tests on other code)
-    code = os.environ.get("VP_CODE", str(WORKER.parent.parent))
-    env = dict(os.environ, WORLD_SIZE="3", INIT_FILE=str(tmp / "rendezvous"), OUT=str(tmp), GLOO_SOCKET_IFNAME="lo",
-               MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1", COLLECTIVE_TIMEOUT="60",
-               PYTHONPATH=os.pathsep.join([code, str(WORKER.parent), os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, str(WORKER)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(3)]
-    deadline, logs = time.monotonic() + LAUNCH_TIMEOUT, []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        tails = [p.communicate()[0][-1500:] for p in procs]
-        pytest.fail(f"a rank hung: killed after {LAUNCH_TIMEOUT} s:\n" + "\n".join(
-            f"--- rank {r}\n{t}" for r, t in enumerate(tails)))
-    bad = [f"--- rank {r} exited with {p.returncode}:\n{log[-3000:]}" for r, (p, log) in enumerate(zip(procs, logs))
-           if p.returncode]
-    assert not bad, "\n".join(bad)
-    ranks = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(3)]
+    procs = start(3, tmp, WORKER, os.environ.get("VP_CODE"))
+    ranks = finish(procs, tmp, time.monotonic() + LAUNCH_TIMEOUT)
     return {2: [ranks[1]["2"], ranks[2]["2"]], 3: [r["3"] for r in ranks]}
 
 
 @pytest.fixture(params=[2, 3], ids=lambda w: f"{w}ranks")
 def records(request, launches):
     return launches[request.param]
-
-
-def failures(records, test):
-    rows = [(r, rec) for r, recs in enumerate(records) for rec in recs if rec["test"] == test]
-    assert rows, f"no records of {test}"
-    return [f"rank {r} {rec['kind']} {rec['case']}: {rec['error']}" for r, rec in rows if not rec["ok"]]
 
 
 def test_ties_equal_the_torch_backend_on_every_layout(records):
