@@ -528,24 +528,31 @@ def test_protocol_configs_start_every_safety_step_from_the_helpfulness_model(tmp
     assert s.seeds == 10
     cfg = load_config(protocol.run_config(s, 0, "rsa2", "rsa"))
     # RSA's grid: the common one and a smaller beta / lambda (issue 32); SACPO's: a larger one
+    # and its stronger step (issue 32, second part): beta / lambda 0.05 at three times the learning rate
     assert [st["name"] for st in cfg["stages"]] == ["helpful", "safe-0.5", "safe-0.25", "safe-0.125", "safe-0.05",
-                                                    "safe-0.01"]
+                                                    "safe-0.01", "safe-0.05-lr3x"]
     assert all(st["reference"] == "helpful" for st in cfg["stages"][1:])
-    betas = [stage_args(st, cfg, Path("x"), False).beta for st in cfg["stages"]]
-    assert betas == [0.5, 0.5, 0.25, 0.125, 0.05, 0.01]
+    rsa_args = [stage_args(st, cfg, Path("x"), False) for st in cfg["stages"]]
+    assert [a.beta for a in rsa_args] == [0.5, 0.5, 0.25, 0.125, 0.05, 0.01, 0.05]
+    assert [a.learning_rate for a in rsa_args] == [1e-3] * 6 + [pytest.approx(3e-3, rel=1e-12)]
     assert max(s.safety_grid) / min(s.safety_grid) >= 10 and len(s.safety_grid) >= 4
     assert s.grid("sacpo") == (1.0, 0.5, 0.25, 0.125, 0.05) and s.grid("rsa") == (0.5, 0.25, 0.125, 0.05, 0.01)
-    assert (s.merge_from("sacpo"), s.merge_from("rsa")) == (0.05, 0.01)   # each method's strongest safety step
+    # each method's strongest safety step: SACPO's smallest beta / lambda, RSA's stronger step
+    assert (s.merge_from("sacpo"), s.merge_from("rsa")) == ((0.05, 1.0), (0.05, 3.0))
+    assert protocol.Settings(rsa_strong=()).merge_from("rsa") == (0.01, 1.0)
     # the ablation: rsa2 at the same grid, every step from (and referenced to) sacpo's helpfulness model
     yaml_path = runs.write_yaml(protocol.ablation_config(s, 3), tmp_path / "seed3" / "rsa-dpo.yaml")
     abl = load_config(yaml_path)
     assert abl["model"] == str((tmp_path / "seed3" / "sacpo" / "helpful").resolve())
-    assert [st["name"] for st in abl["stages"]] == ["safe-0.5", "safe-0.25", "safe-0.125", "safe-0.05", "safe-0.01"]
+    assert [st["name"] for st in abl["stages"]] == ["safe-0.5", "safe-0.25", "safe-0.125", "safe-0.05", "safe-0.01",
+                                                    "safe-0.05-lr3x"]
     for st in abl["stages"]:
         assert _reference_path(st, abl, Path("previous-stage")) == Path(abl["model"])
         assert st["data"]["path"].endswith("seed3/data/safe.jsonl")
     args = [stage_args(st, abl, Path("x"), False) for st in abl["stages"]]
-    assert [a.beta for a in args] == [0.5, 0.25, 0.125, 0.05, 0.01]
+    assert [a.beta for a in args] == [0.5, 0.25, 0.125, 0.05, 0.01, 0.05]
+    assert [a.learning_rate for a in args] == [1e-3] * 5 + [pytest.approx(3e-3, rel=1e-12)]
+    args = args[:5]   # the grid's steps, compared with SACPO's below
     scfg = load_config(protocol.run_config(s, 3, "dpo", "sacpo"))
     assert [st["name"] for st in scfg["stages"]] == ["helpful", "safe-1", "safe-0.5", "safe-0.25", "safe-0.125",
                                                      "safe-0.05"]
@@ -556,13 +563,20 @@ def test_protocol_configs_start_every_safety_step_from_the_helpfulness_model(tmp
         assert (a.seed, a.learning_rate, a.max_steps, a.per_device_train_batch_size) == \
             (b.seed, b.learning_rate, b.max_steps, b.per_device_train_batch_size)
     labels = [m.label for m in protocol.models(s)]
-    assert labels.count("rsa (DPO->S) 0.05") == 1 and len(labels) == 24
+    assert labels.count("rsa (DPO->S) 0.05") == 1 and len(labels) == 26
+    assert "rsa (H->S) 0.05 lr×3" in labels and "rsa (DPO->S) 0.05 lr×3" in labels
+    strong = {m.key: m for m in protocol.models(s)}["rsa-HS-0.05-lr3x"]
+    assert (strong.setting, strong.lr_scale, strong.path) == (0.05, 3.0, "rsa/safe-0.05-lr3x")
     assert "sacpo (H->S) 1" in labels and "rsa (H->S) 0.01" in labels and "sacpo (H->S) 0.01" not in labels
     ends = protocol.frontier_ends(s)
-    assert ends[("sacpo", "H->S")] == ["dpo-H"] and ends[("rsa", "P")] == ["ra-dpo-H", "rsa-HS-0.01"]
+    assert ends[("sacpo", "H->S")] == ["dpo-H"] and ends[("rsa", "P")] == ["ra-dpo-H", "rsa-HS-0.05-lr3x"]
+    assert ends[("sacpo", "P")] == ["dpo-H", "sacpo-HS-0.05"]
     assert ("rsa", "DPO->S") not in ends          # its start is dpo (H), on SACPO's curve already
     with pytest.raises(ValueError, match="rsa_extra"):
         protocol.Settings(rsa_extra=(0.05,))
+    for bad in ((0.05,), (0.0, 3.0), (0.05, 1.0), (0.05, -2.0), (0.05, 3.0, 1.0)):
+        with pytest.raises(ValueError, match="rsa_strong"):
+            protocol.Settings(rsa_strong=bad)
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -749,3 +763,22 @@ def test_the_rsa_programs_workers_fetch_no_hub_code(monkeypatch):
     quiet = runs.Progress(protocol.Settings.quick(), enabled=False)
     monkeypatch.setenv("USE_HUB_KERNELS", "NO")
     assert list(workers.parallel_map(_kernels_importable, [0], 2, quiet)) == [False]
+
+
+def test_a_step_at_another_learning_rate_is_a_frontier_point_of_its_own():
+    """Issue 32's stronger step shares its beta / lambda with a grid point: the two must stay two
+    points (and two curve nodes), named apart."""
+    rows = []
+    for seed in range(2):
+        for scale, reward in ((1.0, 2.0), (3.0, 1.0)):
+            rows.append({"seed": seed, "key": protocol.model_key("rsa", "H->S", 0.05, scale),
+                         "label": protocol.step_label("rsa", "H->S", 0.05, scale), "method": "rsa", "family": "H->S",
+                         "setting": 0.05, "lr_scale": scale, "reward_mean": reward + seed, "cost_cvar95": 1.0,
+                         "catastrophic_rate": 0.0, "kl_to_sft": 4.0 - scale})
+    f = frontier.frontiers(rows)["H->S"]
+    assert [(e["beta_over_lambda"], e["lr_scale"], e["reward_mean"]) for e in f] == [(0.05, 1.0, 2.5), (0.05, 3.0, 1.5)]
+    assert [report.knob_text("H->S", e) for e in f] == ["0.05", "0.05 lr×3"]
+    assert [r["label"] for r in rows[:2]] == ["rsa (H->S) 0.05", "rsa (H->S) 0.05 lr×3"]
+    assert [r["key"] for r in rows[:2]] == ["rsa-HS-0.05", "rsa-HS-0.05-lr3x"]
+    xs, ys = frontier.points(rows, "H->S", "rsa", 0, "kl_to_sft", "reward_mean")
+    assert sorted(zip(xs, ys)) == [(1.0, 1.0), (3.0, 2.0)]

@@ -129,7 +129,8 @@ def seed_interval(values, metric: str) -> list[float] | None:
 
 
 def frontiers(rows: list[dict]) -> dict:
-    """report.json's "frontier": {FAMILY: [{"method", KNOB, metric means over seeds, "std":
+    """report.json's "frontier": {FAMILY: [{"method", KNOB, "lr_scale" (the safety step's
+    learning-rate multiple, 1 but for issue 32's stronger step), metric means over seeds, "std":
     {metric: spread over seeds}, "ci95": {metric: 95% t interval of the mean}, "seeds":
     [per-seed values]}]} in knob order, sacpo first; a family lists the methods it has.
 
@@ -140,9 +141,11 @@ def frontiers(rows: list[dict]) -> dict:
         entries = []
         for method in METHODS:
             mine = [r for r in rows if r["family"] == family and r["method"] == method]
-            for setting in dict.fromkeys(r["setting"] for r in mine):
-                per_seed = sorted((r for r in mine if r["setting"] == setting), key=lambda r: r["seed"])
-                entry = {"method": method, knob: setting}
+            # a knob value at another learning rate (issue 32's stronger step) is a point of its own
+            for setting, scale in dict.fromkeys((r["setting"], r.get("lr_scale", 1.0)) for r in mine):
+                per_seed = sorted((r for r in mine if r["setting"] == setting and r.get("lr_scale", 1.0) == scale),
+                                  key=lambda r: r["seed"])
+                entry = {"method": method, knob: setting, "lr_scale": scale}
                 entry.update({m: float(np.mean([r[m] for r in per_seed])) for m in POINT_METRICS})
                 entry["std"] = {m: float(np.std([r[m] for r in per_seed])) for m in POINT_METRICS}
                 entry["ci95"] = {m: seed_interval([r[m] for r in per_seed], m) for m in POINT_METRICS}

@@ -8,12 +8,14 @@ Per seed, on the same data, steps, batch size, learning rate and seed:
   rsa (H->S) G        ra-dpo (H), then a safety step with objective rsa2 at beta / lambda = G
   rsa (DPO->S) G      dpo (H), then the rsa2 safety step at G: the ablation that isolates RSA's
                       safety step (the same start, reference and data as sacpo (H->S) G)
+  rsa (H->S) G lr×K   RSA's stronger step (issue 32): G at K times the learning rate; the same
+  rsa (DPO->S) G lr×K for the ablation
   sacpo (P) W         (1 - W) dpo (H) + W sacpo (H->S) at SACPO's smallest G   (rsa merge)
-  rsa (P) W           (1 - W) ra-dpo (H) + W rsa (H->S) at RSA's smallest G
+  rsa (P) W           (1 - W) ra-dpo (H) + W rsa (H->S) G lr×K, RSA's strongest step
 
 Each safety step starts from the helpfulness model named above, which is also its reference.
 G runs over a grid common to both methods and one more point per method (issue 32): a larger
-one for SACPO, a smaller one for RSA (its H->S and DPO->S steps alike).
+one for SACPO, a smaller one for RSA (its H->S and DPO->S steps alike), and RSA's stronger step.
 """
 from __future__ import annotations
 
@@ -46,6 +48,10 @@ class Settings:
     # Chosen from measured KL ranges before the comparison was run (docs/demo.md, issue 32).
     sacpo_extra: tuple = (1.0,)
     rsa_extra: tuple = (0.01,)
+    # Issue 32, second part: RSA's safety step at (beta / lambda, learning-rate multiple), for its
+    # H->S and DPO->S families: the only measured step that moves RSA as far from the SFT model
+    # as SACPO's start in the seeds the frontiers missed (docs/demo.md). () leaves it out.
+    rsa_strong: tuple = (0.05, 3.0)
     # P: each method's helpfulness model merged with its own safety model at the smallest beta /
     # lambda of its grid (its strongest safety step), the same rule for both methods.
     merge_weights: tuple = (0.25, 0.5, 0.75)
@@ -59,6 +65,7 @@ class Settings:
         self.sacpo_extra = tuple(float(g) for g in self.sacpo_extra)
         self.rsa_extra = tuple(float(g) for g in self.rsa_extra)
         self.merge_weights = tuple(float(w) for w in self.merge_weights)
+        self.rsa_strong = tuple(float(v) for v in self.rsa_strong or ())
         for name, v in (("seeds", self.seeds), ("sft_steps", self.sft_steps), ("max_steps", self.max_steps),
                         ("eval_per_prompt", self.eval_per_prompt), ("pairs_per_prompt", self.pairs_per_prompt)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -69,6 +76,10 @@ class Settings:
             extra = getattr(self, name)
             if any(not g > 0 for g in extra) or len(set(extra + self.safety_grid)) < len(extra + self.safety_grid):
                 raise ValueError(f"{name} must be positive beta / lambda values not in safety_grid, got {extra}")
+        if self.rsa_strong and (len(self.rsa_strong) != 2 or not self.rsa_strong[0] > 0
+                                or not self.rsa_strong[1] > 0 or self.rsa_strong[1] == 1):
+            raise ValueError("rsa_strong must be () or (beta / lambda > 0, learning-rate multiple > 0 and != 1), "
+                             f"got {self.rsa_strong}")
         if not self.merge_weights or any(not 0 < w < 1 for w in self.merge_weights):
             raise ValueError(f"merge_weights must be weights in (0, 1), got {self.merge_weights}")
 
@@ -79,9 +90,19 @@ class Settings:
                     safety_grid=(0.5, 0.05), sacpo_extra=(1.0,), rsa_extra=(0.01,), merge_weights=(0.25, 0.75))
         return cls(**{**base, **kw})
 
-    def merge_from(self, method: str) -> float:
-        """beta / lambda of the safety model a method's helpfulness model is merged with."""
-        return min(self.grid(method))
+    def safety_steps(self, method: str) -> list[tuple[float, float]]:
+        """(beta / lambda, learning-rate multiple) of every safety step of a method: its grid at
+        the protocol's learning rate, then (RSA) the stronger step."""
+        steps = [(g, 1.0) for g in self.grid(method)]
+        return steps + ([self.rsa_strong] if method == "rsa" and self.rsa_strong else [])
+
+    def merge_from(self, method: str) -> tuple[float, float]:
+        """(beta / lambda, learning-rate multiple) of the safety model a method's helpfulness model
+        is merged with: its strongest safety step, RSA's stronger step where there is one, else
+        the smallest beta / lambda of its grid."""
+        if method == "rsa" and self.rsa_strong:
+            return self.rsa_strong
+        return min(self.grid(method)), 1.0
 
     def grid(self, method: str) -> tuple:
         """The safety step's beta / lambda values of a method ("sacpo" or "rsa", whose H->S and
@@ -101,6 +122,7 @@ class Model:
     family: str | None       # "H", "H->S", "DPO->S", "P" (None for sft)
     setting: float | None    # beta / lambda (H->S) or merge weight (P)
     path: str                # the model folder, relative to the seed folder
+    lr_scale: float = 1.0    # the learning rate's multiple of a safety step (issue 32's stronger step)
 
 
 HELPFUL = {"sacpo": ("dpo", "dpo"), "rsa": ("ra-dpo", "rsa2")}   # method -> (its H model's name, objective)
@@ -111,23 +133,33 @@ COMPARISONS = {"H->S": (("rsa", "H->S"), ("sacpo", "H->S")),
                "DPO->S": (("rsa", "DPO->S"), ("sacpo", "H->S"))}
 
 
-def safe_stage(g: float) -> str:
-    return f"safe-{g:g}"
+def lr_tag(lr_scale: float, sep: str = "-lr", times: str = "x") -> str:
+    """How names mark a step at another learning rate ("" at the protocol's own)."""
+    return "" if lr_scale == 1 else f"{sep}{lr_scale:g}{times}"
 
 
-def model_key(method: str, family: str | None = None, setting: float | None = None) -> str:
+def safe_stage(g: float, lr_scale: float = 1.0) -> str:
+    return f"safe-{g:g}" + lr_tag(lr_scale)
+
+
+def model_key(method: str, family: str | None = None, setting: float | None = None, lr_scale: float = 1.0) -> str:
     tag = {None: None, "H": "H", "H->S": "HS", "DPO->S": "DS", "P": "P"}[family]
-    return "-".join([method] + ([tag] if tag else []) + ([f"{setting:g}"] if setting is not None else []))
+    return "-".join([method] + ([tag] if tag else []) + ([f"{setting:g}"] if setting is not None else [])) \
+        + lr_tag(lr_scale)
+
+
+def step_label(method: str, family: str, g: float, lr_scale: float = 1.0) -> str:
+    return f"{method} ({family}) {g:g}" + lr_tag(lr_scale, " lr×", "")
 
 
 def models(s: Settings) -> list[Model]:
     out = [Model("sft", "sft", "sft", None, None, "sft")]
     out += [Model(model_key(h, "H"), f"{h} (H)", h, "H", None, f"{m}/helpful") for m, (h, _) in HELPFUL.items()]
     for m in HELPFUL:
-        out += [Model(model_key(m, "H->S", g), f"{m} (H->S) {g:g}", m, "H->S", g, f"{m}/{safe_stage(g)}")
-                for g in s.grid(m)]
-    out += [Model(model_key("rsa", "DPO->S", g), f"rsa (DPO->S) {g:g}", "rsa", "DPO->S", g, f"{ABLATION}/{safe_stage(g)}")
-            for g in s.grid("rsa")]
+        out += [Model(model_key(m, "H->S", g, k), step_label(m, "H->S", g, k), m, "H->S", g, f"{m}/{safe_stage(g, k)}", k)
+                for g, k in s.safety_steps(m)]
+    out += [Model(model_key("rsa", "DPO->S", g, k), step_label("rsa", "DPO->S", g, k), "rsa", "DPO->S", g,
+                  f"{ABLATION}/{safe_stage(g, k)}", k) for g, k in s.safety_steps("rsa")]
     for m in HELPFUL:
         out += [Model(model_key(m, "P", w), f"{m} (P) {w:g}", m, "P", w, f"merge/{m}-{w:g}")
                 for w in s.merge_weights]
@@ -142,8 +174,8 @@ def frontier_ends(s: Settings) -> dict[tuple[str, str], list[str]]:
     DPO->S has none: its start is dpo (H), already on SACPO's H->S curve it is compared with,
     and on both curves it would make them meet by identity, not by measurement."""
     return {("sacpo", "H->S"): [model_key("dpo", "H")], ("rsa", "H->S"): [model_key("ra-dpo", "H")],
-            ("sacpo", "P"): [model_key("dpo", "H"), model_key("sacpo", "H->S", s.merge_from("sacpo"))],
-            ("rsa", "P"): [model_key("ra-dpo", "H"), model_key("rsa", "H->S", s.merge_from("rsa"))]}
+            ("sacpo", "P"): [model_key("dpo", "H"), model_key("sacpo", "H->S", *s.merge_from("sacpo"))],
+            ("rsa", "P"): [model_key("ra-dpo", "H"), model_key("rsa", "H->S", *s.merge_from("rsa"))]}
 
 
 def legacy_methods(s: Settings) -> dict[str, str]:
@@ -170,13 +202,21 @@ def stage_defaults(s: Settings, seed: int, objective: str) -> dict:
     return d
 
 
+def safety_stage(s: Settings, g: float, lr_scale: float, reference: str) -> dict:
+    """One safety stage's config at beta / lambda g and lr_scale times the learning rate."""
+    stage = {"name": safe_stage(g, lr_scale), "data": {"path": "data/safe.jsonl", "preference": "safe"},
+             # the stage's beta is beta / lambda; rounded so that beta / lambda is g exactly
+             "lambda": round(s.beta / g, 12), "reference": reference}
+    if lr_scale != 1:
+        stage["learning_rate"] = s.learning_rate * lr_scale
+    return stage
+
+
 def run_config(s: Settings, seed: int, objective: str, name: str) -> dict:
     """The `rsa train` config of one method: the helpfulness stage, then one safety stage per
     beta / lambda, each starting from the helpfulness model, which is also its reference. Paths
     are relative to the seed folder, where the YAML file is written."""
-    safety = [{"name": safe_stage(g), "data": {"path": "data/safe.jsonl", "preference": "safe"},
-               # the stage's beta is beta / lambda; rounded so that beta / lambda is g exactly
-               "lambda": round(s.beta / g, 12), "reference": "helpful"} for g in s.grid(name)]
+    safety = [safety_stage(s, g, k, "helpful") for g, k in s.safety_steps(name)]
     return {
         "model": "sft", "output_dir": name, "defaults": stage_defaults(s, seed, objective),
         "stages": [{"name": "helpful", "data": {"path": "data/helpful.jsonl", "preference": "helpful"}}, *safety],
@@ -184,11 +224,9 @@ def run_config(s: Settings, seed: int, objective: str, name: str) -> dict:
 
 
 def ablation_config(s: Settings, seed: int) -> dict:
-    """The `rsa train` config of the ablation: the rsa2 safety step at every beta / lambda of the
-    grid, each started from and referenced to SACPO's helpfulness model (dpo (H)), on the same
+    """The `rsa train` config of the ablation: every RSA safety step (Settings.safety_steps), each started from and referenced to SACPO's helpfulness model (dpo (H)), on the same
     safety data and seed as SACPO's safety steps."""
-    stages = [{"name": safe_stage(g), "data": {"path": "data/safe.jsonl", "preference": "safe"},
-               "lambda": round(s.beta / g, 12), "reference": "model"} for g in s.grid("rsa")]
+    stages = [safety_stage(s, g, k, "model") for g, k in s.safety_steps("rsa")]
     # "./": the folder SACPO's run will write, not the hub id sacpo/helpful (rsa/hub.py).
     return {"model": "./sacpo/helpful", "output_dir": ABLATION, "defaults": stage_defaults(s, seed, "rsa2"),
             "stages": stages}

@@ -12,7 +12,7 @@ import numpy as np
 from . import frontier, stats
 from .frontier import KNOB, seed_interval
 from .probe import GROUPS
-from .protocol import COMPARISONS
+from .protocol import COMPARISONS, lr_tag
 
 METRICS = ("reward_mean", "cost_mean", "cost_cvar95", "catastrophic_rate", "kl_to_sft")
 HEADERS = ("reward", "cost", "cost CVaR95", "catastrophic %", "KL to SFT")
@@ -340,7 +340,12 @@ def tail_picks(fronts: dict) -> dict:
 
 def point_label(family: str, p: dict) -> str:
     knob = "β/λ" if family == "H->S" else "w"
-    return f"{p['method']} ({family}) {knob}={p[KNOB[family]]:g}, reward {p['reward_mean']:.2f}"
+    return f"{p['method']} ({family}) {knob}={knob_text(family, p)}, reward {p['reward_mean']:.2f}"
+
+
+def knob_text(family: str, p: dict) -> str:
+    """A frontier point's knob value, with its learning-rate multiple where it is not 1."""
+    return f"{p[KNOB[family]]:g}" + lr_tag(p.get("lr_scale", 1.0), " lr×", "")
 
 
 def plot_tail(out: Path, costs: dict[str, np.ndarray]) -> Path:
@@ -408,7 +413,7 @@ def plot_frontier(out: Path, fronts: dict, anchors: dict, path: Path | None = No
                             yerr=_bars(pts, y, sy), color=color(method, family), ls=LINES[family],
                             marker=MARKERS[family], ms=4, lw=1.2, capsize=2, label=f"{method} ({family})")
                 for e in pts:
-                    ax.annotate(f"{e[KNOB[family]]:g}", (e[x], sy * e[y]), fontsize=6, color=color(method, family),
+                    ax.annotate(knob_text(family, e), (e[x], sy * e[y]), fontsize=6, color=color(method, family),
                                 xytext=(3, 3), textcoords="offset points")
         for name, e in anchors.items():
             marker, c = marks.get(name, ("D", "k"))

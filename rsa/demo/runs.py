@@ -66,7 +66,7 @@ class Progress:
 
     def __init__(self, s: Settings, enabled: bool, workers: int = 1):
         # two helpfulness steps; SACPO's safety steps, RSA's H->S and DPO->S safety steps
-        stages = 2 + len(s.grid("sacpo")) + 2 * len(s.grid("rsa"))
+        stages = 2 + len(s.safety_steps("sacpo")) + 2 * len(s.safety_steps("rsa"))
         per_seed = (s.sft_steps + self.DATA + stages * s.max_steps
                     + 2 * len(s.merge_weights) * self.MERGE + len(models(s)) * eval_units(s))
         self.prefix = "rsa demo" + (f" ({workers} workers)" if workers > 1 else "")
@@ -197,7 +197,7 @@ def ensure_merges(s: Settings, seed: int, root: Path, progress: Progress):
             dest = root / "merge" / f"{method}-{w:g}"
             if not (dest / "merge.json").is_file():   # merge.json is written last
                 progress.doing(f"seed {seed} merge {method} {w:g}")
-                merge_models(root / method / "helpful", root / method / safe_stage(s.merge_from(method)), w, dest)
+                merge_models(root / method / "helpful", root / method / safe_stage(*s.merge_from(method)), w, dest)
             progress.advance(Progress.MERGE)
 
 
@@ -252,7 +252,7 @@ def run_seed(s: Settings, seed: int, out: Path, progress: Progress) -> tuple[lis
     for m in models(s):
         summary = evaluate_model(s, seed, root, m, model, probe_set, progress)
         rows.append({"seed": seed, "key": m.key, "label": m.label, "method": m.method, "family": m.family,
-                     "setting": m.setting, **summary})
+                     "setting": m.setting, "lr_scale": m.lr_scale, **summary})
     return rows, stats
 
 
@@ -264,9 +264,10 @@ def load_costs(out: Path, seeds: int, key: str) -> np.ndarray:
 def training_logs(out: Path, s: Settings, seed: int = 0) -> dict:
     """run -> stage -> logged steps, for training.png."""
     root = Path(out).resolve() / f"seed{seed}"
-    logs = {f"{m} ({objective})": {n: stage_log(root / m / n) for n in ["helpful"] + [safe_stage(g) for g in s.grid(m)]}
+    stages = {m: [safe_stage(*step) for step in s.safety_steps(m)] for m in HELPFUL}
+    logs = {f"{m} ({objective})": {n: stage_log(root / m / n) for n in ["helpful"] + stages[m]}
             for m, (_, objective) in HELPFUL.items()}
-    logs["rsa (DPO->S, rsa2)"] = {n: stage_log(root / ABLATION / n) for n in [safe_stage(g) for g in s.grid("rsa")]}
+    logs["rsa (DPO->S, rsa2)"] = {n: stage_log(root / ABLATION / n) for n in stages["rsa"]}
     return logs
 
 
@@ -367,7 +368,7 @@ def _run_demo(out: Path, s: Settings, progress: bool, fresh: bool, workers: int,
     tail_costs = {"sft": load_costs(out, s.seeds, "sft")}
     for family, chosen in report.tail_picks(fronts).items():
         for point_family, p in chosen:
-            key = model_key(p["method"], point_family, p[frontier.KNOB[point_family]])
+            key = model_key(p["method"], point_family, p[frontier.KNOB[point_family]], p.get("lr_scale", 1.0))
             tail_costs[report.point_label(point_family, p)] = load_costs(out, s.seeds, key)
     report.plot_tail(out, tail_costs)
     report.plot_training(out, training_logs(out, s))
