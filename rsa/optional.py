@@ -20,6 +20,9 @@ import os
 import sys
 
 OPTIONAL = ("peft", "bitsandbytes", "deepspeed")
+# The packages a process keeps out, for the Python processes it starts (`rsa demo`'s workers):
+# sys.modules is not inherited, the environment is.
+KEPT_OUT_VARIABLE = "RSA_KEPT_OUT"
 # bitsandbytes' CPU backend logs this when `kernels` cannot give it the hub kernel; it then
 # uses the kernel of its own library (libbitsandbytes_cpu), which is what we want.
 _BNB_LOGGER = "bitsandbytes.backends.cpu.ops"
@@ -47,13 +50,24 @@ def _drop_bnb_fallback_warning(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith(_BNB_FALLBACK)
 
 
-def keep_out(names) -> list[str]:
+def keep_out(names, children: bool = False) -> list[str]:
     """Make the packages ``names`` unimportable in this process (their availability checks say
-    no), unless already imported. Returns the names kept out."""
+    no), unless already imported; with ``children``, in the processes it starts that call
+    follow_parent() too. Returns the names kept out."""
     out = [name for name in names if name not in sys.modules]
     for name in out:
         sys.modules[name] = None
+    if children:
+        os.environ[KEPT_OUT_VARIABLE] = ",".join(names)
     return out
+
+
+def follow_parent():
+    """In a process an `rsa` program started: the same rules as the program (no code from the
+    hub, the packages it kept out for its children)."""
+    if os.environ.get("USE_HUB_KERNELS") == "NO":
+        no_code_from_the_hub()
+    keep_out([n for n in os.environ.get(KEPT_OUT_VARIABLE, "").split(",") if n in OPTIONAL])
 
 
 def deepspeed_from_the_launcher() -> bool:

@@ -658,12 +658,12 @@ def test_rsa_demo_quick_killed_then_resumed(tmp_path):
     assert all(rep["methods"][m]["kl_to_sft"] > 0 for m in ("dpo", "ra-dpo", "sacpo", "rsa"))   # training moved them
     assert set(rep["frontier"]) == {"H->S", "DPO->S", "P"}
     for family, knob, points in (
-            ("H->S", "beta_over_lambda", [("sacpo", 1.0), ("sacpo", 0.5), ("sacpo", 0.05),
-                                          ("rsa", 0.5), ("rsa", 0.05), ("rsa", 0.01)]),
-            ("DPO->S", "beta_over_lambda", [("rsa", 0.5), ("rsa", 0.05), ("rsa", 0.01)]),
-            ("P", "merge_weight", [(m, w) for m in ("sacpo", "rsa") for w in (0.25, 0.75)])):
+            ("H->S", "beta_over_lambda", [("sacpo", 1.0, 1), ("sacpo", 0.5, 1), ("sacpo", 0.05, 1),
+                                          ("rsa", 0.5, 1), ("rsa", 0.05, 1), ("rsa", 0.01, 1), ("rsa", 0.05, 3)]),
+            ("DPO->S", "beta_over_lambda", [("rsa", 0.5, 1), ("rsa", 0.05, 1), ("rsa", 0.01, 1), ("rsa", 0.05, 3)]),
+            ("P", "merge_weight", [(m, w, 1) for m in ("sacpo", "rsa") for w in (0.25, 0.75)])):
         entries = rep["frontier"][family]
-        assert [(e["method"], e[knob]) for e in entries] == points
+        assert [(e["method"], e[knob], e["lr_scale"]) for e in entries] == points
         for e in entries:
             assert set(e["std"]) == set(e["ci95"]) == set(frontier.POINT_METRICS)
             assert all(np.isfinite(e[k]) for k in frontier.POINT_METRICS)
@@ -782,3 +782,43 @@ def test_a_step_at_another_learning_rate_is_a_frontier_point_of_its_own():
     assert [r["key"] for r in rows[:2]] == ["rsa-HS-0.05", "rsa-HS-0.05-lr3x"]
     xs, ys = frontier.points(rows, "H->S", "rsa", 0, "kl_to_sft", "reward_mean")
     assert sorted(zip(xs, ys)) == [(1.0, 1.0), (3.0, 2.0)]
+
+
+def _optional_packages_seen(job, progress):
+    """In a worker: the optional packages loaded once the trainer is imported, and whether
+    accelerate would take DeepSpeed as available (what made it import DeepSpeed and print its
+    accelerator line in every worker)."""
+    import rsa.stepwise  # noqa: F401
+    from accelerate.utils import is_deepspeed_available
+    loaded = {m.split(".")[0] for m, v in sys.modules.items() if v is not None}
+    return sorted(loaded & {"peft", "bitsandbytes", "deepspeed", "kernels"}), is_deepspeed_available()
+
+
+def test_the_demo_workers_keep_out_what_the_rsa_program_kept_out(monkeypatch):
+    from rsa import optional
+    from rsa.demo import workers
+
+    quiet = runs.Progress(protocol.Settings.quick(), enabled=False)
+    monkeypatch.setenv("USE_HUB_KERNELS", "NO")
+    monkeypatch.setenv(optional.KEPT_OUT_VARIABLE, ",".join(optional.OPTIONAL))
+    [(loaded, deepspeed)] = list(workers.parallel_map(_optional_packages_seen, [None], 2, quiet))
+    assert loaded == [] and not deepspeed
+    # without the rule the same imports reach them (where installed): the check above can fail
+    monkeypatch.delenv(optional.KEPT_OUT_VARIABLE)
+    monkeypatch.delenv("USE_HUB_KERNELS")
+    [(loaded, deepspeed)] = list(workers.parallel_map(_optional_packages_seen, [None], 2, quiet))
+    import importlib.util
+    if importlib.util.find_spec("peft") is not None:
+        assert "peft" in loaded
+    assert bool(deepspeed) == (importlib.util.find_spec("deepspeed") is not None)
+
+
+def test_keep_out_for_children_names_the_packages_in_the_environment(monkeypatch):
+    from rsa import optional
+
+    monkeypatch.delenv(optional.KEPT_OUT_VARIABLE, raising=False)
+    monkeypatch.setitem(sys.modules, "rsa_test_optional_pkg", None)
+    optional.keep_out(["rsa_test_optional_pkg"])
+    assert optional.KEPT_OUT_VARIABLE not in os.environ          # this process only
+    optional.keep_out(["rsa_test_optional_pkg"], children=True)
+    assert os.environ[optional.KEPT_OUT_VARIABLE] == "rsa_test_optional_pkg"

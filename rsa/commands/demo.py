@@ -29,6 +29,11 @@ def run(args) -> int:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    if getattr(args, "_own_process", False):
+        # the demo trains full-weight models on the CPU: no PEFT, bitsandbytes or DeepSpeed, in
+        # this process and in its workers (whose Trainer imports would otherwise load them)
+        from rsa.optional import OPTIONAL, keep_out
+        keep_out(OPTIONAL, children=True)
     from rsa.demo.report import summary_text
     from rsa.demo.runs import Settings, run_demo
 

@@ -81,12 +81,11 @@ def _watch_parent(parent: int):
 
 
 def _init_worker(queue, parent: int):
-    if os.environ.get("USE_HUB_KERNELS") == "NO":
-        # the `rsa` program's rule (rsa.optional) holds in its spawned workers too: only the
-        # environment variable is inherited, `kernels` must be kept out here again before a
-        # job's imports reach bitsandbytes
-        from rsa.optional import no_code_from_the_hub
-        no_code_from_the_hub()
+    # the `rsa` program's rules (rsa.optional) hold in its spawned workers too: only the
+    # environment is inherited, so `kernels` and the optional packages the program kept out
+    # are kept out here again, before a job's imports reach them
+    from rsa.optional import follow_parent
+    follow_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     _worker["queue"] = queue
