@@ -822,3 +822,4 @@ def test_keep_out_for_children_names_the_packages_in_the_environment(monkeypatch
     assert optional.KEPT_OUT_VARIABLE not in os.environ          # this process only
     optional.keep_out(["rsa_test_optional_pkg"], children=True)
     assert os.environ[optional.KEPT_OUT_VARIABLE] == "rsa_test_optional_pkg"
+

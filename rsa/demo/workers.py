@@ -113,9 +113,17 @@ def parallel_map(fn, jobs: list, workers: int, progress, env: dict[str, str] | N
     reader = threading.Thread(target=_drain, args=(queue, progress), daemon=True)
     reader.start()
     try:
-        # the context manager terminates the workers on any exit, an error or Ctrl-C included
-        with isa.environment(env), ctx.Pool(workers, initializer=_init_worker, initargs=(queue, os.getpid())) as pool:
+        with isa.environment(env):
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(queue, os.getpid()))
+        try:
             yield from pool.imap_unordered(_call, [(fn, job) for job in jobs])
+            # Done: the workers exit on their own, so that their exit handlers release what the
+            # libraries in them hold (a spawned worker's tqdm lock is a named semaphore, which a
+            # terminated worker leaves to the resource tracker's "leaked semaphore" warning).
+            pool.close()
+            pool.join()
+        finally:
+            pool.terminate()   # on an error or Ctrl-C; a no-op once the workers have exited
     finally:
         queue.put(None)
         reader.join()
