@@ -52,8 +52,8 @@ class Settings:
     # H->S and DPO->S families: the only measured step that moves RSA as far from the SFT model
     # as SACPO's start in the seeds the frontiers missed (docs/demo.md). () leaves it out.
     rsa_strong: tuple = (0.05, 3.0)
-    # P: each method's helpfulness model merged with its own safety model at the smallest beta /
-    # lambda of its grid (its strongest safety step), the same rule for both methods.
+    # P: each method's helpfulness model merged with its own strongest safety step (merge_from),
+    # the same rule for both methods.
     merge_weights: tuple = (0.25, 0.5, 0.75)
     rsa_risk: str = "cvar:0.9"
     rsa_alpha: float = 0.5
@@ -224,8 +224,9 @@ def run_config(s: Settings, seed: int, objective: str, name: str) -> dict:
 
 
 def ablation_config(s: Settings, seed: int) -> dict:
-    """The `rsa train` config of the ablation: every RSA safety step (Settings.safety_steps), each started from and referenced to SACPO's helpfulness model (dpo (H)), on the same
-    safety data and seed as SACPO's safety steps."""
+    """The `rsa train` config of the ablation: every RSA safety step (Settings.safety_steps),
+    each started from and referenced to SACPO's helpfulness model (dpo (H)), on the same safety
+    data and seed as SACPO's safety steps."""
     stages = [safety_stage(s, g, k, "model") for g, k in s.safety_steps("rsa")]
     # "./": the folder SACPO's run will write, not the hub id sacpo/helpful (rsa/hub.py).
     return {"model": "./sacpo/helpful", "output_dir": ABLATION, "defaults": stage_defaults(s, seed, "rsa2"),
