@@ -72,16 +72,21 @@ def test_sampling_stops_at_eos_and_kl_matches_a_direct_sum():
         ended |= seq[:, t] == task.EOS_ID
     assert torch.all(evaluate.sequence_kl(a, a, seq, p.shape[1]) == 0)
     kl = evaluate.sequence_kl(a, b, seq, p.shape[1])
-    # direct: one sample, position by position, until EOS
-    row, expect = seq[0], 0.0
+    assert float(kl[0]) == pytest.approx(_direct_kl(a, b, seq[0], p.shape[1]), rel=1e-4)
+
+
+def _direct_kl(a, b, row: torch.Tensor, prompt_len: int) -> float:
+    """KL(a || b) of one sample's next-token distributions, position by position, up to and
+    including the step that emits the first EOS or PAD."""
+    expect = 0.0
     with torch.no_grad():
-        for t in range(p.shape[1], seq.shape[1]):
+        for t in range(prompt_len, row.shape[0]):
             lp = torch.log_softmax(a(input_ids=row[None, :t]).logits[0, -1], -1)
             lq = torch.log_softmax(b(input_ids=row[None, :t]).logits[0, -1], -1)
             expect += float((lp.exp() * (lp - lq)).sum())
             if int(row[t]) in (task.EOS_ID, task.PAD_ID):
                 break
-    assert float(kl[0]) == pytest.approx(expect, rel=1e-4)
+    return expect
 
 
 def test_kl_and_scored_text_use_the_same_tokens_when_pad_is_sampled():
@@ -103,15 +108,7 @@ def test_kl_and_scored_text_use_the_same_tokens_when_pad_is_sampled():
     assert early_pad, "no row sampled PAD before other tokens: the case is not exercised"
     kl = evaluate.sequence_kl(a, b, seq, p.shape[1])
     i = early_pad[0]
-    row, expect = seq[i], 0.0
-    with torch.no_grad():
-        for t in range(p.shape[1], seq.shape[1]):
-            lp = torch.log_softmax(a(input_ids=row[None, :t]).logits[0, -1], -1)
-            lq = torch.log_softmax(b(input_ids=row[None, :t]).logits[0, -1], -1)
-            expect += float((lp.exp() * (lp - lq)).sum())
-            if int(row[t]) in (task.EOS_ID, task.PAD_ID):
-                break
-    assert float(kl[i]) == pytest.approx(expect, rel=1e-4)
+    assert float(kl[i]) == pytest.approx(_direct_kl(a, b, seq[i], p.shape[1]), rel=1e-4)
 
 
 def test_preference_files_are_read_back_by_the_trainer_data_path(tmp_path):

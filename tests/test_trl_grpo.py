@@ -26,19 +26,11 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from rsa.integrations.trl import RSAGRPOConfig, RSAGRPOTrainer  # noqa: E402
 from rsa.integrations.trl_grpo import exact_penalty  # noqa: E402
+from test_trl_integration import make_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = [f"w{i}" for i in range(40)]
 GROUP = 4  # completions per prompt
 PROMPTS = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9", "w3", "w10 w11", "w12 w13 w14"]
-
-
-def make_tokenizer():
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "<unk>", "</s>"] + WORDS)}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>",
-                                                unk_token="<unk>")
 
 
 def make_policy(folder: Path, vocab_size=43, bias=False):

@@ -50,6 +50,17 @@ def _cell(e: dict) -> str:
     return f"{e['outcome']}: {scale * e['diff_mean']:+.2f}{ci}"
 
 
+def _probe_rows(a: dict, b: dict, section: str, name) -> list[tuple]:
+    """(name(key), group, run a's cell, run b's cell, "yes" | "NO") for every probe outcome of
+    report.json's mechanism[section] ({key: {group: outcome entry}})."""
+    rows = []
+    for key, groups in a.get("mechanism", {}).get(section, {}).items():
+        for group, ea in groups.items():
+            eb = b["mechanism"][section][key][group]
+            rows.append((name(key), group, _cell(ea), _cell(eb), "yes" if ea["outcome"] == eb["outcome"] else "NO"))
+    return rows
+
+
 def compare(a: dict, b: dict, names=("run A", "run B")) -> tuple[str, bool]:
     """The outcomes of two runs side by side, the matched comparisons' and the probe's; (tables,
     whether every outcome and the verdict agree)."""
@@ -65,21 +76,10 @@ def compare(a: dict, b: dict, names=("run A", "run B")) -> tuple[str, bool]:
                 rows.append((AXIS_NAMES[axis].split(" (")[0], family, label, _cell({**ea, "_metric": metric}),
                              _cell({**eb, "_metric": metric}), "yes" if agree else "NO"))
     probe = [("probe: rsa (DPO->S) - sacpo (H->S)", "group", *names, "same outcome")]
-    for setting, groups in a.get("mechanism", {}).get("rsa_dpo_minus_sacpo", {}).items():
-        for group, ea in groups.items():
-            eb = b["mechanism"]["rsa_dpo_minus_sacpo"][setting][group]
-            agree = ea["outcome"] == eb["outcome"]
-            same &= agree
-            cell = lambda e: (e["outcome"] if e["diff_mean"] is None else f"{e['outcome']}: {e['diff_mean']:+.2f}"
-                              + ("" if e["ci95"] is None else f" [{e['ci95'][0]:+.2f}, {e['ci95'][1]:+.2f}]"))
-            probe.append((f"beta / lambda {setting}", group, cell(ea), cell(eb), "yes" if agree else "NO"))
+    probe += _probe_rows(a, b, "rsa_dpo_minus_sacpo", lambda setting: f"beta / lambda {setting}")
     kl_probe = [("probe at matched KL", "group", *names, "same outcome")]
-    for family, groups in a.get("mechanism", {}).get("matched_kl", {}).items():
-        for group, ea in groups.items():
-            eb = b["mechanism"]["matched_kl"][family][group]
-            agree = ea["outcome"] == eb["outcome"]
-            same &= agree
-            kl_probe.append((family, group, _cell(ea), _cell(eb), "yes" if agree else "NO"))
+    kl_probe += _probe_rows(a, b, "matched_kl", lambda family: family)
+    same &= all(r[-1] == "yes" for r in probe[1:] + kl_probe[1:])
     verdict_same = verdict_line(a) == verdict_line(b)
     text = _layout(rows) + ("\n\n" + _layout(probe) if len(probe) > 1 else "")
     text += "\n\n" + _layout(kl_probe) if len(kl_probe) > 1 else ""

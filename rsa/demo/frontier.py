@@ -140,11 +140,13 @@ def frontiers(rows: list[dict]) -> dict:
     for family, knob in KNOB.items():
         entries = []
         for method in METHODS:
-            mine = [r for r in rows if r["family"] == family and r["method"] == method]
             # a knob value at another learning rate (issue 32's stronger step) is a point of its own
-            for setting, scale in dict.fromkeys((r["setting"], r.get("lr_scale", 1.0)) for r in mine):
-                per_seed = sorted((r for r in mine if r["setting"] == setting and r.get("lr_scale", 1.0) == scale),
-                                  key=lambda r: r["seed"])
+            points = {}
+            for r in rows:
+                if r["family"] == family and r["method"] == method:
+                    points.setdefault((r["setting"], r.get("lr_scale", 1.0)), []).append(r)
+            for (setting, scale), mine in points.items():
+                per_seed = sorted(mine, key=lambda r: r["seed"])
                 entry = {"method": method, knob: setting, "lr_scale": scale}
                 entry.update({m: float(np.mean([r[m] for r in per_seed])) for m in POINT_METRICS})
                 entry["std"] = {m: float(np.std([r[m] for r in per_seed])) for m in POINT_METRICS}
